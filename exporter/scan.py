@@ -1,0 +1,161 @@
+"""Full scans of a directory tree into detached `DirNode`s: scandir + lstat, iterative, on all cores.
+
+One scanner serves the initial scan, reconcile scans, directories moved in from outside and
+overflow recovery. Symlinks are never followed and never counted; unreadable directories are
+reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exporter.tree import DirNode, FileInfo, Parts
+
+
+@dataclass(slots=True)
+class ScanResult:
+    """A scanned subtree, with what went wrong and how much was seen."""
+
+    node: DirNode | None  # None when the path is not a directory (gone, a file, a symlink)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    files: int = 0
+    dirs: int = 0
+    seconds: float = 0.0
+
+
+def file_info(st: os.stat_result) -> FileInfo:
+    """What the index keeps of a regular file's lstat."""
+    inode = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
+    return FileInfo(st.st_size, max(st.st_mtime, st.st_ctime), inode)
+
+
+def stat_changed(st: os.stat_result) -> float:
+    return max(st.st_mtime, st.st_ctime)
+
+
+Progress = Callable[[int], None]
+
+
+def _scan_one(path: str, node: DirNode, result: ScanResult, pending: list[tuple[str, DirNode]]) -> None:
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        child = DirNode()
+                        node.dirs[entry.name] = child
+                        pending.append((entry.path, child))
+                    elif entry.is_file(follow_symlinks=False):
+                        node.add_file(entry.name, file_info(entry.stat(follow_symlinks=False)))
+                        result.files += 1
+                except FileNotFoundError:
+                    continue  # removed while we looked: its delete event follows
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        result.errors.append((path, err.strerror or type(err).__name__))
+
+
+def scan_local(path: str, progress: Progress | None = None, *, progress_every: int = 200_000) -> ScanResult:
+    """Scan `path` in this process. The root's own times count as changes of its subtree."""
+    started = time.monotonic()
+    try:
+        root_stat = os.lstat(path)
+    except OSError:
+        return ScanResult(None, seconds=time.monotonic() - started)
+    if not stat.S_ISDIR(root_stat.st_mode):
+        return ScanResult(None, seconds=time.monotonic() - started)
+    root = DirNode(stat_changed(root_stat))
+    result = ScanResult(root)
+    pending: list[tuple[str, DirNode]] = [(path, root)]
+    next_report = progress_every
+    while pending:
+        current_path, node = pending.pop()
+        result.dirs += 1
+        _scan_one(current_path, node, result, pending)
+        if node is not root:
+            try:
+                own = os.lstat(current_path)
+                node.changed = max(node.changed, stat_changed(own))
+            except OSError:
+                pass
+        if progress is not None and result.files >= next_report:
+            progress(result.files)
+            next_report += progress_every
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _scan_in_worker(path: str) -> ScanResult:
+    return scan_local(path)
+
+
+class Scanner:
+    """Scans subtrees, splitting large ones over a pool of worker processes (the syscalls are the floor)."""
+
+    def __init__(self, workers: int = 0) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Create the pool before any thread starts: forkserver keeps the children clean."""
+        if self.workers > 1 and self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def scan(self, path: str | Path, progress: Progress | None = None) -> ScanResult:
+        """Scan `path`; with a pool, the top two levels are read here and the subtrees farmed out."""
+        path = os.fspath(path)
+        if self._pool is None:
+            return scan_local(path, progress)
+        started = time.monotonic()
+        try:
+            root_stat = os.lstat(path)
+        except OSError:
+            return ScanResult(None)
+        if not stat.S_ISDIR(root_stat.st_mode):
+            return ScanResult(None)
+        root = DirNode(stat_changed(root_stat))
+        result = ScanResult(root)
+        # Breadth-first until there are enough subtrees to keep every worker busy.
+        frontier: list[tuple[str, DirNode]] = [(path, root)]
+        jobs: list[tuple[str, DirNode]] = []
+        for _level in range(2):
+            next_frontier: list[tuple[str, DirNode]] = []
+            for current_path, node in frontier:
+                result.dirs += 1
+                _scan_one(current_path, node, result, next_frontier)
+            frontier = next_frontier
+            if len(frontier) >= 4 * self.workers:
+                break
+        jobs = frontier
+        futures: list[tuple[Parts, DirNode, Future[ScanResult]]] = []
+        for job_path, placeholder in jobs:
+            futures.append(((job_path,), placeholder, self._pool.submit(_scan_in_worker, job_path)))
+        for (job_path,), placeholder, future in futures:
+            sub = future.result()
+            result.errors.extend(sub.errors)
+            result.files += sub.files
+            result.dirs += sub.dirs
+            if sub.node is not None:
+                placeholder.dirs = sub.node.dirs
+                placeholder.files = sub.node.files
+                placeholder.hard = sub.node.hard
+                placeholder.changed = sub.node.changed
+            if progress is not None:
+                progress(result.files)
+        del job_path
+        result.seconds = time.monotonic() - started
+        return result

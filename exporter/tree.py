@@ -1,0 +1,464 @@
+"""The in-memory index of the models tree: pure data and arithmetic, no I/O, no clock, no threads.
+
+Paths are tuples of names relative to the models path. Sizes are kept per directory and summed
+into one `Bucket` per model (or the `other` bucket), so an event costs O(1) and a scrape costs
+O(models). Subtree moves re-point buckets per directory, never per file. A hard-linked inode
+counts once in the whole tree: it is owned by one of its paths and handed to another when that
+path goes, as `du -b` would count it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from shared.layout import Layout
+from shared.metric_names import OTHER_TIER
+
+Parts = tuple[str, ...]
+InodeKey = tuple[int, int]
+
+
+class Bucket:
+    """Running totals for one model (or for everything outside the tiers)."""
+
+    __slots__ = ("bytes", "changed", "files", "model", "tier", "version")
+
+    def __init__(self, tier: str, model: str | None) -> None:
+        self.tier = tier
+        self.model = model
+        self.bytes = 0
+        self.files = 0
+        self.changed = 0.0
+        # Bumped on every change so renderers can cache a model's lines until it changes.
+        self.version = 0
+
+    def add(self, nbytes: int, nfiles: int) -> None:
+        self.bytes += nbytes
+        self.files += nfiles
+        self.version += 1
+
+    def touch(self, changed: float) -> None:
+        if changed > self.changed:
+            self.changed = changed
+            self.version += 1
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """What the index keeps of a regular file, from one lstat."""
+
+    size: int
+    changed: float
+    inode: InodeKey | None = None  # set only for hard-linked files (st_nlink > 1)
+
+
+class DirNode:
+    """One directory: its files' sizes, its subdirectories, and the bucket its files count in."""
+
+    __slots__ = ("bucket", "changed", "dirs", "files", "hard", "own_bytes", "own_files")
+
+    def __init__(self, changed: float = 0.0) -> None:
+        self.dirs: dict[str, DirNode] = {}
+        self.files: dict[str, int] = {}
+        # name -> inode, only for files with more than one link (rare; None keeps dirs small).
+        self.hard: dict[str, InodeKey] | None = None
+        # Bytes and files counted here (hard links counted only at their owning path).
+        self.own_bytes = 0
+        self.own_files = 0
+        # Newest mtime/ctime seen of this directory and its own files, when scanned.
+        self.changed = changed
+        self.bucket: Bucket | None = None
+
+    def add_file(self, name: str, info: FileInfo) -> None:
+        """Builder for scanners: add a file to a detached node (the tree does the accounting)."""
+        self.files[name] = info.size
+        if info.inode is not None:
+            if self.hard is None:
+                self.hard = {}
+            self.hard[name] = info.inode
+        if info.changed > self.changed:
+            self.changed = info.changed
+
+    def walk(self) -> Iterator[DirNode]:
+        stack = [self]
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.dirs.values())
+
+    def count(self) -> tuple[int, int]:
+        """(directories, file names) in this subtree."""
+        dirs = files = 0
+        for node in self.walk():
+            dirs += 1
+            files += len(node.files)
+        return dirs, files
+
+
+class _Inode:
+    __slots__ = ("refs", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.refs: list[tuple[DirNode, str]] = []
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStat:
+    tier: str
+    model: str
+    bytes: int
+    files: int
+    changed: float
+
+
+class Tree:
+    """The index. Not thread-safe: the service serialises access with one lock."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.root = DirNode()
+        self.other = Bucket(OTHER_TIER, None)
+        self.root.bucket = self.other
+        # (tier, model) -> bucket; a bucket exists exactly while its model's entry exists.
+        self.models: dict[tuple[str, str], Bucket] = {}
+        self._inodes: dict[InodeKey, _Inode] = {}
+        # Bumped whenever a model appears or disappears (renderers rebuild their order then).
+        self.generation = 0
+
+    # ----- queries -----
+
+    def lookup(self, parts: Parts) -> DirNode | int | None:
+        """The directory node, the file's size, or None when the path is not indexed."""
+        node = self.root
+        for name in parts[:-1]:
+            child = node.dirs.get(name)
+            if child is None:
+                return None
+            node = child
+        if not parts:
+            return node
+        last = parts[-1]
+        if last in node.dirs:
+            return node.dirs[last]
+        return node.files.get(last)
+
+    def tier_totals(self) -> dict[str, tuple[int, int, int]]:
+        """tier -> (bytes, files, models), with `other` included so totals always add up."""
+        totals = {tier: [0, 0, 0] for tier in (*self.layout.tiers, OTHER_TIER)}
+        for (tier, _model), bucket in self.models.items():
+            entry = totals[tier]
+            entry[0] += bucket.bytes
+            entry[1] += bucket.files
+            entry[2] += 1
+        totals[OTHER_TIER][0] += self.other.bytes
+        totals[OTHER_TIER][1] += self.other.files
+        return {tier: (v[0], v[1], v[2]) for tier, v in totals.items()}
+
+    def model_stats(self) -> list[ModelStat]:
+        return [ModelStat(tier, model, b.bytes, b.files, b.changed) for (tier, model), b in self.models.items()]
+
+    def directory_count(self) -> int:
+        return sum(1 for _ in self.root.walk())
+
+    # ----- mutations -----
+
+    def set_file(self, parts: Parts, info: FileInfo) -> None:
+        """A regular file exists at `parts` with this size: add it or update it."""
+        parent = self._ensure_dirs(parts[:-1])
+        name = parts[-1]
+        if name in parent.dirs:
+            self._drop(parent, parts, name)
+        if name in parent.files:
+            old_inode = parent.hard.get(name) if parent.hard else None
+            if old_inode is None and info.inode is None:
+                bucket = self._file_bucket(parent, parts)
+                delta = info.size - parent.files[name]
+                parent.files[name] = info.size
+                parent.own_bytes += delta
+                bucket.add(delta, 0)
+                bucket.touch(info.changed)
+                return
+            self._drop(parent, parts, name)
+        self._attach_file(parent, parts, info)
+
+    def set_dir(self, parts: Parts, changed: float) -> None:
+        """A directory exists at `parts` (its contents are learnt from their own events or a scan)."""
+        if not parts:
+            return
+        parent = self._ensure_dirs(parts[:-1])
+        name = parts[-1]
+        if name in parent.files:
+            self._drop(parent, parts, name)
+        if name not in parent.dirs:
+            self._attach_dir(parent, parts, DirNode(changed))
+        else:
+            self.touch(parts, changed)
+
+    def graft(self, parts: Parts, node: DirNode) -> None:
+        """Put a scanned subtree at `parts`, replacing whatever the index had there."""
+        if not parts:
+            self._replace_root(node)
+            return
+        parent = self._ensure_dirs(parts[:-1])
+        name = parts[-1]
+        if name in parent.dirs or name in parent.files:
+            self._drop(parent, parts, name)
+        self._attach_dir(parent, parts, node)
+
+    def remove(self, parts: Parts) -> bool:
+        """The path is gone: subtract what it held. False when it was not indexed."""
+        if not parts:
+            self._replace_root(DirNode())
+            return True
+        parent = self._find_dir(parts[:-1])
+        name = parts[-1]
+        if parent is None or (name not in parent.dirs and name not in parent.files):
+            return False
+        self._drop(parent, parts, name)
+        return True
+
+    def move(self, src: Parts, dst: Parts) -> bool:
+        """Re-key a file or subtree without stat-ing it. False when `src` was not indexed."""
+        if not src or not dst or src == dst or dst[: len(src)] == src:
+            return False
+        src_parent = self._find_dir(src[:-1])
+        name = src[-1]
+        if src_parent is None:
+            return False
+        if name in src_parent.dirs:
+            node = self._detach_dir(src_parent, src, name)
+            self.graft(dst, node)
+            return True
+        if name in src_parent.files:
+            size = src_parent.files[name]
+            inode = src_parent.hard.get(name) if src_parent.hard else None
+            self._drop(src_parent, src, name)
+            dst_parent = self._ensure_dirs(dst[:-1])
+            dst_name = dst[-1]
+            if dst_name in dst_parent.dirs or dst_name in dst_parent.files:
+                self._drop(dst_parent, dst, dst_name)
+            self._attach_file(dst_parent, dst, FileInfo(size, 0.0, inode))
+            return True
+        return False
+
+    def touch(self, parts: Parts, changed: float) -> None:
+        """Something at `parts` changed at `changed` (mtime/ctime): bump its model's time."""
+        bucket = self._bucket_for_path(parts)
+        if bucket is not None:
+            bucket.touch(changed)
+
+    # ----- internals -----
+
+    def _find_dir(self, parts: Parts) -> DirNode | None:
+        node = self.root
+        for name in parts:
+            child = node.dirs.get(name)
+            if child is None:
+                return None
+            node = child
+        return node
+
+    def _ensure_dirs(self, parts: Parts) -> DirNode:
+        node = self.root
+        for depth, name in enumerate(parts):
+            child = node.dirs.get(name)
+            if child is None:
+                if name in node.files:
+                    self._drop(node, parts[: depth + 1], name)
+                child = DirNode()
+                self._attach_dir(node, parts[: depth + 1], child)
+            node = child
+        return node
+
+    def _bucket_for_path(self, parts: Parts) -> Bucket | None:
+        tier, model = self.layout.classify(parts)
+        if tier == OTHER_TIER:
+            return self.other
+        if model is None:
+            return None
+        return self.models.get((tier, model))
+
+    def _file_bucket(self, parent: DirNode, parts: Parts) -> Bucket:
+        if parent.bucket is not None:
+            return parent.bucket
+        # A file directly in a tier directory is a single-file model.
+        tier, model = self.layout.classify(parts)
+        assert model is not None
+        return self.models[(tier, model)]
+
+    def _new_model(self, parts: Parts) -> Bucket:
+        tier, model = self.layout.classify(parts)
+        assert model is not None
+        bucket = Bucket(tier, model)
+        self.models[(tier, model)] = bucket
+        self.generation += 1
+        return bucket
+
+    def _end_model(self, parts: Parts) -> None:
+        tier, model = self.layout.classify(parts)
+        assert model is not None
+        if self.models.pop((tier, model), None) is not None:
+            self.generation += 1
+
+    def _is_model_root(self, parts: Parts) -> bool:
+        return len(parts) == 2 and self.layout.classify(parts)[1] is not None
+
+    def _attach_file(self, parent: DirNode, parts: Parts, info: FileInfo) -> None:
+        name = parts[-1]
+        bucket = self._new_model(parts) if parent.bucket is None else parent.bucket
+        parent.files[name] = info.size
+        bucket.touch(info.changed)
+        if info.inode is None:
+            parent.own_bytes += info.size
+            parent.own_files += 1
+            bucket.add(info.size, 1)
+            return
+        if parent.hard is None:
+            parent.hard = {}
+        parent.hard[name] = info.inode
+        self._link(info.inode, info.size, parent, name)
+
+    def _attach_dir(self, parent: DirNode, parts: Parts, node: DirNode) -> None:
+        """Hang `node` (possibly a scanned subtree) at `parts` and count it in its buckets."""
+        parent.dirs[parts[-1]] = node
+        stack: list[tuple[DirNode, Parts]] = [(node, parts)]
+        while stack:
+            current, where = stack.pop()
+            tier, model = self.layout.classify(where)
+            if tier == OTHER_TIER:
+                current.bucket = self.other
+            elif model is None:
+                current.bucket = None  # a tier directory: its files are models of their own
+            elif len(where) == 2:
+                current.bucket = self._new_model(where)
+            else:
+                current.bucket = self.models[(tier, model)]
+            self._count_in(current, where)
+            stack.extend((child, (*where, name)) for name, child in current.dirs.items())
+
+    def _count_in(self, node: DirNode, where: Parts) -> None:
+        """Add a freshly attached directory's own files to its bucket(s)."""
+        hard = node.hard or {}
+        node.own_bytes = node.own_files = 0
+        if node.bucket is None:
+            # Files of a tier directory: each is a model of its own.
+            for name, size in node.files.items():
+                bucket = self._new_model((*where, name))
+                bucket.touch(node.changed)
+                if name not in hard:
+                    bucket.add(size, 1)
+                    node.own_bytes += size
+                    node.own_files += 1
+        else:
+            plain_bytes = sum(size for name, size in node.files.items() if name not in hard)
+            node.own_bytes = plain_bytes
+            node.own_files = len(node.files) - len(hard)
+            node.bucket.add(plain_bytes, node.own_files)
+            node.bucket.touch(node.changed)
+        for name, inode in hard.items():
+            self._link(inode, node.files[name], node, name)
+
+    def _detach_dir(self, parent: DirNode, parts: Parts, name: str) -> DirNode:
+        """Take a subtree out of the index and subtract it; it can be attached again (a move)."""
+        node = parent.dirs.pop(name)
+        orphaned: dict[InodeKey, _Inode] = {}
+        for current in node.walk():
+            # A tier directory (no bucket) takes its models with it below; nothing to subtract.
+            if current.bucket is not None:
+                current.bucket.add(-current.own_bytes, -current.own_files)
+            # Hard links leave with the subtree; inodes also linked elsewhere get a new owner there.
+            for file_name, inode in (current.hard or {}).items():
+                entry = self._inodes.get(inode)
+                if entry is None:
+                    continue
+                was_owner = entry.refs[0] == (current, file_name)
+                entry.refs.remove((current, file_name))
+                if was_owner:
+                    orphaned[inode] = entry  # once per inode, however many links leave
+                if not entry.refs:
+                    del self._inodes[inode]
+        if self._is_model_root(parts):
+            self._end_model(parts)
+        elif node.bucket is None:
+            tier = self.layout.classify(parts)[0]
+            for model_name in (*node.files, *node.dirs):
+                self.models.pop((tier, model_name), None)
+            self.generation += 1
+        for entry in orphaned.values():
+            self._reown(entry)
+        return node
+
+    def _drop(self, parent: DirNode, parts: Parts, name: str) -> None:
+        """Delete the file or subtree at `parts` from the index."""
+        if name in parent.dirs:
+            self._detach_dir(parent, parts, name)
+            return
+        size = parent.files.pop(name)
+        inode = parent.hard.pop(name) if parent.hard and name in parent.hard else None
+        if inode is None:
+            parent.own_bytes -= size
+            parent.own_files -= 1
+            self._file_bucket(parent, parts).add(-size, -1)
+        else:
+            self._unlink(inode, parent, name, parts)
+        if parent.bucket is None:
+            self._end_model(parts)
+
+    def _link(self, inode: InodeKey, size: int, node: DirNode, name: str) -> None:
+        entry = self._inodes.get(inode)
+        if entry is None:
+            entry = self._inodes[inode] = _Inode(size)
+        elif size != entry.size and entry.refs:
+            # The inode was rewritten through another link: correct the owner's count.
+            owner, owner_name = entry.refs[0]
+            delta = size - entry.size
+            owner.own_bytes += delta
+            self._owner_bucket(owner, owner_name).add(delta, 0)
+        entry.size = size
+        entry.refs.append((node, name))
+        if len(entry.refs) == 1:
+            node.own_bytes += size
+            node.own_files += 1
+            self._owner_bucket(node, name).add(size, 1)
+
+    def _unlink(self, inode: InodeKey, node: DirNode, name: str, parts: Parts) -> None:
+        entry = self._inodes[inode]
+        was_owner = entry.refs[0] == (node, name)
+        entry.refs.remove((node, name))
+        if was_owner:
+            node.own_bytes -= entry.size
+            node.own_files -= 1
+            self._file_bucket(node, parts).add(-entry.size, -1)
+            self._reown(entry)
+        if not entry.refs:
+            del self._inodes[inode]
+
+    def _reown(self, entry: _Inode) -> None:
+        if not entry.refs:
+            return
+        owner, owner_name = entry.refs[0]
+        owner.own_bytes += entry.size
+        owner.own_files += 1
+        self._owner_bucket(owner, owner_name).add(entry.size, 1)
+
+    def _owner_bucket(self, node: DirNode, name: str) -> Bucket:
+        if node.bucket is not None:
+            return node.bucket
+        for dir_name, tier in self.layout.tier_dirs.items():
+            if self.root.dirs.get(dir_name) is node:
+                return self.models[(tier, name)]
+        raise KeyError(name)
+
+    def _replace_root(self, node: DirNode) -> None:
+        self.root = DirNode(node.changed)
+        self.other = Bucket(OTHER_TIER, None)
+        self.root.bucket = self.other
+        self.models.clear()
+        self._inodes.clear()
+        self.generation += 1
+        self.root.files, self.root.hard = node.files, node.hard
+        self._count_in(self.root, ())
+        for name, child in node.dirs.items():
+            self._attach_dir(self.root, (name,), child)

@@ -1,0 +1,551 @@
+"""The one typed, validated settings object: defaults < YAML file < environment variables.
+
+Every setting is declared once in `FIELDS` with its YAML key, its environment variable, its
+default and its parser, so the loader, the `policies` listing and the README's reference agree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.errors import ConfigError
+from shared.layout import Layout
+
+GB = 10**9
+DAY_SECONDS = 86400.0
+HOUR_SECONDS = 3600.0
+TIERS = ("raw", "quantized", "repository")
+POLICIES = ("age", "usage", "size")
+BACKUP_MODES = ("trash", "archive", "none")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+DEFAULT_USAGE_QUERY = (
+    'sum by (model) (increase({__name__=~"nv_inference_request_success|nv_inference_request_failure"'
+    "$matchers}[$window]))"
+)
+
+Parser = Callable[[str, Any], Any]
+
+
+def _expect(key: str, value: Any, expected: str) -> ConfigError:
+    shown = repr(value) if not isinstance(value, str) else repr(value[:80])
+    return ConfigError(f"config: {key}={shown}: expected {expected}")
+
+
+def _number(minimum: float | None = None, maximum: float | None = None, *, strict_min: bool = False) -> Parser:
+    def parse(key: str, value: Any) -> float:
+        expected = "a number"
+        if minimum is not None:
+            expected += f" {'>' if strict_min else '>='} {minimum:g}"
+        if maximum is not None:
+            expected += f" and <= {maximum:g}"
+        if isinstance(value, bool):
+            raise _expect(key, value, expected)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise _expect(key, value, expected) from None
+        if not math.isfinite(number):
+            raise _expect(key, value, expected)
+        too_small = minimum is not None and (number <= minimum if strict_min else number < minimum)
+        if too_small or (maximum is not None and number > maximum):
+            raise _expect(key, value, expected)
+        return number
+
+    return parse
+
+
+def _integer(minimum: int = 0) -> Parser:
+    def parse(key: str, value: Any) -> int:
+        expected = f"a whole number >= {minimum}"
+        if isinstance(value, bool):
+            raise _expect(key, value, expected)
+        if isinstance(value, int):
+            number = value
+        else:
+            try:
+                number = int(str(value).strip())
+            except ValueError:
+                raise _expect(key, value, expected) from None
+        if number < minimum:
+            raise _expect(key, value, expected)
+        return number
+
+    return parse
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise _expect(key, value, "a string")
+    return str(value)
+
+
+def _optional_string(key: str, value: Any) -> str:
+    return "" if value is None else _string(key, value)
+
+
+def _path(key: str, value: Any) -> Path:
+    text = _string(key, value)
+    if not text.strip():
+        raise _expect(key, value, "a non-empty path")
+    return Path(text)
+
+
+def _optional_path(key: str, value: Any) -> Path | None:
+    if value is None or value == "":
+        return None
+    return _path(key, value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise _expect(key, value, "true or false")
+
+
+def _choice(choices: Sequence[str]) -> Parser:
+    def parse(key: str, value: Any) -> str:
+        text = _string(key, value).strip().lower()
+        if text not in choices:
+            raise _expect(key, value, "one of " + ", ".join(choices))
+        return text
+
+    return parse
+
+
+def _list(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [item.strip() for item in value.split(",")]
+    elif isinstance(value, list | tuple):
+        items = [_string(key, item).strip() for item in value]
+    else:
+        raise _expect(key, value, "a comma-separated list")
+    return tuple(item for item in items if item)
+
+
+def _subset(choices: Sequence[str], *, allow_empty: bool = True) -> Parser:
+    def parse(key: str, value: Any) -> tuple[str, ...]:
+        items = _list(key, value)
+        unknown = [item for item in items if item not in choices]
+        if unknown or (not items and not allow_empty):
+            raise _expect(key, value, "a comma-separated subset of " + ", ".join(choices))
+        return tuple(dict.fromkeys(items))
+
+    return parse
+
+
+def _dir_name(key: str, value: Any) -> str:
+    text = _string(key, value)
+    if not text or text in (".", "..") or "/" in text or "\0" in text:
+        raise _expect(key, value, "a plain directory name (no '/')")
+    return text
+
+
+_LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:\s]+):(?P<port>\d{1,5})$")
+
+
+def _listen(key: str, value: Any) -> tuple[str, int]:
+    text = _string(key, value).strip()
+    match = _LISTEN.match(text)
+    if not match or not 0 <= int(match["port"]) <= 65535:
+        raise _expect(key, value, "HOST:PORT, e.g. 127.0.0.1:8470")
+    return match["host"].strip("[]"), int(match["port"])
+
+
+_MATCHER = re.compile(r'\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*')
+
+
+def _matchers(key: str, value: Any) -> str:
+    """Extra label matchers added to every selector: `name="value",name2=~"re"`."""
+    text = _optional_string(key, value).strip().strip("{}").strip()
+    if not text:
+        return ""
+    position = 0
+    while position < len(text):
+        match = _MATCHER.match(text, position)
+        if not match:
+            raise _expect(key, value, 'label matchers like instance="host:8470",job="models"')
+        position = match.end()
+        if position < len(text):
+            if text[position] != ",":
+                raise _expect(key, value, 'label matchers like instance="host:8470",job="models"')
+            position += 1
+    return text
+
+
+def _tokens(key: str, value: Any) -> dict[str, str]:
+    """`token` (named `admin`/`read`) or `name=token,name2=token2`, or a YAML mapping."""
+    default_name = "admin" if "admin" in key.lower() else "read"
+    if value is None or value == "":
+        return {}
+    if isinstance(value, Mapping):
+        pairs = {str(name): _string(key, token) for name, token in value.items()}
+    else:
+        text = _string(key, value).strip()
+        pairs = {}
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            name, sep, token = item.partition("=")
+            if not sep:
+                name, token = default_name, item
+            pairs[name.strip()] = token.strip()
+    for name, token in pairs.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or len(token) < 16:
+            # Never echo the token itself: this message reaches logs.
+            raise ConfigError(
+                f"config: {key}: token named {name!r}: expected a name of [A-Za-z0-9_.-] "
+                "and a token of at least 16 characters"
+            )
+    return pairs
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One setting: where it lives in YAML, its environment variable, default and parser."""
+
+    key: str
+    env: str
+    default: Any
+    parse: Parser
+    doc: str
+    secret: bool = False
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("storage.base_path", "STORAGE_BASE_PATH", "./storage", _path, "Root of the store and its state"),
+    Field("storage.models.path", "STORAGE_MODELS_PATH", None, _optional_path, "Models (default BASE/models)"),
+    Field("storage.models.raw_dir", "STORAGE_RAW_DIR", "raw", _dir_name, "Tier dir of downloads"),
+    Field("storage.models.quantized_dir", "STORAGE_QUANTIZED_DIR", "quantized", _dir_name, "Tier dir"),
+    Field("storage.models.repository_dir", "STORAGE_REPOSITORY_DIR", "repository", _dir_name, "Served tier"),
+    Field("storage.metrics.path", "STORAGE_METRICS_PATH", None, _optional_path, "Prometheus TSDB"),
+    Field("storage.grafana.path", "STORAGE_GRAFANA_PATH", None, _optional_path, "Grafana data"),
+    Field("storage.max_size_gb", "STORAGE_MAX_SIZE_GB", 100.0, _number(0, strict_min=True), "Capacity, GB"),
+    Field("storage.state_path", "STORAGE_STATE_PATH", None, _optional_path, "Plans, journal, lock, state"),
+    Field("storage.audit_log", "STORAGE_AUDIT_LOG", None, _optional_path, "Hash-chained audit log"),
+    Field("exporter.listen", "STORAGE_EXPORTER_LISTEN", "127.0.0.1:8470", _listen, "HOST:PORT to serve"),
+    Field(
+        "exporter.reconcile_interval_seconds",
+        "STORAGE_RECONCILE_INTERVAL_SECONDS",
+        3600.0,
+        _number(0),
+        "Full reconcile scan interval, 0 = off",
+    ),
+    Field(
+        "exporter.coalesce_window_seconds",
+        "STORAGE_COALESCE_WINDOW_SECONDS",
+        0.1,
+        _number(0, 1),
+        "Events on one path within this window cost one stat",
+    ),
+    Field(
+        "exporter.settle_seconds",
+        "STORAGE_SETTLE_SECONDS",
+        0.25,
+        _number(0, 10),
+        "Re-stat a new directory's entries after this delay",
+    ),
+    Field("exporter.queue_size", "STORAGE_EVENT_QUEUE_SIZE", 100000, _integer(1000), "Event hand-off bound"),
+    Field(
+        "exporter.poll_interval_seconds",
+        "STORAGE_POLL_INTERVAL_SECONDS",
+        30.0,
+        _number(1),
+        "Rescan interval where inotify cannot work (NFS, FUSE, no watches left)",
+    ),
+    Field("exporter.force_polling", "STORAGE_FORCE_POLLING", False, _bool, "Poll even where inotify works"),
+    Field("exporter.scan_workers", "STORAGE_SCAN_WORKERS", 0, _integer(0), "Scan processes, 0 = one per core"),
+    Field("exporter.tls_cert_file", "STORAGE_TLS_CERT_FILE", None, _optional_path, "TLS certificate"),
+    Field("exporter.tls_key_file", "STORAGE_TLS_KEY_FILE", None, _optional_path, "TLS private key"),
+    Field(
+        "exporter.cleaner_command",
+        "STORAGE_CLEANER_COMMAND",
+        "model-storage-cleaner",
+        _string,
+        "Command the API runs for cleanups",
+    ),
+    Field(
+        "exporter.cleanup_timeout_seconds",
+        "STORAGE_CLEANUP_TIMEOUT_SECONDS",
+        3600.0,
+        _number(1),
+        "Longest an API-triggered cleanup may run",
+    ),
+    Field("log.format", "STORAGE_LOG_FORMAT", "auto", _choice(LOG_FORMATS), "auto: JSON unless on a TTY"),
+    Field("log.level", "STORAGE_LOG_LEVEL", "info", _choice(LOG_LEVELS), "Log level"),
+    Field("api.admin_tokens", "STORAGE_ADMIN_TOKEN", None, _tokens, "Admin token(s)", secret=True),
+    Field("api.read_tokens", "STORAGE_READ_TOKEN", None, _tokens, "Read token(s)", secret=True),
+    Field("cleaner.prometheus.url", "STORAGE_PROMETHEUS_URL", "http://127.0.0.1:9090", _string, "Query API"),
+    Field(
+        "cleaner.prometheus.timeout_seconds",
+        "STORAGE_PROMETHEUS_TIMEOUT_SECONDS",
+        10.0,
+        _number(0, strict_min=True),
+        "Per-query timeout",
+    ),
+    Field(
+        "cleaner.prometheus.bearer_token",
+        "STORAGE_PROMETHEUS_BEARER_TOKEN",
+        "",
+        _optional_string,
+        "Bearer token",
+        secret=True,
+    ),
+    Field("cleaner.prometheus.username", "STORAGE_PROMETHEUS_USERNAME", "", _optional_string, "Basic auth"),
+    Field(
+        "cleaner.prometheus.password",
+        "STORAGE_PROMETHEUS_PASSWORD",
+        "",
+        _optional_string,
+        "Basic auth",
+        secret=True,
+    ),
+    Field(
+        "cleaner.prometheus.matchers",
+        "STORAGE_PROMETHEUS_MATCHERS",
+        "",
+        _matchers,
+        "Label matchers added to every selector",
+    ),
+    Field(
+        "cleaner.policies",
+        "STORAGE_CLEANUP_POLICIES",
+        "age,usage,size",
+        _subset(POLICIES),
+        "Enabled policies",
+    ),
+    Field("cleaner.age_days", "STORAGE_CLEANUP_AGE_DAYS", 30.0, _number(0, strict_min=True), "Age policy"),
+    Field("cleaner.age_tiers", "STORAGE_CLEANUP_AGE_TIERS", ",".join(TIERS), _subset(TIERS), "Age tiers"),
+    Field("cleaner.min_requests", "STORAGE_MIN_REQUESTS", 10.0, _number(0), "Usage policy threshold"),
+    Field(
+        "cleaner.request_timeframe_days",
+        "STORAGE_REQUEST_TIMEFRAME_DAYS",
+        7.0,
+        _number(0, strict_min=True),
+        "Usage window",
+    ),
+    Field("cleaner.usage_query", "STORAGE_USAGE_QUERY", DEFAULT_USAGE_QUERY, _string, "Usage template"),
+    Field("cleaner.usage_label", "STORAGE_USAGE_LABEL", "model", _string, "Label naming the model"),
+    Field("cleaner.usage_tiers", "STORAGE_USAGE_TIERS", "repository", _subset(TIERS), "Usage tiers"),
+    Field(
+        "cleaner.max_size_gb",
+        "STORAGE_CLEANUP_MAX_SIZE_GB",
+        10.0,
+        _number(0, strict_min=True),
+        "Size policy limit, GB",
+    ),
+    Field("cleaner.size_tiers", "STORAGE_CLEANUP_SIZE_TIERS", ",".join(TIERS), _subset(TIERS), "Size tiers"),
+    Field(
+        "cleaner.low_watermark",
+        "STORAGE_CLEANUP_LOW_WATERMARK",
+        0.9,
+        _number(0, 1, strict_min=True),
+        "Evict down to this share of the limit",
+    ),
+    Field("cleaner.grace_hours", "STORAGE_CLEANUP_GRACE_HOURS", 24.0, _number(0), "Never touch newer models"),
+    Field(
+        "cleaner.max_evict_fraction",
+        "STORAGE_CLEANUP_MAX_EVICT_FRACTION",
+        0.5,
+        _number(0, 1, strict_min=True),
+        "Blast radius: share of bytes per run",
+    ),
+    Field(
+        "cleaner.max_evict_models",
+        "STORAGE_CLEANUP_MAX_EVICT_MODELS",
+        100,
+        _integer(1),
+        "Blast radius: models per run",
+    ),
+    Field("cleaner.protect", "STORAGE_CLEANUP_PROTECT", "", _list, "Globs of tier/model never evicted"),
+    Field("cleaner.backup.mode", "STORAGE_BACKUP_MODE", "trash", _choice(BACKUP_MODES), "trash|archive|none"),
+    Field("cleaner.backup.path", "STORAGE_BACKUP_PATH", None, _optional_path, "Archive copies"),
+    Field("cleaner.trash.path", "STORAGE_TRASH_PATH", None, _optional_path, "Trash (default BASE/trash)"),
+    Field("cleaner.trash.retention_days", "STORAGE_TRASH_RETENTION_DAYS", 7.0, _number(0), "Trash retention"),
+    Field("cleaner.trash.max_gb", "STORAGE_TRASH_MAX_GB", 50.0, _number(0), "Trash cap, oldest purged first"),
+)
+
+FIELDS_BY_KEY = {f.key: f for f in FIELDS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Effective settings. `sources[key]` says where each value came from: default, file or env."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    # The paths everything else derives from.
+    @property
+    def base_path(self) -> Path:
+        path: Path = self.values["storage.base_path"]
+        return path
+
+    @property
+    def models_path(self) -> Path:
+        return self._derived("storage.models.path", "models")
+
+    @property
+    def metrics_path(self) -> Path:
+        return self._derived("storage.metrics.path", "metrics")
+
+    @property
+    def grafana_path(self) -> Path:
+        return self._derived("storage.grafana.path", "grafana")
+
+    @property
+    def state_path(self) -> Path:
+        return self._derived("storage.state_path", "state")
+
+    @property
+    def audit_log_path(self) -> Path:
+        return self._derived("storage.audit_log", "audit.log")
+
+    @property
+    def trash_path(self) -> Path:
+        return self._derived("cleaner.trash.path", "trash")
+
+    @property
+    def backup_path(self) -> Path:
+        return self._derived("cleaner.backup.path", "backup")
+
+    @property
+    def cleanup_state_file(self) -> Path:
+        """Where the cleaner leaves the result of its last run for the exporter to serve."""
+        return self.state_path / "last-run.json"
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(
+            raw_dir=self.values["storage.models.raw_dir"],
+            quantized_dir=self.values["storage.models.quantized_dir"],
+            repository_dir=self.values["storage.models.repository_dir"],
+        )
+
+    @property
+    def capacity_bytes(self) -> int:
+        size_gb: float = self.values["storage.max_size_gb"]
+        return round(size_gb * GB)
+
+    def _derived(self, key: str, name: str) -> Path:
+        value: Path | None = self.values[key]
+        return value if value is not None else self.base_path / name
+
+    def public(self) -> dict[str, Any]:
+        """Values safe to show or log: secrets replaced by whether they are set."""
+        shown: dict[str, Any] = {}
+        for f in FIELDS:
+            value = self.values[f.key]
+            if f.secret:
+                value = sorted(value) if isinstance(value, dict) else bool(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            shown[f.key] = value
+        return shown
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        # Token mappings and lists are values, not sections.
+        if isinstance(value, Mapping) and key not in FIELDS_BY_KEY:
+            flat.update(_flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"config: cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config: {path}{where}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: {path}: expected a mapping at the top level")
+    flat = _flatten(data)
+    unknown = sorted(key for key in flat if key not in FIELDS_BY_KEY)
+    if unknown:
+        raise ConfigError(f"config: {path}: unknown key {unknown[0]!r}", hint="see the README's reference")
+    return flat
+
+
+def _read_secret_file(var: str, path_text: str) -> str:
+    try:
+        return Path(path_text).read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise ConfigError(f"config: {var}_FILE={path_text!r}: cannot read: {err.strerror or err}") from None
+
+
+def load_settings(config_file: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from defaults, then the YAML file, then the environment; validate all."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    raw: dict[str, tuple[Any, str]] = {f.key: (f.default, "default") for f in FIELDS}
+
+    file_path = config_file if config_file is not None else env.get("STORAGE_CONFIG") or None
+    if file_path is not None:
+        for key, value in _read_yaml(Path(file_path)).items():
+            raw[key] = (value, "file")
+    for f in FIELDS:
+        if f.env in env:
+            raw[f.key] = (env[f.env], "env")
+        elif f.secret and f"{f.env}_FILE" in env:
+            raw[f.key] = (_read_secret_file(f.env, env[f"{f.env}_FILE"]), "env")
+
+    for f in FIELDS:
+        value, source = raw[f.key]
+        name = f.env if source == "env" else f.key
+        values[f.key] = None if value is None and f.default is None else f.parse(name, value)
+        sources[f.key] = source
+    settings = Settings(values=values, sources=sources)
+    _check_coherence(settings)
+    return settings
+
+
+def _check_coherence(settings: Settings) -> None:
+    layout = settings.layout
+    dirs = [layout.raw_dir, layout.quantized_dir, layout.repository_dir]
+    if len(set(dirs)) != 3:
+        raise ConfigError(f"config: storage.models.*_dir={dirs}: expected three different directory names")
+    cert, key = settings["exporter.tls_cert_file"], settings["exporter.tls_key_file"]
+    if (cert is None) != (key is None):
+        raise ConfigError("config: exporter.tls_cert_file and exporter.tls_key_file: expected both or neither")
+    if "$window" not in settings["cleaner.usage_query"]:
+        raise ConfigError(
+            f"config: cleaner.usage_query={settings['cleaner.usage_query'][:60]!r}: "
+            "expected a PromQL template containing $window"
+        )
+    models = settings.models_path.resolve()
+    for key, path in (("cleaner.trash.path", settings.trash_path), ("storage.state_path", settings.state_path)):
+        resolved = path.resolve()
+        if resolved == models or models in resolved.parents:
+            raise ConfigError(f"config: {key}={str(path)!r}: expected a path outside the models path")

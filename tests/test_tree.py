@@ -1,0 +1,211 @@
+"""The pure index: any sequence of operations equals a fresh count of the resulting tree."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exporter.tree import DirNode, FileInfo, Tree
+from shared.layout import Layout
+
+NAMES = ["raw", "quantized", "repository", "m1", "m2", "a", "b"]
+path_st = st.lists(st.sampled_from(NAMES), min_size=1, max_size=4).map(tuple)
+
+
+class Reference:
+    """The obvious model: a dict of files and a set of directories."""
+
+    def __init__(self) -> None:
+        self.files: dict[tuple[str, ...], tuple[int, tuple[int, int] | None]] = {}
+        self.dirs: set[tuple[str, ...]] = set()
+
+    def _clear(self, p: tuple[str, ...]) -> None:
+        self.files = {k: v for k, v in self.files.items() if k[: len(p)] != p}
+        self.dirs = {d for d in self.dirs if d[: len(p)] != p}
+
+    def _parents(self, p: tuple[str, ...]) -> None:
+        for i in range(1, len(p)):
+            self.files.pop(p[:i], None)
+            self.dirs.add(p[:i])
+
+    def set_file(self, p, size, inode):  # type: ignore[no-untyped-def]
+        self._parents(p)
+        if p in self.dirs:
+            self._clear(p)
+        self.files[p] = (size, inode)
+
+    def set_dir(self, p):  # type: ignore[no-untyped-def]
+        self._parents(p)
+        self.files.pop(p, None)
+        self.dirs.add(p)
+
+    def remove(self, p):  # type: ignore[no-untyped-def]
+        self._clear(p)
+
+    def move(self, src, dst):  # type: ignore[no-untyped-def]
+        if src == dst or dst[: len(src)] == src:
+            return
+        moved_files = {k: v for k, v in self.files.items() if k[: len(src)] == src}
+        moved_dirs = {d for d in self.dirs if d[: len(src)] == src}
+        if not moved_files and not moved_dirs:
+            return
+        self._clear(src)
+        self._parents(dst)
+        self._clear(dst)
+        for k, v in moved_files.items():
+            self.files[dst + k[len(src) :]] = v
+        for d in moved_dirs:
+            self.dirs.add(dst + d[len(src) :])
+
+    def totals(self, layout: Layout) -> tuple[dict[tuple[str, str], tuple[int, int]], dict[str, int], int]:
+        models: dict[tuple[str, str], list[int]] = {}
+        tier_models: dict[str, int] = {}
+        for p in list(self.dirs) + list(self.files):
+            tier, model = layout.classify(p)
+            if model is not None and len(p) == 2:
+                models.setdefault((tier, model), [0, 0])
+                tier_models[tier] = tier_models.get(tier, 0) + 1
+        seen: set[tuple[int, int]] = set()
+        grand = 0
+        for p, (size, inode) in self.files.items():
+            if inode is not None:
+                if inode in seen:
+                    continue
+                seen.add(inode)
+            grand += size
+            tier, model = layout.classify(p)
+            if model is not None:
+                models[(tier, model)][0] += size
+                models[(tier, model)][1] += 1
+        return {k: (v[0], v[1]) for k, v in models.items()}, tier_models, grand
+
+
+op_st = st.one_of(
+    st.tuples(st.just("file"), path_st, st.integers(0, 1000), st.none() | st.sampled_from([(1, 1), (1, 2)])),
+    st.tuples(st.just("dir"), path_st),
+    st.tuples(st.just("rm"), path_st),
+    st.tuples(st.just("mv"), path_st, path_st),
+)
+
+
+def apply(tree: Tree, ref: Reference, op: tuple) -> None:  # type: ignore[type-arg]
+    kind = op[0]
+    if kind == "file":
+        _, p, size, inode = op
+        # One inode has one size: a link shares its size with the others.
+        if inode is not None:
+            for other_size, other_inode in ref.files.values():
+                if other_inode == inode:
+                    size = other_size
+        tree.set_file(p, FileInfo(size, 1.0, inode))
+        ref.set_file(p, size, inode)
+    elif kind == "dir":
+        tree.set_dir(op[1], 1.0)
+        ref.set_dir(op[1])
+    elif kind == "rm":
+        tree.remove(op[1])
+        ref.remove(op[1])
+    else:
+        tree.move(op[1], op[2])
+        ref.move(op[1], op[2])
+
+
+def check(tree: Tree, ref: Reference, *, per_model: bool) -> None:
+    layout = tree.layout
+    models, tier_models, grand = ref.totals(layout)
+    totals = tree.tier_totals()
+    assert sum(v[0] for v in totals.values()) == grand
+    assert {t: v[2] for t, v in totals.items() if v[2]} == tier_models
+    assert set(tree.models) == set(models)
+    if per_model:
+        assert {k: (b.bytes, b.files) for k, b in tree.models.items()} == models
+    assert all(b.bytes >= 0 and b.files >= 0 for b in tree.models.values())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(op_st.filter(lambda op: op[0] != "file" or op[3] is None), max_size=40))
+def test_any_operation_sequence_equals_a_fresh_count(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    tree, ref = Tree(Layout()), Reference()
+    for op in ops:
+        apply(tree, ref, op)
+        check(tree, ref, per_model=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(op_st, max_size=40))
+def test_hard_links_count_once_whatever_happens(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    tree, ref = Tree(Layout()), Reference()
+    for op in ops:
+        apply(tree, ref, op)
+        check(tree, ref, per_model=False)
+
+
+def test_graft_of_a_scanned_subtree_counts_its_files() -> None:
+    tree = Tree(Layout())
+    node = DirNode()
+    node.add_file("w.bin", FileInfo(100, 5.0))
+    sub = DirNode()
+    sub.add_file("x", FileInfo(7, 9.0))
+    node.dirs["sub"] = sub
+    tree.graft(("raw", "llama"), node)
+    assert tree.models[("raw", "llama")].bytes == 107
+    assert tree.models[("raw", "llama")].files == 2
+    assert tree.models[("raw", "llama")].changed == 9.0
+    assert tree.tier_totals()["raw"] == (107, 2, 1)
+
+
+def test_moving_a_model_across_tiers_moves_its_bytes_without_stat() -> None:
+    tree = Tree(Layout())
+    tree.set_file(("raw", "m", "w"), FileInfo(10, 1.0))
+    tree.set_file(("raw", "m", "d", "x"), FileInfo(5, 1.0))
+    assert tree.move(("raw", "m"), ("repository", "m"))
+    assert tree.tier_totals()["raw"] == (0, 0, 0)
+    assert tree.tier_totals()["repository"] == (15, 2, 1)
+
+
+def test_single_file_models_and_other_tier() -> None:
+    tree = Tree(Layout())
+    tree.set_file(("raw", "model.gguf"), FileInfo(42, 1.0))
+    tree.set_file(("README",), FileInfo(3, 1.0))
+    tree.set_file(("scratch", "x"), FileInfo(4, 1.0))
+    totals = tree.tier_totals()
+    assert totals["raw"] == (42, 1, 1)
+    assert totals["other"] == (7, 2, 0)
+    tree.remove(("raw", "model.gguf"))
+    assert tree.tier_totals()["raw"] == (0, 0, 0)
+    assert ("raw", "model.gguf") not in tree.models
+
+
+def test_a_hard_link_survives_its_owning_directory_going() -> None:
+    tree = Tree(Layout())
+    tree.set_file(("raw", "m1", "w"), FileInfo(100, 1.0, (1, 9)))
+    tree.set_file(("raw", "m2", "w"), FileInfo(100, 1.0, (1, 9)))
+    assert tree.tier_totals()["raw"] == (100, 1, 2)
+    tree.remove(("raw", "m1"))
+    assert tree.models[("raw", "m2")].bytes == 100
+    assert tree.tier_totals()["raw"] == (100, 1, 1)
+    tree.move(("raw", "m2"), ("quantized", "m2"))
+    assert tree.tier_totals()["quantized"] == (100, 1, 1)
+    tree.remove(("quantized", "m2", "w"))
+    assert sum(v[0] for v in tree.tier_totals().values()) == 0
+
+
+SMALL = st.lists(st.sampled_from(["raw", "m1", "m2"]), min_size=1, max_size=3).map(tuple)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("file"), SMALL, st.integers(1, 9), st.just((1, 1))),
+            st.tuples(st.just("rm"), SMALL),
+            st.tuples(st.just("mv"), SMALL, SMALL),
+        ),
+        max_size=25,
+    )
+)
+def test_hard_links_in_a_small_namespace(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    tree, ref = Tree(Layout()), Reference()
+    for op in ops:
+        apply(tree, ref, op)
+        check(tree, ref, per_model=False)
