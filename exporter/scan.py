@@ -16,7 +16,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporter.tree import DirNode, FileInfo, Parts
+from exporter.tree import DirNode, FileInfo
 
 
 @dataclass(slots=True)
@@ -131,7 +131,6 @@ class Scanner:
         result = ScanResult(root)
         # Breadth-first until there are enough subtrees to keep every worker busy.
         frontier: list[tuple[str, DirNode]] = [(path, root)]
-        jobs: list[tuple[str, DirNode]] = []
         for _level in range(2):
             next_frontier: list[tuple[str, DirNode]] = []
             for current_path, node in frontier:
@@ -141,10 +140,10 @@ class Scanner:
             if len(frontier) >= 4 * self.workers:
                 break
         jobs = frontier
-        futures: list[tuple[Parts, DirNode, Future[ScanResult]]] = []
-        for job_path, placeholder in jobs:
-            futures.append(((job_path,), placeholder, self._pool.submit(_scan_in_worker, job_path)))
-        for (job_path,), placeholder, future in futures:
+        futures: list[tuple[DirNode, Future[ScanResult]]] = [
+            (placeholder, self._pool.submit(_scan_in_worker, job_path)) for job_path, placeholder in jobs
+        ]
+        for placeholder, future in futures:
             sub = future.result()
             result.errors.extend(sub.errors)
             result.files += sub.files
@@ -156,6 +155,5 @@ class Scanner:
                 placeholder.changed = sub.node.changed
             if progress is not None:
                 progress(result.files)
-        del job_path
         result.seconds = time.monotonic() - started
         return result
