@@ -41,6 +41,7 @@ CLEANUP_EVICTED_BYTES: Final = "model_storage_cleanup_evicted_bytes"  # counter:
 CLEANUP_EVICTED_MODELS: Final = "model_storage_cleanup_evicted_models"  # counter: _total
 CLEANUP_SKIPPED_MODELS: Final = "model_storage_cleanup_skipped_models"
 TRASH_BYTES: Final = "model_storage_trash_bytes"
+TRASH_LIMIT_BYTES: Final = "model_storage_trash_limit_bytes"  # the configured trash cap
 
 TIER_LABEL: Final = "tier"
 MODEL_LABEL: Final = "model"
