@@ -112,7 +112,7 @@ class Scanner:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def scan(self, path: str | Path, progress: Progress | None = None) -> ScanResult:
@@ -131,6 +131,7 @@ class Scanner:
         result = ScanResult(root)
         # Breadth-first until there are enough subtrees to keep every worker busy.
         frontier: list[tuple[str, DirNode]] = [(path, root)]
+        next_report = 200_000
         for _level in range(2):
             next_frontier: list[tuple[str, DirNode]] = []
             for current_path, node in frontier:
@@ -153,7 +154,8 @@ class Scanner:
                 placeholder.files = sub.node.files
                 placeholder.hard = sub.node.hard
                 placeholder.changed = sub.node.changed
-            if progress is not None:
+            if progress is not None and result.files >= next_report:
                 progress(result.files)
+                next_report = result.files + 200_000
         result.seconds = time.monotonic() - started
         return result

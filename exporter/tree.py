@@ -126,6 +126,8 @@ class Tree:
         self._inodes: dict[InodeKey, _Inode] = {}
         # Bumped whenever a model appears or disappears (renderers rebuild their order then).
         self.generation = 0
+        # Directories indexed, the root included: one inotify watch each.
+        self.dirs = 1
 
     # ----- queries -----
 
@@ -158,9 +160,6 @@ class Tree:
 
     def model_stats(self) -> list[ModelStat]:
         return [ModelStat(tier, model, b.bytes, b.files, b.changed) for (tier, model), b in self.models.items()]
-
-    def directory_count(self) -> int:
-        return sum(1 for _ in self.root.walk())
 
     # ----- mutations -----
 
@@ -326,6 +325,7 @@ class Tree:
         stack: list[tuple[DirNode, Parts]] = [(node, parts)]
         while stack:
             current, where = stack.pop()
+            self.dirs += 1
             tier, model = self.layout.classify(where)
             if tier == OTHER_TIER:
                 current.bucket = self.other
@@ -365,6 +365,7 @@ class Tree:
         node = parent.dirs.pop(name)
         orphaned: dict[InodeKey, _Inode] = {}
         for current in node.walk():
+            self.dirs -= 1
             # A tier directory (no bucket) takes its models with it below; nothing to subtract.
             if current.bucket is not None:
                 current.bucket.add(-current.own_bytes, -current.own_files)
@@ -458,6 +459,7 @@ class Tree:
         self.models.clear()
         self._inodes.clear()
         self.generation += 1
+        self.dirs = 1
         self.root.files, self.root.hard = node.files, node.hard
         self._count_in(self.root, ())
         for name, child in node.dirs.items():

@@ -1,0 +1,117 @@
+"""`model-storage-exporter`: load settings, start the index and watcher, serve HTTP until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from exporter.collector import StorageCollector
+from exporter.fsinfo import filesystem_usage, watch_limit
+from exporter.http import build_app, metrics_routes
+from exporter.service import ExporterService
+from shared.config import GB, Settings, load_settings
+from shared.errors import StorageError
+from shared.logs import configure_logging, get_logger
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line and exit code 2, as every bad-usage path does.
+        print(f"model-storage-exporter: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="model-storage-exporter", description=__doc__)
+    parser.add_argument("--config", metavar="FILE", help="YAML settings file (or STORAGE_CONFIG)")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="address to serve (or STORAGE_EXPORTER_LISTEN)")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    return parser.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> Settings:
+    env = dict(os.environ)
+    if args.listen:
+        env["STORAGE_EXPORTER_LISTEN"] = args.listen
+    return load_settings(args.config, env)
+
+
+def build_registry(service: ExporterService, settings: Settings) -> CollectorRegistry:
+    try:
+        from shared.cleanup_state import read_cleanup_state
+    except ImportError:  # TEMPORARY until the cleaner's state module lands
+
+        def read_cleanup_state(_path: object) -> None:
+            return None
+
+    state_file = settings.cleanup_state_file
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(
+        StorageCollector(
+            snapshot=service.snapshot,
+            capacity_bytes=settings.capacity_bytes,
+            filesystem=lambda: filesystem_usage(service.root),
+            watch_limit=watch_limit,
+            cleanup_state=lambda: read_cleanup_state(state_file),
+            trash_limit_bytes=round(settings["cleaner.trash.max_gb"] * GB),
+        )
+    )
+    return registry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.version:
+        from exporter.collector import package_version
+
+        print(package_version())
+        return 0
+    try:
+        settings = load(args)
+    except StorageError as err:
+        print(f"model-storage-exporter: {err.one_line()}", file=sys.stderr)
+        return err.exit_code
+    configure_logging(settings["log.format"], settings["log.level"])
+    log = get_logger("exporter")
+    service = ExporterService(settings)
+    try:
+        service.start()
+    except StorageError as err:
+        print(f"model-storage-exporter: {err.one_line()}", file=sys.stderr)
+        service.stop()
+        return err.exit_code
+    host, port = settings["exporter.listen"]
+    routes = metrics_routes(
+        build_registry(service, settings),
+        is_ready=service.ready.is_set,
+        is_alive=service.is_alive,
+    )
+    tls = settings["exporter.tls_cert_file"] is not None
+    config = uvicorn.Config(
+        build_app(routes),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        ssl_certfile=settings["exporter.tls_cert_file"],
+        ssl_keyfile=settings["exporter.tls_key_file"],
+    )
+    server = uvicorn.Server(config)
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"{'https' if tls else 'http'}://{shown_host}:{port}/metrics"
+    log.info("exporter.serving", url=url, models_path=str(settings.models_path))
+    print(f"model-storage-exporter serving {settings.models_path} on {url}", flush=True)
+    try:
+        server.run()
+    finally:
+        service.stop()
+    if not server.started:
+        print(f"model-storage-exporter: cannot listen on {host}:{port}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,174 @@
+"""The Prometheus collector: renders a snapshot of the index at scrape time, O(models), never O(files).
+
+Series it emits (see shared/metric_names.py):
+    model_storage_bytes{tier} / _files{tier} / _models{tier}
+    model_storage_model_bytes{tier,model} / _model_files / _model_last_changed_timestamp_seconds
+    model_storage_capacity_bytes, model_storage_filesystem_size_bytes / _avail_bytes
+    model_storage_scan_duration_seconds, model_storage_last_full_scan_timestamp_seconds
+    model_storage_events_total, model_storage_event_overflows_total, model_storage_reconcile_drift_bytes
+    model_storage_errors_total{kind}, model_storage_watches, model_storage_watch_limit
+    model_storage_polling, model_storage_ready, model_storage_build_info{version}
+    model_storage_cleanup_* and model_storage_trash_bytes / _trash_limit_bytes (the cleaner's state file)
+A model that is deleted simply is not in the next snapshot, so its series vanish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exporter.fsinfo import FsUsage
+from exporter.service import Snapshot
+from shared import metric_names as m
+
+
+class CleanupState(Protocol):
+    """What the collector reads of the cleaner's last-run state file (shared/cleanup_state.py)."""
+
+    @property
+    def timestamp(self) -> float: ...
+    @property
+    def success(self) -> bool: ...
+    @property
+    def evicted_bytes_total(self) -> Mapping[str, int]: ...
+    @property
+    def evicted_models_total(self) -> Mapping[str, int]: ...
+    @property
+    def skipped(self) -> Mapping[str, int]: ...
+    @property
+    def trash_bytes(self) -> int: ...
+
+
+def package_version() -> str:
+    try:
+        return version("model-storage")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def label_text(name: str) -> str:
+    """Names with invalid UTF-8 (kept as surrogates) must still render as valid label values."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+class StorageCollector(Collector):
+    """Reads everything through injected callables, so tests need no threads or sockets."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        capacity_bytes: int,
+        filesystem: Callable[[], FsUsage | None],
+        watch_limit: Callable[[], int | None],
+        cleanup_state: Callable[[], CleanupState | None],
+        trash_limit_bytes: int,
+    ) -> None:
+        self._snapshot = snapshot
+        self._capacity = capacity_bytes
+        self._filesystem = filesystem
+        self._watch_limit = watch_limit
+        self._cleanup_state = cleanup_state
+        self._trash_limit = trash_limit_bytes
+        self._version = package_version()
+
+    def describe(self) -> Iterator[Metric]:
+        # Registering must not trigger a collect (the index may still be scanning).
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield from self._tiers(snap)
+        yield from self._models(snap)
+        yield from self._capacity_and_fs()
+        yield from self._health(snap)
+        yield from self._cleanup()
+
+    def _tiers(self, snap: Snapshot) -> Iterator[Metric]:
+        families = [
+            GaugeMetricFamily(m.BYTES, "Apparent size of regular files per tier, bytes.", labels=[m.TIER_LABEL]),
+            GaugeMetricFamily(m.FILES, "Regular files per tier (hard links once).", labels=[m.TIER_LABEL]),
+            GaugeMetricFamily(m.MODELS, "Models (first-level entries) per tier.", labels=[m.TIER_LABEL]),
+        ]
+        for tier, values in sorted(snap.tiers.items()):
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([tier], value)
+        yield from families
+
+    def _models(self, snap: Snapshot) -> Iterator[Metric]:
+        labels = [m.TIER_LABEL, m.MODEL_LABEL]
+        size = GaugeMetricFamily(m.MODEL_BYTES, "Apparent size of a model's regular files, bytes.", labels=labels)
+        files = GaugeMetricFamily(m.MODEL_FILES, "Regular files in a model.", labels=labels)
+        changed = GaugeMetricFamily(
+            m.MODEL_LAST_CHANGED, "Newest mtime or ctime of anything in the model, seconds.", labels=labels
+        )
+        for stat in snap.models:
+            key = [stat.tier, label_text(stat.model)]
+            size.add_metric(key, stat.bytes)
+            files.add_metric(key, stat.files)
+            changed.add_metric(key, stat.changed)
+        yield from (size, files, changed)
+
+    def _capacity_and_fs(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(m.CAPACITY_BYTES, "Configured capacity of the models path, bytes.", self._capacity)
+        usage = self._filesystem()
+        if usage is not None:
+            yield GaugeMetricFamily(m.FILESYSTEM_SIZE_BYTES, "Size of the models filesystem.", usage.size_bytes)
+            yield GaugeMetricFamily(
+                m.FILESYSTEM_AVAIL_BYTES, "Bytes available to unprivileged users.", usage.avail_bytes
+            )
+
+    def _health(self, snap: Snapshot) -> Iterator[Metric]:
+        yield GaugeMetricFamily(m.SCAN_DURATION, "Duration of the last full scan.", snap.scan_duration_seconds)
+        yield GaugeMetricFamily(m.LAST_FULL_SCAN, "When the last full scan finished.", snap.last_full_scan)
+        yield CounterMetricFamily(m.EVENTS, "Filesystem events applied to the index.", snap.events_total)
+        yield CounterMetricFamily(
+            m.EVENT_OVERFLOWS,
+            "Event losses (queue overflows, failed watches) that forced a rescan.",
+            snap.overflows_total,
+        )
+        yield GaugeMetricFamily(
+            m.RECONCILE_DRIFT_BYTES, "Sum of |tracked - true| bytes found by the last reconcile.", snap.drift_bytes
+        )
+        errors = CounterMetricFamily(m.ERRORS, "Errors by kind (unreadable dirs, failed stats).", labels=["kind"])
+        for kind in ("scan", "stat", "watch", "updater"):
+            errors.add_metric([kind], snap.errors_total.get(kind, 0))
+        yield errors
+        yield GaugeMetricFamily(m.WATCHES, "inotify watches in use (one per directory).", snap.watches)
+        limit = self._watch_limit()
+        if limit is not None:
+            yield GaugeMetricFamily(m.WATCH_LIMIT, "fs.inotify.max_user_watches.", limit)
+        yield GaugeMetricFamily(m.POLLING, "1 when polling instead of inotify (NFS, FUSE, no watches).", snap.polling)
+        yield GaugeMetricFamily(m.READY, "1 once the initial scan is done and the watcher runs.", snap.ready)
+        info = InfoMetricFamily(m.BUILD_INFO, "Exporter build.", labels=["version"])
+        info.add_metric([self._version], {})
+        yield info
+
+    def _cleanup(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(m.TRASH_LIMIT_BYTES, "Configured trash cap, bytes.", self._trash_limit)
+        state = self._cleanup_state()
+        if state is None:
+            return
+        yield GaugeMetricFamily(m.CLEANUP_LAST_RUN, "When the cleaner last finished a run.", state.timestamp)
+        yield GaugeMetricFamily(m.CLEANUP_LAST_SUCCESS, "1 when the cleaner's last run succeeded.", state.success)
+        evicted_bytes = CounterMetricFamily(
+            m.CLEANUP_EVICTED_BYTES, "Bytes evicted by the cleaner, by policy.", labels=["policy"]
+        )
+        evicted_models = CounterMetricFamily(
+            m.CLEANUP_EVICTED_MODELS, "Models evicted by the cleaner, by policy.", labels=["policy"]
+        )
+        for policy in sorted({"age", "usage", "size", *state.evicted_bytes_total}):
+            evicted_bytes.add_metric([policy], state.evicted_bytes_total.get(policy, 0))
+            evicted_models.add_metric([policy], state.evicted_models_total.get(policy, 0))
+        yield evicted_bytes
+        yield evicted_models
+        skipped = GaugeMetricFamily(
+            m.CLEANUP_SKIPPED_MODELS, "Models the last run skipped, by reason.", labels=["reason"]
+        )
+        for reason, count in sorted(state.skipped.items()):
+            skipped.add_metric([reason], count)
+        yield skipped
+        yield GaugeMetricFamily(m.TRASH_BYTES, "Bytes held in the cleaner's trash.", state.trash_bytes)

@@ -1,0 +1,339 @@
+"""The exporter's lifecycle: watch, scan, apply events, reconcile; threads and the one index lock."""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from exporter.fsinfo import network_filesystem, watch_limit
+from exporter.scan import Scanner
+from exporter.tree import ModelStat, Parts, Tree
+from exporter.watcher import (
+    EVENT_FILTER,
+    IndexUpdater,
+    OverflowFlag,
+    OverflowLogHook,
+    QueueingHandler,
+    RawEvent,
+    drain,
+)
+from shared.config import Settings
+from shared.errors import ConfigError
+from shared.logs import get_logger
+
+log = get_logger("exporter.service")
+
+BATCH_LIMIT = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a scrape or an API call sees: a consistent copy taken under the index lock."""
+
+    tiers: dict[str, tuple[int, int, int]]
+    models: list[ModelStat]
+    generation: int
+    ready: bool
+    polling: bool
+    events_total: int
+    overflows_total: int
+    errors_total: dict[str, int]
+    scan_duration_seconds: float
+    last_full_scan: float
+    drift_bytes: int
+    watches: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    seconds: float
+    drift_bytes: int
+    drift_models: int
+    files: int
+    reason: str
+
+
+@dataclass
+class _Counters:
+    events: int = 0
+    overflows: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    scan_duration: float = 0.0
+    last_full_scan: float = 0.0
+    drift_bytes: int = 0
+
+
+class ExporterService:
+    """Owns the index and the threads that keep it exact."""
+
+    def __init__(self, settings: Settings, scanner: Scanner | None = None) -> None:
+        self.settings = settings
+        self.root = str(Path(settings.models_path).resolve())
+        self.tree = Tree(settings.layout)
+        self.lock = threading.Lock()
+        self.scanner = scanner or Scanner(settings["exporter.scan_workers"])
+        self.events: queue.Queue[RawEvent] = queue.Queue(maxsize=settings["exporter.queue_size"])
+        self.overflow = OverflowFlag()
+        self.updater = IndexUpdater(self.root, self._record_error, self._new_dir)
+        self.counters = _Counters()
+        self.ready = threading.Event()
+        self.polling = settings["exporter.force_polling"]
+        self.polling_reason = "forced by configuration" if self.polling else ""
+        self._stop = threading.Event()
+        self._observer: BaseObserver | None = None
+        self._thread: threading.Thread | None = None
+        self._settle: list[tuple[float, Parts]] = []
+        self._rescan_requests: queue.Queue[tuple[str, queue.Queue[ReconcileResult]]] = queue.Queue()
+        self._hook = OverflowLogHook(self._on_overflow)
+
+    # ----- lifecycle -----
+
+    def start(self) -> None:
+        """Check the models path, start watching, then scan in the background (ready when done)."""
+        if not os.path.isdir(self.root):
+            raise ConfigError(
+                f"config: storage.models.path={self.settings.models_path!s}: expected an existing directory",
+                hint="create it or set STORAGE_MODELS_PATH",
+            )
+        self.scanner.start()
+        if not self.polling:
+            fstype = network_filesystem(self.root)
+            if fstype:
+                self.polling = True
+                self.polling_reason = f"{fstype} filesystem: inotify cannot see other clients' writes"
+        if not self.polling:
+            self._start_observer()
+        if self.polling:
+            log.warning("watch.polling", path=self.root, reason=self.polling_reason)
+        self._thread = threading.Thread(target=self._run, name="index-updater", daemon=True)
+        self._thread.start()
+
+    def _start_observer(self) -> None:
+        self._hook.install()
+        observer = Observer()
+        try:
+            observer.schedule(
+                QueueingHandler(self.events, self._on_overflow),
+                self.root,
+                recursive=True,
+                event_filter=EVENT_FILTER,
+            )
+            observer.start()
+        except OSError as err:
+            # Usually ENOSPC: fs.inotify.max_user_watches is exhausted. Poll rather than be wrong.
+            with contextlib.suppress(Exception):
+                observer.stop()
+            self._record_error("watch", self.root, err.strerror or str(err))
+            self.polling = True
+            self.polling_reason = f"cannot add inotify watches: {err.strerror or err}"
+            return
+        self._observer = observer
+        log.info("watch.started", path=self.root)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=10)
+            self._observer = None
+        self._hook.uninstall()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.scanner.close()
+        log.info("exporter.stopped")
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ----- what readers see -----
+
+    def snapshot(self) -> Snapshot:
+        with self.lock:
+            c = self.counters
+            return Snapshot(
+                tiers=self.tree.tier_totals(),
+                models=self.tree.model_stats(),
+                generation=self.tree.generation,
+                ready=self.ready.is_set(),
+                polling=self.polling,
+                events_total=c.events,
+                overflows_total=c.overflows,
+                errors_total=dict(c.errors),
+                scan_duration_seconds=c.scan_duration,
+                last_full_scan=c.last_full_scan,
+                drift_bytes=c.drift_bytes,
+                watches=0 if self.polling else self.tree.dirs,
+            )
+
+    def watch_limit(self) -> int | None:
+        return watch_limit()
+
+    def reconcile(self, reason: str = "api", timeout: float = 600.0) -> ReconcileResult:
+        """Ask the updater thread for a full reconcile scan and wait for its result."""
+        answer: queue.Queue[ReconcileResult] = queue.Queue(maxsize=1)
+        self._rescan_requests.put((reason, answer))
+        return answer.get(timeout=timeout)
+
+    # ----- the updater thread -----
+
+    def _run(self) -> None:
+        try:
+            self._full_scan("initial")
+            self.ready.set()
+            log.info("exporter.ready", path=self.root)
+            self._loop()
+        except Exception as err:  # one bad event never kills the daemon silently
+            log.exception("updater.crashed", error=str(err))
+            self._record_error("updater", self.root, str(err))
+            raise
+
+    def _loop(self) -> None:
+        interval = self.settings["exporter.reconcile_interval_seconds"]
+        if self.polling:
+            interval = self.settings["exporter.poll_interval_seconds"]
+        next_reconcile = time.monotonic() + interval if interval else float("inf")
+        window = self.settings["exporter.coalesce_window_seconds"]
+        while not self._stop.is_set():
+            reasons = self.overflow.take()
+            if reasons:
+                self._note_overflow(reasons)
+                self._full_scan("overflow")
+                continue
+            with contextlib.suppress(queue.Empty):
+                reason, answer = self._rescan_requests.get_nowait()
+                answer.put(self._full_scan(reason))
+                continue
+            now = time.monotonic()
+            if now >= next_reconcile:
+                self._full_scan("poll" if self.polling else "reconcile")
+                next_reconcile = time.monotonic() + interval
+                continue
+            wait = min(0.5, next_reconcile - now, self._settle[0][0] - now if self._settle else 0.5)
+            batch = drain(self.events, max(wait, 0.0), window, BATCH_LIMIT)
+            if batch:
+                self._apply(self.tree, batch)
+            self._run_due_settles()
+
+    def _apply(self, tree: Tree, batch: list[RawEvent], *, count: bool = True) -> None:
+        with self.lock:
+            self.updater.apply(tree, batch)
+            if count:
+                self.counters.events += len(batch)
+
+    def _run_due_settles(self) -> None:
+        now = time.monotonic()
+        while self._settle and self._settle[0][0] <= now:
+            _, parts = heapq.heappop(self._settle)
+            with self.lock:
+                self.updater.rescan(self.tree, parts)
+
+    def _new_dir(self, parts: Parts) -> None:
+        # Files written right after mkdir can beat the new watch: look again after a short settle.
+        settle = self.settings["exporter.settle_seconds"]
+        if settle > 0 and len(self._settle) < 10_000:
+            heapq.heappush(self._settle, (time.monotonic() + settle, parts))
+
+    def _full_scan(self, reason: str) -> ReconcileResult:
+        """Scan everything while events keep being applied; replay them on the scan, then swap."""
+        log.info("scan.started", reason=reason, path=self.root)
+        started = time.monotonic()
+        replay: list[RawEvent] = []
+        result_box: list[Any] = []
+        replay_limit = self.settings["exporter.queue_size"]
+
+        def progress(files: int) -> None:
+            elapsed = time.monotonic() - started
+            log.info("scan.progress", files_scanned=files, files_per_second=round(files / max(elapsed, 1e-6)))
+
+        def scan() -> None:
+            try:
+                result_box.append(self.scanner.scan(self.root, progress))
+            except BaseException as err:
+                result_box.append(err)
+
+        scanner_thread = threading.Thread(target=scan, name="full-scan", daemon=True)
+        scanner_thread.start()
+        window = self.settings["exporter.coalesce_window_seconds"]
+        lost = False
+        while scanner_thread.is_alive():
+            batch = drain(self.events, 0.05, window, BATCH_LIMIT)
+            if batch:
+                self._apply(self.tree, batch)
+                if len(replay) + len(batch) <= replay_limit:
+                    replay.extend(batch)
+                else:
+                    lost = True
+        scanner_thread.join()
+        outcome = result_box[0]
+        if isinstance(outcome, BaseException):
+            self._record_error("scan", self.root, str(outcome))
+            log.error("scan.failed", reason=reason, error=str(outcome))
+            return ReconcileResult(time.monotonic() - started, 0, 0, 0, reason)
+        for path, why in outcome.errors:
+            self._record_error("scan", path, why)
+        fresh = Tree(self.settings.layout)
+        if outcome.node is not None:
+            fresh.graft((), outcome.node)
+        # Events seen during the scan are replayed on the fresh tree: they are stat-based, so
+        # replaying one that the scan already saw changes nothing.
+        for start in range(0, len(replay), BATCH_LIMIT):
+            self.updater.apply(fresh, replay[start : start + BATCH_LIMIT])
+        with self.lock:
+            drift_bytes, drift_models = _drift(self.tree, fresh)
+            self.tree = fresh
+            seconds = time.monotonic() - started
+            self.counters.scan_duration = seconds
+            self.counters.last_full_scan = time.time()
+            if reason != "initial":
+                self.counters.drift_bytes = drift_bytes
+        if lost:
+            self.overflow.raise_("replay_limit")
+        log.info(
+            "scan.finished",
+            reason=reason,
+            files=outcome.files,
+            dirs=outcome.dirs,
+            duration_seconds=round(seconds, 3),
+            drift_bytes=drift_bytes if reason != "initial" else 0,
+            drift_models=drift_models if reason != "initial" else 0,
+        )
+        return ReconcileResult(seconds, drift_bytes if reason != "initial" else 0, drift_models, outcome.files, reason)
+
+    # ----- failures -----
+
+    def _on_overflow(self, reason: str) -> None:
+        self.overflow.raise_(reason)
+
+    def _note_overflow(self, reasons: list[str]) -> None:
+        with self.lock:
+            self.counters.overflows += 1
+        log.warning("events.overflowed", reasons=sorted(set(reasons)), count=len(reasons))
+
+    def _record_error(self, kind: str, path: str, reason: str) -> None:
+        self.counters.errors[kind] += 1
+        log.warning("index.error", kind=kind, path=path, error=reason)
+
+
+def _drift(old: Tree, new: Tree) -> tuple[int, int]:
+    """Sum of |tracked - true| bytes over every model and `other`, and how many models differed."""
+    drift = abs(old.other.bytes - new.other.bytes)
+    models = 0
+    for key in old.models.keys() | new.models.keys():
+        before = old.models.get(key)
+        after = new.models.get(key)
+        delta = abs((before.bytes if before else 0) - (after.bytes if after else 0))
+        if delta or (before is None) != (after is None):
+            models += 1
+        drift += delta
+    return drift, models
