@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -107,6 +108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = f"{'https' if tls else 'http'}://{shown_host}:{port}/metrics"
     log.info("exporter.serving", url=url, models_path=str(settings.models_path))
     print(f"model-storage-exporter serving {settings.models_path} on {url}", flush=True)
+    # uvicorn re-raises the signal it shut down on once it is done; let that land on a
+    # no-op so that the index threads are stopped and the exit code is 0.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
     try:
         server.run()
     finally:

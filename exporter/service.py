@@ -148,10 +148,10 @@ class ExporterService:
             self._observer.join(timeout=10)
             self._observer = None
         self._hook.uninstall()
+        self.scanner.close()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        self.scanner.close()
-        log.info("exporter.stopped")
+            log.info("exporter.stopped")
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
