@@ -29,6 +29,7 @@ class ModelFacts:
     last_changed: float  # newest mtime/ctime inside the model, seconds since the epoch
     requests: float | None = None  # requests in the usage window; None = unknown
     partial: bool = False  # holds *.incomplete/*.partial/*.tmp/*.lock: a download in progress
+    hold: str = ""  # why the filesystem check keeps it (a `.keep` marker, unreadable); empty = nothing
 
     @property
     def key(self) -> str:
