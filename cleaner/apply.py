@@ -1,0 +1,421 @@
+"""The executor: carries out a plan's evictions, restores and purges, each step journaled and audited.
+
+It takes the plan's evictions and an injected `now`; what it does to the filesystem goes through
+the journaled operations of cleaner.journal, and every decision about what may be touched is made
+by cleaner.verify (per model) and cleaner.trash (which trash entries to purge).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cleaner import journal as jr
+from cleaner import trash, verify
+from cleaner.plan import Eviction, Kept
+from shared.audit import AuditLog
+from shared.config import GB, Settings
+from shared.errors import PreconditionError
+from shared.layout import Layout
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Everything the executor needs from the settings, the clock and the caller."""
+
+    models_path: Path
+    layout: Layout
+    state_path: Path
+    trash_path: Path
+    backup_path: Path
+    mode: str  # trash | archive | none
+    protect: tuple[str, ...]
+    run_id: str
+    actor: str
+    now: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, run_id: str, actor: str, now: float) -> Context:
+        return cls(
+            models_path=settings.models_path,
+            layout=settings.layout,
+            state_path=settings.state_path,
+            trash_path=settings.trash_path,
+            backup_path=settings.backup_path,
+            mode=settings["cleaner.backup.mode"],
+            protect=tuple(settings["cleaner.protect"]),
+            run_id=run_id,
+            actor=actor,
+            now=now,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    tier: str
+    model: str
+    bytes: int
+    files: int
+    policy: str
+    mode: str
+    how: str  # renamed | copied | deleted
+    destination: str
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    tier: str
+    model: str
+    bytes: int
+    policy: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    tier: str
+    model: str
+    bytes: int
+    policy: str
+    error: str
+
+
+@dataclass(slots=True)
+class ApplyResult:
+    done: list[Done] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+    unreadable_processes: int = 0
+
+    def evicted_bytes(self) -> dict[str, int]:
+        totals: Counter[str] = Counter()
+        for item in self.done:
+            totals[item.policy] += item.bytes
+        return dict(totals)
+
+    def evicted_models(self) -> dict[str, int]:
+        return dict(Counter(item.policy for item in self.done))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "done": [asdict(d) for d in self.done],
+            "skipped": [asdict(s) for s in self.skipped],
+            "failed": [asdict(f) for f in self.failed],
+            "unreadable_processes": self.unreadable_processes,
+        }
+
+
+# ---- pure helpers ----------------------------------------------------------------------------
+
+_KEPT_REASONS = (
+    ("protected", "protected"),
+    ("usage unknown", "unknown_usage"),
+    ("unknown usage", "unknown_usage"),
+    ("blast radius", "blast_radius"),
+    ("grace", "grace"),
+    ("partial download", "partial_download"),
+)
+
+
+def kept_reason_label(reason: str) -> str | None:
+    """A planner's kept reason as a `skipped{reason}` label; None for models no policy wanted."""
+    text = reason.lower()
+    for needle, label in _KEPT_REASONS:
+        if needle in text:
+            return label
+    return None
+
+
+def skipped_counts(kept: Sequence[Kept], skipped: Sequence[Skipped]) -> dict[str, int]:
+    """This run's skipped models by reason: those the plan held back plus those verification did."""
+    counts: Counter[str] = Counter()
+    for item in kept:
+        label = kept_reason_label(item.reason)
+        if item.policy is not None and label is not None:
+            counts[label] += 1
+    for skip in skipped:
+        counts[skip.reason] += 1
+    return dict(counts)
+
+
+def exit_code_for(result: ApplyResult) -> int:
+    """3 when an eviction failed on an error; skips are the checks doing their job, not failures."""
+    return 3 if result.failed else 0
+
+
+def _error_text(err: BaseException) -> str:
+    text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ---- evictions -------------------------------------------------------------------------------
+
+
+def _evict_one(
+    eviction: Eviction,
+    src: Path,
+    ctx: Context,
+    journal: jr.Journal,
+    after_copy: Callable[[Path], None] | None,
+) -> Done:
+    meta: dict[str, Any] = {
+        "run_id": ctx.run_id,
+        "tier": eviction.tier,
+        "model": eviction.model,
+        "original_path": str(src),
+        "bytes": eviction.bytes,
+        "files": eviction.files,
+        "policy": eviction.policy,
+        "moved_at": ctx.now,
+        "store": ctx.mode,
+    }
+    if ctx.mode == "none":
+        jr.delete(journal, src, purpose="evict", meta=meta)
+        return Done(
+            eviction.tier, eviction.model, eviction.bytes, eviction.files, eviction.policy, "none", "deleted", ""
+        )
+    root = ctx.trash_path if ctx.mode == "trash" else ctx.backup_path
+    dst = trash.entry_path(root, ctx.run_id, eviction.tier, eviction.model)
+    jr.make_dirs(dst.parent)
+    how = jr.transfer(
+        journal, src, dst, purpose="evict", meta=meta, force_copy=ctx.mode == "archive", after_copy=after_copy
+    )
+    trash.record_entry(root, ctx.run_id, meta)
+    jr.crash_point("evict_metadata_written")
+    return Done(eviction.tier, eviction.model, eviction.bytes, eviction.files, eviction.policy, ctx.mode, how, str(dst))
+
+
+def apply_evictions(
+    evictions: Sequence[Eviction],
+    ctx: Context,
+    journal: jr.Journal,
+    audit: AuditLog,
+    *,
+    after_copy: Callable[[Path], None] | None = None,
+    proc_root: Path = Path("/proc"),
+) -> ApplyResult:
+    """Verify then move each model; a model failing a check is skipped, an error fails only that model."""
+    result = ApplyResult()
+    for eviction in evictions:
+        key = f"{eviction.tier}/{eviction.model}"
+        jr.crash_point("evict_started")
+        verdict = verify.verify_model(
+            models_path=ctx.models_path,
+            layout=ctx.layout,
+            tier=eviction.tier,
+            model=eviction.model,
+            planned_bytes=eviction.bytes,
+            planned_last_changed=eviction.last_changed,
+            protect=ctx.protect,
+            proc_root=proc_root,
+        )
+        result.unreadable_processes = max(result.unreadable_processes, verdict.unreadable_processes)
+        if not verdict.ok or verdict.path is None:
+            skip = Skipped(
+                eviction.tier, eviction.model, eviction.bytes, eviction.policy, verdict.reason, verdict.detail
+            )
+            result.skipped.append(skip)
+            audit.append(
+                "skip",
+                actor=ctx.actor,
+                target=key,
+                result="skipped",
+                bytes=eviction.bytes,
+                details={"run_id": ctx.run_id, "reason": verdict.reason, "detail": verdict.detail},
+            )
+            continue
+        try:
+            jr.crash_point("evict_verified")
+            done = _evict_one(eviction, verdict.path, ctx, journal, after_copy)
+        except (OSError, jr.TransferError, jr.CopyMismatchError) as err:
+            failure = Failed(eviction.tier, eviction.model, eviction.bytes, eviction.policy, _error_text(err))
+            result.failed.append(failure)
+            audit.append(
+                "move",
+                actor=ctx.actor,
+                target=key,
+                result="failure",
+                bytes=eviction.bytes,
+                error=failure.error,
+                details={"run_id": ctx.run_id, "mode": ctx.mode, "policy": eviction.policy},
+            )
+            continue
+        finally:
+            verdict.release()
+        result.done.append(done)
+        audit.append(
+            "move" if ctx.mode != "none" else "delete",
+            actor=ctx.actor,
+            target=key,
+            bytes=eviction.bytes,
+            details={
+                "run_id": ctx.run_id,
+                "mode": ctx.mode,
+                "how": done.how,
+                "policy": eviction.policy,
+                "destination": done.destination,
+            },
+        )
+    return result
+
+
+# ---- restore ---------------------------------------------------------------------------------
+
+
+def find_run_entries(settings: Settings, run_id: str) -> tuple[Path, list[trash.TrashEntry]]:
+    """The area (trash, else archive) holding a run, and its models."""
+    for root in (settings.trash_path, settings.backup_path):
+        entries = [e for e in trash.list_entries(root) if e.run_id == run_id]
+        if entries:
+            return root, entries
+    return settings.trash_path, []
+
+
+def restore_conflicts(entries: Sequence[trash.TrashEntry], models_path: Path, layout: Layout) -> list[str]:
+    """Why each entry cannot go back (its original path is occupied, or leads outside)."""
+    problems: list[str] = []
+    for entry in entries:
+        dst = verify.model_location(models_path, layout, entry.tier, entry.model)
+        if dst is None:
+            problems.append(f"{entry.key}: not a valid tier/model")
+        elif os.path.lexists(dst):
+            problems.append(f"{entry.key}: {dst} is occupied again")
+        elif dst.parent.exists() and not verify.tier_dir_inside(models_path, layout, entry.tier, dst):
+            problems.append(f"{entry.key}: {dst.parent} resolves outside {models_path}")
+    return problems
+
+
+def restore_entries(
+    root: Path,
+    entries: Sequence[trash.TrashEntry],
+    settings: Settings,
+    journal: jr.Journal,
+    audit: AuditLog,
+    *,
+    actor: str,
+    now: float,
+) -> list[trash.TrashEntry]:
+    """Put models back where they were; refuses, changing nothing, if any original path is taken."""
+    problems = restore_conflicts(entries, settings.models_path, settings.layout)
+    if problems:
+        for problem in problems:
+            audit.append("restore", actor=actor, target=problem.split(":")[0], result="failure", error=problem)
+        raise PreconditionError(
+            f"restore refused, nothing changed: {problems[0]}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+            hint="move the new model away first",
+        )
+    restored: list[trash.TrashEntry] = []
+    for entry in entries:
+        dst = verify.model_location(settings.models_path, settings.layout, entry.tier, entry.model)
+        assert dst is not None  # checked by restore_conflicts
+        jr.make_dirs(dst.parent)
+        meta = {"run_id": entry.run_id, "tier": entry.tier, "model": entry.model, "root": str(root)}
+        try:
+            how = jr.transfer(journal, entry.path, dst, purpose="restore", meta=meta)
+        except (OSError, jr.TransferError) as err:
+            audit.append(
+                "restore", actor=actor, target=entry.key, result="failure", bytes=entry.bytes, error=_error_text(err)
+            )
+            raise
+        trash.mark_entry(root, entry.run_id, entry.key, "restored", now)
+        audit.append(
+            "restore",
+            actor=actor,
+            target=entry.key,
+            bytes=entry.bytes,
+            details={"run_id": entry.run_id, "how": how, "destination": str(dst)},
+        )
+        restored.append(entry)
+    for run_id in {e.run_id for e in entries}:
+        trash.remove_run_if_empty(root, run_id)
+    return restored
+
+
+# ---- purge -----------------------------------------------------------------------------------
+
+
+def purge_trash(
+    settings: Settings, journal: jr.Journal, audit: AuditLog, *, actor: str, now: float, purge_all: bool
+) -> list[trash.TrashEntry]:
+    """Delete expired trash entries, then the oldest while over the cap (everything with purge_all)."""
+    root = settings.trash_path
+    entries = trash.list_entries(root)
+    chosen = trash.select_for_purge(
+        entries,
+        now,
+        settings["cleaner.trash.retention_days"],
+        trash_cap_bytes(settings),
+        purge_all=purge_all,
+    )
+    for entry in chosen:
+        meta = {"run_id": entry.run_id, "tier": entry.tier, "model": entry.model, "root": str(root)}
+        try:
+            jr.delete(journal, entry.path, purpose="purge", meta=meta)
+        except OSError as err:
+            audit.append(
+                "purge", actor=actor, target=entry.key, result="failure", bytes=entry.bytes, error=_error_text(err)
+            )
+            raise
+        trash.mark_entry(root, entry.run_id, entry.key, "purged", now)
+        audit.append(
+            "purge",
+            actor=actor,
+            target=entry.key,
+            bytes=entry.bytes,
+            details={"run_id": entry.run_id, "age_seconds": round(now - entry.moved_at, 3), "all": purge_all},
+        )
+    for run_id in sorted({e.run_id for e in chosen}):
+        trash.remove_run_if_empty(root, run_id)
+    return chosen
+
+
+def trash_cap_bytes(settings: Settings) -> int:
+    cap_gb: float = settings["cleaner.trash.max_gb"]
+    return round(cap_gb * GB)
+
+
+def trash_bytes(settings: Settings) -> int:
+    return sum(e.bytes for e in trash.list_entries(settings.trash_path))
+
+
+# ---- recovery --------------------------------------------------------------------------------
+
+
+def recover(settings: Settings, audit: AuditLog, *, actor: str, now: float) -> list[jr.Recovered]:
+    """Finish what a killed cleaner left half-done, and bring the trash metadata up to date."""
+    results = jr.recover(settings.state_path)
+    for item in results:
+        meta = item.meta
+        key = f"{meta.get('tier')}/{meta.get('model')}"
+        run_id = str(meta.get("run_id", ""))
+        if item.outcome == "completed" and item.purpose == "evict" and meta.get("store") in ("trash", "archive"):
+            root = settings.trash_path if meta["store"] == "trash" else settings.backup_path
+            if trash.valid_run_id(run_id) and (root / run_id).is_dir():
+                trash.record_entry(root, run_id, meta)
+        elif item.outcome == "completed" and item.purpose in ("restore", "purge") and meta.get("root"):
+            root = Path(str(meta["root"]))
+            trash.mark_entry(root, run_id, key, "restored" if item.purpose == "restore" else "purged", now)
+            trash.remove_run_if_empty(root, run_id)
+        audit.append(
+            "recover",
+            actor=actor,
+            target=key,
+            result="failure" if item.outcome == "lost" else "success",
+            error=item.detail if item.outcome == "lost" else None,
+            details={
+                "op_id": item.op_id,
+                "step": item.purpose,
+                "outcome": item.outcome,
+                "detail": item.detail,
+                "src": item.src,
+                "dst": item.dst,
+            },
+        )
+    return results

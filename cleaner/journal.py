@@ -1,0 +1,437 @@
+"""Write-ahead journal of moves and deletions, the journaled file operations, and crash recovery.
+
+Every changing step is recorded (JSON line, fsync'd) before it happens and after it completes. A
+move is an atomic `rename` (RENAME_NOREPLACE, so it never replaces anything); across filesystems,
+or where a verified copy is wanted, it is copy -> verify -> `copied` -> rename into place ->
+`deleting` -> delete the source -> `done`. Recovery rolls a step back when its source is still
+whole and forward once the copy was verified, so a model is always whole in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import signal
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CRASH_ENV = "STORAGE_CLEANER_CRASH_AT"
+JOURNAL_DIR = "journal"
+_COPY_CHUNK = 1 << 20
+_crash_counts: dict[str, int] = {}
+
+
+def crash_point(step: str) -> None:
+    """Test hook: STORAGE_CLEANER_CRASH_AT=<step>:<n>[:STOP] kills (or stops) us the n-th time here."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    name, _, rest = spec.partition(":")
+    if name != step:
+        return
+    count_text, _, how = rest.partition(":")
+    _crash_counts[step] = _crash_counts.get(step, 0) + 1
+    if _crash_counts[step] == int(count_text or "1"):
+        os.kill(os.getpid(), signal.SIGSTOP if how.upper() == "STOP" else signal.SIGKILL)
+
+
+# ---- file-system primitives ------------------------------------------------------------------
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: Path) -> None:
+    """mkdir -p, with every new entry made durable in its parent."""
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o755)
+        fsync_dir(directory.parent)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2: Any = getattr(_libc, "renameat2", None)
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """rename(2) that fails with EEXIST instead of replacing `dst` (an empty dir would be replaced)."""
+    if _renameat2 is not None:
+        result = _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(code, os.strerror(code), str(src), None, str(dst))
+    # No renameat2 here: check, then rename; the cleaner lock keeps other cleaners out of the gap.
+    if os.path.lexists(dst):
+        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), str(src), None, str(dst))
+    os.rename(src, dst)
+
+
+Manifest = dict[str, tuple[str, int, str]]  # relative path -> (kind, size, sha256 or link target)
+
+
+class CopyMismatchError(Exception):
+    """The copy differs from what was read from the source."""
+
+
+def _hash_file(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(_COPY_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def tree_manifest(root: Path) -> Manifest:
+    """Every entry under `root` (lstat, no symlink followed) with sizes and content hashes."""
+    manifest: Manifest = {}
+
+    def visit(path: Path, rel: str) -> None:
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            manifest[rel] = ("dir", 0, "")
+            for entry in sorted(os.scandir(path), key=lambda e: e.name):
+                visit(Path(entry.path), f"{rel}/{entry.name}" if rel else entry.name)
+        elif stat.S_ISREG(st.st_mode):
+            size, digest = _hash_file(path)
+            manifest[rel] = ("file", size, digest)
+        elif stat.S_ISLNK(st.st_mode):
+            manifest[rel] = ("symlink", 0, os.readlink(path))
+        else:
+            manifest[rel] = ("special", 0, "")
+
+    visit(root, "")
+    return manifest
+
+
+def _copy_file(src: Path, dst: Path, st: os.stat_result) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with open(src, "rb", buffering=0) as handle:
+            while chunk := handle.read(_COPY_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(out, view)
+                    view = view[written:]
+        os.fsync(out)
+        os.fchmod(out, stat.S_IMODE(st.st_mode))
+        os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(out)
+    return size, digest.hexdigest()
+
+
+def copy_tree(src: Path, dst: Path) -> Manifest:
+    """Copy `src` (a dir or a file) to the new path `dst`; returns the manifest of what was read."""
+    manifest: Manifest = {}
+
+    def visit(source: Path, target: Path, rel: str) -> None:
+        st = os.lstat(source)
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(target, 0o700)
+            manifest[rel] = ("dir", 0, "")
+            for entry in sorted(os.scandir(source), key=lambda e: e.name):
+                visit(Path(entry.path), target / entry.name, f"{rel}/{entry.name}" if rel else entry.name)
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+            fsync_dir(target)
+        elif stat.S_ISREG(st.st_mode):
+            manifest[rel] = ("file", *_copy_file(source, target, st))
+            crash_point("copying")
+        elif stat.S_ISLNK(st.st_mode):
+            link = os.readlink(source)
+            os.symlink(link, target)
+            manifest[rel] = ("symlink", 0, link)
+        else:
+            raise CopyMismatchError(f"{source}: not a file, directory or symlink; will not copy it")
+
+    visit(src, dst, "")
+    return manifest
+
+
+def check_copy(expected: Manifest, copy: Path) -> None:
+    """Re-read the copy: same entries, sizes and SHA-256 of every file as the source read."""
+    actual = tree_manifest(copy)
+    for rel in sorted(set(expected) | set(actual)):
+        if expected.get(rel) != actual.get(rel):
+            raise CopyMismatchError(
+                f"copy differs at {rel or '.'}: expected {expected.get(rel)}, found {actual.get(rel)}"
+            )
+
+
+def remove_tree(path: Path, step: str = "removing") -> None:
+    """rm -rf that never follows a symlink; a missing path is fine (re-runs are safe)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        crash_point(step)
+        return
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            os.unlink(os.path.join(dirpath, name))
+            crash_point(step)
+        for name in dirnames:
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                os.unlink(full)
+            else:
+                os.rmdir(full)
+    os.rmdir(path)
+    fsync_dir(path.parent)
+
+
+# ---- the journal -----------------------------------------------------------------------------
+
+
+def journal_dir(state_path: Path) -> Path:
+    return state_path / JOURNAL_DIR
+
+
+class Journal:
+    """One journal per changing command (run, restore, purge): <state>/journal/<op_id>.jsonl."""
+
+    def __init__(self, state_path: Path, op_id: str, *, command: str) -> None:
+        directory = journal_dir(state_path)
+        make_dirs(directory)
+        self.path = directory / f"{op_id}.jsonl"
+        self.op_id = op_id
+        self._seq = 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fsync_dir(directory)
+        self.write({"op": "begin", "op_id": op_id, "command": command, "pid": os.getpid()})
+
+    def write(self, record: dict[str, Any]) -> None:
+        os.write(self._fd, json.dumps(record, sort_keys=True).encode() + b"\n")
+        os.fsync(self._fd)
+
+    def intent(self, action: str, **fields: Any) -> int:
+        self._seq += 1
+        self.write({"op": "intent", "seq": self._seq, "action": action, **fields})
+        return self._seq
+
+    def mark(self, seq: int, state: str, **fields: Any) -> None:
+        self.write({"op": state, "seq": seq, **fields})
+
+    def close(self) -> None:
+        """Everything recorded has been carried out or rolled back: the journal is no longer needed."""
+        self.write({"op": "end"})
+        os.close(self._fd)
+        os.unlink(self.path)
+        fsync_dir(self.path.parent)
+
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The records of a journal; a torn last line (the writer was killed mid-write) is not a record."""
+    records: list[dict[str, Any]] = []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+# ---- journaled operations --------------------------------------------------------------------
+
+
+def partial_path(dst: Path) -> Path:
+    """Where a copy is built before it is verified: beside `dst`, hidden, so listings skip it."""
+    return dst.parent / f".{dst.name}.partial"
+
+
+class TransferError(Exception):
+    """A transfer could not be made; the source is untouched and the journal says `failed`."""
+
+
+def transfer(
+    journal: Journal,
+    src: Path,
+    dst: Path,
+    *,
+    purpose: str,
+    meta: dict[str, Any],
+    force_copy: bool = False,
+    after_copy: Callable[[Path], None] | None = None,
+) -> str:
+    """Move `src` to the new path `dst` (whose parent exists); returns "renamed" or "copied".
+
+    `after_copy` is a test hook called on the unverified copy (e.g. to corrupt it).
+    """
+    partial = partial_path(dst)
+    seq = journal.intent(
+        "transfer", src=str(src), dst=str(dst), partial=str(partial), purpose=purpose, meta=meta, copy=force_copy
+    )
+    crash_point(f"{purpose}_intent_written")
+    if not force_copy:
+        try:
+            rename_noreplace(src, dst)
+        except OSError as err:
+            if err.errno != errno.EXDEV:
+                journal.mark(seq, "failed", error=err.strerror or str(err))
+                raise TransferError(f"cannot move {src} to {dst}: {err.strerror or err}") from None
+        else:
+            fsync_dir(src.parent)
+            fsync_dir(dst.parent)
+            crash_point(f"{purpose}_renamed")
+            journal.mark(seq, "done")
+            crash_point(f"{purpose}_done_written")
+            return "renamed"
+    try:
+        remove_tree(partial)  # a leftover of an older attempt is never a model
+        expected = copy_tree(src, partial)
+        if after_copy is not None:
+            after_copy(partial)
+        check_copy(expected, partial)
+        fsync_dir(partial.parent)
+    except (OSError, CopyMismatchError) as err:
+        remove_tree(partial)
+        message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        journal.mark(seq, "failed", error=message)
+        raise TransferError(f"cannot copy {src} to {dst}: {message}; the original is untouched") from None
+    journal.mark(seq, "copied")
+    crash_point(f"{purpose}_copied_written")
+    try:
+        rename_noreplace(partial, dst)
+    except OSError as err:
+        # Recorded before the copy goes, so recovery never reads "copied, copy gone" as "moved".
+        journal.mark(seq, "aborting", error=err.strerror or str(err))
+        remove_tree(partial)
+        journal.mark(seq, "failed", error=err.strerror or str(err))
+        raise TransferError(f"cannot move the copy into {dst}: {err.strerror or err}") from None
+    fsync_dir(dst.parent)
+    journal.mark(seq, "deleting")
+    crash_point(f"{purpose}_deleting_written")
+    remove_tree(src, step=f"{purpose}_source_deleting")
+    journal.mark(seq, "done")
+    crash_point(f"{purpose}_done_written")
+    return "copied"
+
+
+def delete(journal: Journal, path: Path, *, purpose: str, meta: dict[str, Any]) -> None:
+    """Delete `path` for good (purge, backup mode none); recovery finishes a half-done one."""
+    seq = journal.intent("delete", path=str(path), purpose=purpose, meta=meta)
+    crash_point(f"{purpose}_intent_written")
+    remove_tree(path, step=f"{purpose}_deleting")
+    journal.mark(seq, "done")
+    crash_point(f"{purpose}_done_written")
+
+
+# ---- recovery --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What recovery made of one unfinished step."""
+
+    op_id: str
+    action: str  # transfer | delete
+    purpose: str
+    outcome: str  # completed | rolled_back | lost
+    meta: dict[str, Any] = field(default_factory=dict)
+    src: str = ""
+    dst: str = ""
+    detail: str = ""
+
+
+def unfinished(records: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], list[str]]]:
+    """(intent, the states recorded after it) for every intent not yet done or failed. Pure."""
+    states: dict[int, list[str]] = {}
+    intents: dict[int, dict[str, Any]] = {}
+    for record in records:
+        seq = record.get("seq")
+        if not isinstance(seq, int):
+            continue
+        if record.get("op") == "intent":
+            intents[seq] = record
+            states[seq] = []
+        elif seq in states:
+            states[seq].append(str(record.get("op")))
+    for seq, intent in intents.items():
+        if not {"done", "failed"} & set(states[seq]):
+            yield intent, states[seq]
+
+
+def _recover_transfer(intent: dict[str, Any], states: list[str]) -> tuple[str, str]:
+    src, dst, partial = Path(intent["src"]), Path(intent["dst"]), Path(intent["partial"])
+    if "deleting" in states:
+        remove_tree(src)
+        return "completed", "finished deleting the source after a verified copy"
+    if "aborting" in states:
+        remove_tree(partial)
+        return "rolled_back", "the copy could not be put in place; the source was kept"
+    if "copied" in states:
+        if not os.path.lexists(partial) and not os.path.lexists(dst):
+            return "rolled_back", "no copy found; the source was kept"
+        if os.path.lexists(partial):
+            if os.path.lexists(dst):
+                remove_tree(partial)
+                return "rolled_back", f"{dst} is occupied; the verified copy was discarded"
+            rename_noreplace(partial, dst)
+            fsync_dir(dst.parent)
+        remove_tree(src)
+        return "completed", "moved the verified copy into place and deleted the source"
+    # Before `copied` the source is never touched: either the rename happened or nothing did.
+    remove_tree(partial)
+    if os.path.lexists(src):
+        return "rolled_back", "the source was still in place"
+    if os.path.lexists(dst):
+        return "completed", "the rename had happened"
+    return "lost", f"neither {src} nor {dst} exists"
+
+
+def recover(state_path: Path) -> list[Recovered]:
+    """Finish or undo every unfinished step of every journal left by a killed cleaner."""
+    directory = journal_dir(state_path)
+    if not directory.is_dir():
+        return []
+    results: list[Recovered] = []
+    for path in sorted(directory.glob("*.jsonl")):
+        records = read_journal(path)
+        op_id = path.stem
+        for intent, states in unfinished(records):
+            action = str(intent.get("action"))
+            meta = dict(intent.get("meta") or {})
+            purpose = str(intent.get("purpose", ""))
+            if action == "transfer":
+                outcome, detail = _recover_transfer(intent, states)
+                results.append(
+                    Recovered(op_id, action, purpose, outcome, meta, str(intent["src"]), str(intent["dst"]), detail)
+                )
+            elif action == "delete":
+                remove_tree(Path(intent["path"]))
+                results.append(Recovered(op_id, action, purpose, "completed", meta, str(intent["path"]), "", ""))
+        os.unlink(path)
+    if results or any(directory.iterdir()):
+        fsync_dir(directory)
+    return results
