@@ -9,13 +9,10 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
-from prometheus_client import CollectorRegistry
-
-from exporter.collector import StorageCollector
-from exporter.fsinfo import filesystem_usage, watch_limit
+from exporter.exposition import build_renderer
 from exporter.http import build_app, metrics_routes
 from exporter.service import ExporterService
-from shared.config import GB, Settings, load_settings
+from shared.config import Settings, load_settings
 from shared.errors import StorageError
 from shared.logs import configure_logging, get_logger
 
@@ -42,29 +39,6 @@ def load(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, env)
 
 
-def build_registry(service: ExporterService, settings: Settings) -> CollectorRegistry:
-    try:
-        from shared.cleanup_state import read_cleanup_state
-    except ImportError:  # TEMPORARY until the cleaner's state module lands
-
-        def read_cleanup_state(_path: object) -> None:
-            return None
-
-    state_file = settings.cleanup_state_file
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(
-        StorageCollector(
-            snapshot=service.snapshot,
-            capacity_bytes=settings.capacity_bytes,
-            filesystem=lambda: filesystem_usage(service.root),
-            watch_limit=watch_limit,
-            cleanup_state=lambda: read_cleanup_state(state_file),
-            trash_limit_bytes=round(settings["cleaner.trash.max_gb"] * GB),
-        )
-    )
-    return registry
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.version:
@@ -88,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     host, port = settings["exporter.listen"]
     routes = metrics_routes(
-        build_registry(service, settings),
+        build_renderer(service, settings),
         is_ready=service.ready.is_set,
         is_alive=service.is_alive,
     )

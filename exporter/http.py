@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -19,11 +19,14 @@ LANDING = """<!doctype html>
 
 
 def metrics_routes(
-    registry: CollectorRegistry, is_ready: Callable[[], bool], is_alive: Callable[[], bool], extra_links: str = ""
+    render_metrics: Callable[[], bytes],
+    is_ready: Callable[[], bool],
+    is_alive: Callable[[], bool],
+    extra_links: str = "",
 ) -> list[BaseRoute]:
     # Sync endpoints run in Starlette's thread pool, so a slow scrape never blocks the event loop.
     def metrics(_request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     def readyz(_request: Request) -> Response:
         if is_ready():
