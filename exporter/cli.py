@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+
 from exporter.exposition import build_renderer
 from exporter.http import build_app, metrics_routes
 from exporter.service import ExporterService

@@ -9,17 +9,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from exporter.collector import StorageCollector
 from exporter.fsinfo import filesystem_usage, watch_limit
 from exporter.service import ExporterService
+from shared.cleanup_state import read_cleanup_state
 from shared.config import GB, Settings
 
 
 def build_registry(service: ExporterService, settings: Settings) -> CollectorRegistry:
-    try:
-        from shared.cleanup_state import read_cleanup_state
-    except ImportError:  # TEMPORARY until the cleaner's state module lands
-
-        def read_cleanup_state(_path: object) -> None:
-            return None
-
     state_file = settings.cleanup_state_file
     registry = CollectorRegistry(auto_describe=True)
     registry.register(
