@@ -1,0 +1,110 @@
+"""The one settings object: precedence, validation, one-line errors, secrets kept out of sight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared.config import FIELDS, load_settings
+from shared.errors import ConfigError
+
+
+def test_defaults_follow_the_spec() -> None:
+    s = load_settings(env={})
+    assert s.models_path == Path("storage/models")
+    assert s.metrics_path == Path("storage/metrics")
+    assert s.grafana_path == Path("storage/grafana")
+    assert s.capacity_bytes == 100 * 10**9
+    assert s["cleaner.age_days"] == 30
+    assert s["cleaner.min_requests"] == 10
+    assert s["cleaner.request_timeframe_days"] == 7
+    assert s["exporter.listen"] == ("127.0.0.1", 8470)
+    assert all(source == "default" for source in s.sources.values())
+
+
+def test_env_beats_file_beats_default(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text("storage:\n  base_path: /from-file\n  max_size_gb: 5\ncleaner:\n  age_days: 3\n")
+    s = load_settings(config, env={"STORAGE_MAX_SIZE_GB": "7.5"})
+    assert s.base_path == Path("/from-file")
+    assert s.models_path == Path("/from-file/models")
+    assert s.capacity_bytes == 7_500_000_000
+    assert s["cleaner.age_days"] == 3
+    assert s.sources["storage.max_size_gb"] == "env"
+    assert s.sources["cleaner.age_days"] == "file"
+    assert s.sources["cleaner.min_requests"] == "default"
+
+
+def test_config_file_from_env_variable(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text("exporter:\n  listen: '[::1]:9999'\n")
+    assert load_settings(env={"STORAGE_CONFIG": str(config)})["exporter.listen"] == ("::1", 9999)
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"STORAGE_MAX_SIZE_GB": "-1"}, "STORAGE_MAX_SIZE_GB='-1': expected a number > 0"),
+        ({"STORAGE_MAX_SIZE_GB": "nan"}, "STORAGE_MAX_SIZE_GB"),
+        ({"STORAGE_CLEANUP_POLICIES": "age,magic"}, "subset of age, usage, size"),
+        ({"STORAGE_USAGE_TIERS": "attic"}, "STORAGE_USAGE_TIERS"),
+        ({"STORAGE_CLEANUP_LOW_WATERMARK": "1.5"}, "STORAGE_CLEANUP_LOW_WATERMARK"),
+        ({"STORAGE_EXPORTER_LISTEN": "127.0.0.1"}, "HOST:PORT"),
+        ({"STORAGE_FORCE_POLLING": "perhaps"}, "true or false"),
+        ({"STORAGE_RAW_DIR": "x", "STORAGE_QUANTIZED_DIR": "x"}, "three different"),
+        ({"STORAGE_PROMETHEUS_MATCHERS": "instance=a"}, "label matchers"),
+        ({"STORAGE_USAGE_QUERY": "sum(up)"}, "$window"),
+        ({"STORAGE_TLS_CERT_FILE": "/c.pem"}, "both or neither"),
+        ({"STORAGE_BASE_PATH": "/s", "STORAGE_TRASH_PATH": "/s/models/trash"}, "outside the models path"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=env)
+    line = caught.value.one_line()
+    assert needle in line
+    assert "\n" not in line
+    assert caught.value.exit_code == 2
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "missing.yml", env={})
+    bad = tmp_path / "bad.yml"
+    bad.write_text("storage: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(bad, env={})
+    unknown = tmp_path / "unknown.yml"
+    unknown.write_text("storage:\n  max_sizegb: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'storage\.max_sizegb'"):
+        load_settings(unknown, env={})
+
+
+def test_named_tokens_and_token_files(tmp_path: Path) -> None:
+    secret = tmp_path / "admin.token"
+    secret.write_text("s3cr3t-token-value-0123\n")
+    s = load_settings(env={"STORAGE_ADMIN_TOKEN_FILE": str(secret), "STORAGE_READ_TOKEN": "grafana=r" * 1 + "x" * 20})
+    assert s["api.admin_tokens"] == {"admin": "s3cr3t-token-value-0123"}
+    assert s["api.read_tokens"] == {"grafana": "r" + "x" * 20}
+    public = s.public()
+    assert public["api.admin_tokens"] == ["admin"]
+    assert "s3cr3t" not in repr(public)
+
+
+def test_a_short_token_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"STORAGE_ADMIN_TOKEN": "ops=hunter2"})
+    assert "hunter2" not in caught.value.one_line()
+    assert "'ops'" in caught.value.one_line()
+
+
+def test_fractional_durations_are_accepted() -> None:
+    s = load_settings(env={"STORAGE_CLEANUP_AGE_DAYS": "0.0005", "STORAGE_CLEANUP_GRACE_HOURS": "0"})
+    assert s["cleaner.age_days"] * 86400 == pytest.approx(43.2)
+
+
+def test_every_field_has_a_distinct_env_var() -> None:
+    envs = [f.env for f in FIELDS]
+    assert len(envs) == len(set(envs))
+    assert all(env.startswith("STORAGE_") for env in envs)
