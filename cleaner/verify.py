@@ -13,14 +13,16 @@ Processes whose /proc entries we may not read (other users, without root) are co
 from __future__ import annotations
 
 import fcntl
-import fnmatch
 import os
 import re
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cleaner.plan import ModelFacts
+from cleaner.planner import KEEP_MARKER
+from cleaner.policies import protection
 from shared.layout import Layout
 
 MISSING = "missing"
@@ -74,9 +76,9 @@ def valid_model_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
 
 
-def is_protected(tier: str, model: str, globs: Iterable[str]) -> bool:
-    key = f"{tier}/{model}"
-    return any(fnmatch.fnmatchcase(key, glob) for glob in globs)
+def is_protected(tier: str, model: str, globs: Sequence[str]) -> bool:
+    """The planner's own rule (a glob without `/` matches the model name in any tier)."""
+    return bool(protection(ModelFacts(tier, model, 0, 0, 0.0), globs))
 
 
 def changed_since(snapshot: Snapshot, planned_bytes: int, planned_last_changed: float) -> str | None:
@@ -277,6 +279,8 @@ def verify_model(
         return Verdict(False, OUTSIDE, f"{path} is a symlink to {os.readlink(path)}; never followed", path)
     if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
         return Verdict(False, UNSUPPORTED, f"{path} is neither a directory nor a file", path)
+    if stat.S_ISDIR(st.st_mode) and os.path.lexists(path / KEEP_MARKER):
+        return Verdict(False, PROTECTED, f"{KEEP_MARKER} marker in the model directory", path)
 
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0)
     try:

@@ -168,9 +168,7 @@ def write_prometheus_config(
 ) -> Path:
     config: dict[str, Any] = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
-        "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": hosts}]} for job, hosts in targets.items()
-        ],
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": hosts}]} for job, hosts in targets.items()],
     }
     if rule_files:
         config["rule_files"] = rule_files
@@ -227,3 +225,31 @@ def running(proc: Proc) -> Iterator[Proc]:
     finally:
         proc.stop()
 
+
+def make_model(models_path: Path, tier: str, name: str, files: dict[str, bytes]) -> Path:
+    """A model directory under models/<tier>/<name> holding `files` (relative path -> content)."""
+    root = models_path / tier / name
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def run_cleaner(
+    args: list[str], env: dict[str, str], timeout: float = 60.0, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """The real `python -m cleaner` with `args`; output captured as text."""
+    done = subprocess.run(
+        [sys.executable, "-m", "cleaner", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if check:
+        assert done.returncode == 0, (args, done.returncode, done.stdout[-2000:], done.stderr[-2000:])
+    return done

@@ -1,0 +1,628 @@
+"""The cleaner acting on real files: trash, verification against the filesystem, restore, purge, archive."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cleaner import act_cli, apply, trash, verify
+from cleaner.journal import CopyMismatchError, Journal, tree_manifest
+from cleaner.lock import CleanerLock, lock_path
+from cleaner.plan import Eviction, Kept, Plan, load_plan, new_plan_id, save_plan
+from shared.audit import AuditLog, verify_audit
+from shared.cleanup_state import read_cleanup_state
+from shared.config import Settings, load_settings
+from shared.errors import ConfigError, PreconditionError
+from shared.logs import configure_logging
+from tests.support import exporter_env, make_model, run_cleaner, wait_until
+
+DAY = 86400.0
+configure_logging("json", "info")  # as the CLI does: logs on stderr, so stdout is the report alone
+
+
+def settings_for(store: Path, **env: str) -> Settings:
+    return load_settings(env={"STORAGE_BASE_PATH": str(store), **env})
+
+
+def plan_for(
+    settings: Settings, models: list[tuple[str, str]], *, policy: str = "age", kept: tuple[Kept, ...] = ()
+) -> str:
+    """Save a plan evicting `models`, with the snapshot the exporter would have given at this moment."""
+    now = time.time()
+    evictions = []
+    for tier, model in models:
+        path = settings.models_path / tier / model
+        snap = verify.snapshot(path) if os.path.lexists(path) else verify.Snapshot(0, 0, 0.0)
+        evictions.append(
+            Eviction(tier, model, snap.bytes, snap.files, snap.newest_change, 40 * DAY, None, policy, "test")
+        )
+    plan = Plan(new_plan_id(now), now, tuple(evictions), kept, total_bytes_before=sum(e.bytes for e in evictions))
+    save_plan(plan, settings.state_path)
+    return plan.plan_id
+
+
+def run_args(plan_id: str | None = None, **extra: Any) -> argparse.Namespace:
+    values = {"dry_run": False, "plan": plan_id, "json": True, "allow_large": False, "actor": "cli", **extra}
+    return argparse.Namespace(**values)
+
+
+def run(settings: Settings, plan_id: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
+    capsys.readouterr()
+    code = act_cli.cmd_run(settings, run_args(plan_id))
+    return code, json.loads(capsys.readouterr().out)
+
+
+def three_models(store: Path) -> dict[str, dict[str, Any]]:
+    models = store / "models"
+    make_model(models, "raw", "llama", {"config.json": b"{}", "weights/model.safetensors": os.urandom(40_000)})
+    make_model(models, "quantized", "llama-q4", {"model.gguf": os.urandom(20_000)})
+    make_model(models, "repository", "bert", {"1/model.onnx": os.urandom(10_000), "config.pbtxt": b"name: bert"})
+    return {key: tree_manifest(models / key) for key in ("raw/llama", "quantized/llama-q4", "repository/bert")}
+
+
+@pytest.fixture
+def holder() -> Iterator[list[subprocess.Popen[str]]]:
+    """Helper processes that hold a model somehow; stopped at the end."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        proc.kill()
+        proc.wait(10)
+
+
+def hold(procs: list[subprocess.Popen[str]], code: str) -> subprocess.Popen[str]:
+    """Start `code` in another Python process; returns once it printed `ready`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code + "\nprint('ready', flush=True)\nimport sys; sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    procs.append(proc)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+# ---- the main path ---------------------------------------------------------------------------
+
+
+def test_run_moves_planned_models_to_trash_and_restore_brings_back_every_byte(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store)
+    before = three_models(store)
+    make_model(store / "models", "raw", "not-planned", {"a": b"stays"})
+    plan_id = plan_for(settings, [("raw", "llama"), ("quantized", "llama-q4"), ("repository", "bert")])
+
+    code, report = run(settings, plan_id, capsys)
+
+    assert code == 0
+    run_id = report["run_id"]
+    assert report["plan_id"] == plan_id and report["exit_code"] == 0
+    assert [d["tier"] + "/" + d["model"] for d in report["done"]] == list(before)
+    for key, manifest in before.items():
+        assert not (store / "models" / key).exists()
+        assert tree_manifest(store / "trash" / run_id / key) == manifest
+    assert (store / "models/raw/not-planned/a").read_bytes() == b"stays"
+    state = read_cleanup_state(settings.cleanup_state_file)
+    assert state is not None and state.success and state.run_id == run_id
+    planned_bytes = sum(e["bytes"] for e in report["plan"]["evictions"])
+    assert state.evicted_bytes_total == {"age": planned_bytes}
+    assert state.evicted_models_total == {"age": 3}
+    assert state.trash_bytes == planned_bytes
+    assert not list((settings.state_path / "journal").iterdir())
+
+    capsys.readouterr()
+    assert act_cli.cmd_restore(settings, argparse.Namespace(run_id=run_id, target=None, json=True, actor="cli")) == 0
+    assert json.loads(capsys.readouterr().out)["restored_bytes"] == planned_bytes
+    for key, manifest in before.items():
+        assert tree_manifest(store / "models" / key) == manifest
+    assert not (store / "trash" / run_id).exists()
+    assert read_cleanup_state(settings.cleanup_state_file).trash_bytes == 0  # type: ignore[union-attr]
+
+    audit = verify_audit(settings.audit_log_path)
+    assert audit.ok, audit
+    operations = [json.loads(line)["operation"] for line in settings.audit_log_path.read_text().splitlines()]
+    assert operations.count("move") == 3 and operations.count("restore") == 3 and "run" in operations
+
+
+def test_counters_accumulate_across_runs_and_skips_are_per_run(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "a", {"w": b"x" * 100})
+    make_model(store / "models", "raw", "b", {"w": b"y" * 50})
+    kept = (Kept("raw", "c", 7, "protected: matches protect glob 'raw/c'", "age"), Kept("raw", "d", 1, "grace", None))
+    code, _ = run(settings, plan_for(settings, [("raw", "a"), ("raw", "gone")], kept=kept), capsys)
+    assert code == 0
+    first = read_cleanup_state(settings.cleanup_state_file)
+    assert first is not None and first.skipped == {"protected": 1, "missing": 1}
+    code, _ = run(settings, plan_for(settings, [("raw", "b")], policy="size"), capsys)
+    second = read_cleanup_state(settings.cleanup_state_file)
+    assert second is not None
+    assert second.evicted_bytes_total == {"age": 100, "size": 50}
+    assert second.evicted_models_total == {"age": 1, "size": 1}
+    assert second.skipped == {}
+    assert second.trash_bytes == 150
+
+
+# ---- verification against the filesystem -----------------------------------------------------
+
+
+def test_model_written_after_the_plan_is_skipped_as_changed(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store)
+    model = make_model(store / "models", "raw", "growing", {"part-1": b"a" * 1000})
+    plan_id = plan_for(settings, [("raw", "growing")])
+    with open(model / "part-1", "ab") as handle:  # a writer appends once the plan is made
+        handle.write(b"more")
+
+    code, report = run(settings, plan_id, capsys)
+
+    assert code == 0 and report["done"] == []
+    assert [(s["model"], s["reason"]) for s in report["skipped"]] == [("growing", "changed_since_plan")]
+    assert (model / "part-1").stat().st_size == 1004
+
+
+def test_model_touched_without_size_change_is_skipped_as_changed(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store)
+    model = make_model(store / "models", "raw", "touched", {"w": b"a" * 10})
+    plan_id = plan_for(settings, [("raw", "touched")])
+    later = time.time() + 5
+    os.utime(model / "w", (later, later))
+    _, report = run(settings, plan_id, capsys)
+    assert [s["reason"] for s in report["skipped"]] == ["changed_since_plan"]
+
+
+def test_writer_appending_while_plan_is_made_keeps_its_model(
+    store: Path, capsys: pytest.CaptureFixture[str], holder: list[subprocess.Popen[str]]
+) -> None:
+    settings = settings_for(store)
+    model = make_model(store / "models", "raw", "downloading", {"blob": b"0" * 100})
+    code = (
+        "import threading, time\n"
+        f"def write():\n"
+        f"    while True:\n"
+        f"        with open({str(model / 'blob')!r}, 'ab') as f: f.write(b'x')\n"
+        f"        time.sleep(0.005)\n"
+        "threading.Thread(target=write, daemon=True).start()"
+    )
+    hold(holder, code)
+    plan_id = plan_for(settings, [("raw", "downloading")])
+    planned = load_plan(plan_id, settings.state_path).evictions[0].bytes
+    wait_until(lambda: (model / "blob").stat().st_size > planned, timeout=5, what="the writer appended")
+    _, report = run(settings, plan_id, capsys)
+    assert report["done"] == []
+    assert report["skipped"][0]["reason"] in ("changed_since_plan", "in_use")
+    assert model.exists()
+
+
+def test_model_with_a_file_held_open_by_a_reader_is_skipped(
+    store: Path, capsys: pytest.CaptureFixture[str], holder: list[subprocess.Popen[str]]
+) -> None:
+    settings = settings_for(store)
+    model = make_model(store / "models", "repository", "served", {"1/model.onnx": b"m" * 4096})
+    plan_id = plan_for(settings, [("repository", "served")])
+    proc = hold(holder, f"f = open({str(model / '1/model.onnx')!r}, 'rb')")
+
+    _, report = run(settings, plan_id, capsys)
+
+    assert report["done"] == []
+    skip = report["skipped"][0]
+    assert skip["reason"] == "in_use" and f"pid {proc.pid}" in skip["detail"]
+    assert (model / "1/model.onnx").exists()
+
+
+def test_memory_mapped_safetensors_count_as_in_use_even_after_close(
+    store: Path, capsys: pytest.CaptureFixture[str], holder: list[subprocess.Popen[str]]
+) -> None:
+    settings = settings_for(store)
+    model = make_model(store / "models", "raw", "mapped", {"model.safetensors": b"s" * 8192})
+    plan_id = plan_for(settings, [("raw", "mapped")])
+    proc = hold(
+        holder,
+        # Python's mmap keeps a dup of the fd; map through libc so only the mapping remains, as with
+        # safetensors' loaders that close the file after mapping it.
+        "import ctypes, os\nlibc = ctypes.CDLL(None)\nlibc.mmap.restype = ctypes.c_void_p\n"
+        "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\n"
+        f"fd = os.open({str(model / 'model.safetensors')!r}, os.O_RDONLY)\n"
+        "assert libc.mmap(None, 8192, 1, 1, fd, 0) not in (None, ctypes.c_void_p(-1).value)\nos.close(fd)",
+    )
+    fds = [os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")]
+    assert not any("mapped" in target for target in fds)  # only the mapping is left
+
+    _, report = run(settings, plan_id, capsys)
+
+    assert report["skipped"][0]["reason"] == "in_use"
+    assert "memory-maps" in report["skipped"][0]["detail"]
+
+
+def test_an_application_protects_a_model_by_holding_a_flock_on_its_directory(
+    store: Path, capsys: pytest.CaptureFixture[str], holder: list[subprocess.Popen[str]]
+) -> None:
+    settings = settings_for(store)
+    model = make_model(store / "models", "raw", "locked", {"w": b"1"})
+    plan_id = plan_for(settings, [("raw", "locked")])
+    hold(holder, f"import fcntl, os\nfd = os.open({str(model)!r}, os.O_RDONLY)\nfcntl.flock(fd, fcntl.LOCK_SH)")
+    _, report = run(settings, plan_id, capsys)
+    assert report["skipped"][0]["reason"] == "in_use"
+    assert "flock" in report["skipped"][0]["detail"]
+
+
+def test_posix_locks_on_model_files_are_read_from_proc_locks(store: Path, holder: list[subprocess.Popen[str]]) -> None:
+    model = make_model(store / "models", "raw", "posix", {"w": b"1234"})
+    proc = hold(holder, f"import fcntl\nf = open({str(model / 'w')!r}, 'r+b')\nfcntl.lockf(f, fcntl.LOCK_EX)")
+    snap = verify.snapshot(model)
+    locks = verify.parse_lock_inodes(Path("/proc/locks").read_text(), os.getpid())
+    assert any(inode in snap.inodes and pid == proc.pid for inode, pid in locks.items())
+
+
+def test_our_own_flock_and_open_files_do_not_count_as_use(store: Path) -> None:
+    model = make_model(store / "models", "raw", "mine", {"w": b"1"})
+    snap = verify.snapshot(model)
+    with open(model / "w", "rb"):
+        verdict = verify.verify_model(
+            models_path=store / "models",
+            layout=settings_for(store).layout,
+            tier="raw",
+            model="mine",
+            planned_bytes=snap.bytes,
+            planned_last_changed=snap.newest_change,
+        )
+    try:
+        assert verdict.ok, verdict
+        assert verdict.lock_fd is not None
+    finally:
+        verdict.release()
+
+
+def test_symlinked_model_pointing_outside_is_skipped_and_its_target_untouched(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store)
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "data.bin").write_bytes(b"keep me")
+    (store / "models/raw/evil").symlink_to(outside)
+    plan_id = plan_for(settings, [("raw", "evil")])
+
+    _, report = run(settings, plan_id, capsys)
+
+    assert [s["reason"] for s in report["skipped"]] == ["outside_models_path"]
+    assert (store / "models/raw/evil").is_symlink()
+    assert (outside / "data.bin").read_bytes() == b"keep me"
+
+
+def test_symlink_inside_a_model_is_moved_as_a_link_never_followed(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store)
+    outside = tmp_path / "shared-weights.bin"
+    outside.write_bytes(b"w" * 100)
+    model = make_model(store / "models", "raw", "linked", {"config.json": b"{}"})
+    (model / "weights.bin").symlink_to(outside)
+    before = tree_manifest(model)
+    _, report = run(settings, plan_for(settings, [("raw", "linked")]), capsys)
+    assert len(report["done"]) == 1
+    assert outside.read_bytes() == b"w" * 100
+    assert tree_manifest(store / "trash" / report["run_id"] / "raw/linked") == before
+
+
+def test_tier_directory_symlinked_outside_is_refused(store: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    make_model(elsewhere, "x", "m", {"w": b"1"})
+    (store / "models/raw").rmdir()
+    (store / "models/raw").symlink_to(elsewhere / "x")
+    verdict = verify.verify_model(
+        models_path=store / "models",
+        layout=settings_for(store).layout,
+        tier="raw",
+        model="m",
+        planned_bytes=1,
+        planned_last_changed=time.time() + 100,
+    )
+    assert not verdict.ok and verdict.reason == "outside_models_path"
+    assert (elsewhere / "x/m/w").exists()
+
+
+@pytest.mark.parametrize("name", ["..", "../../etc", "a/b", ".", ""])
+def test_model_names_that_are_paths_are_refused(store: Path, name: str) -> None:
+    verdict = verify.verify_model(
+        models_path=store / "models",
+        layout=settings_for(store).layout,
+        tier="raw",
+        model=name,
+        planned_bytes=0,
+        planned_last_changed=0,
+    )
+    assert not verdict.ok and verdict.reason == "outside_models_path"
+
+
+def test_protect_globs_are_rechecked_when_a_saved_plan_is_applied(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_model(store / "models", "raw", "golden", {"w": b"1"})
+    plan_id = plan_for(settings_for(store), [("raw", "golden")])
+    settings = settings_for(store, STORAGE_CLEANUP_PROTECT="gold*")
+    _, report = run(settings, plan_id, capsys)
+    assert [s["reason"] for s in report["skipped"]] == ["protected"]
+    make_model(store / "models", "raw", "marked", {"w": b"1"})
+    plan_id = plan_for(settings, [("raw", "marked")])
+    (store / "models/raw/marked/.keep").touch()  # an application marks it after the plan was made
+    _, report = run(settings, plan_id, capsys)
+    assert [s["reason"] for s in report["skipped"]] == ["protected"]
+    assert (store / "models/raw/golden/w").exists() and (store / "models/raw/marked/w").exists()
+
+
+# ---- locks, errors -----------------------------------------------------------------------------
+
+
+def test_a_second_cleaner_exits_4_naming_the_holder_and_changes_nothing(store: Path) -> None:
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "m", {"w": b"1"})
+    plan_id = plan_for(settings, [("raw", "m")])
+    with CleanerLock(lock_path(settings.state_path)):
+        done = run_cleaner(["run", "--plan", plan_id], exporter_env(store / "models", store))
+    assert done.returncode == 4
+    assert f"pid {os.getpid()}" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert (store / "models/raw/m/w").exists() and not (store / "trash").exists()
+    assert not settings.cleanup_state_file.exists()
+
+
+def test_an_eviction_failing_on_an_error_exits_3_and_keeps_the_model(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocked = tmp_path / "trash-is-a-file"
+    blocked.write_text("not a directory")
+    settings = settings_for(store, STORAGE_TRASH_PATH=str(blocked))
+    make_model(store / "models", "raw", "m", {"w": b"1"})
+    code, report = run(settings, plan_for(settings, [("raw", "m")]), capsys)
+    assert code == 3 and report["exit_code"] == 3
+    assert report["failed"][0]["model"] == "m"
+    assert (store / "models/raw/m/w").exists()
+    state = read_cleanup_state(settings.cleanup_state_file)
+    assert state is not None and not state.success and state.exit_code == 3
+
+
+def test_unknown_plan_id_is_a_usage_error(store: Path) -> None:
+    with pytest.raises(ConfigError):
+        act_cli.cmd_run(settings_for(store), run_args("20260101T000000Z-abcdef"))
+
+
+# ---- restore -----------------------------------------------------------------------------------
+
+
+def test_restore_of_one_model_leaves_the_rest_in_trash(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store)
+    before = three_models(store)
+    _, report = run(settings, plan_for(settings, [tuple(k.split("/")) for k in before]), capsys)  # type: ignore[misc]
+    run_id = report["run_id"]
+    args = argparse.Namespace(run_id=run_id, target="quantized/llama-q4", json=False, actor="cli")
+    assert act_cli.cmd_restore(settings, args) == 0
+    assert tree_manifest(store / "models/quantized/llama-q4") == before["quantized/llama-q4"]
+    assert not (store / "models/raw/llama").exists()
+    assert {e.key for e in trash.list_entries(settings.trash_path)} == {"raw/llama", "repository/bert"}
+
+
+def test_restore_refuses_when_the_original_path_is_occupied_and_changes_nothing(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store)
+    before = three_models(store)
+    _, report = run(settings, plan_for(settings, [tuple(k.split("/")) for k in before]), capsys)  # type: ignore[misc]
+    make_model(store / "models", "repository", "bert", {"new": b"a newer model"})
+    args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
+    with pytest.raises(PreconditionError, match="occupied"):
+        act_cli.cmd_restore(settings, args)
+    assert (store / "models/repository/bert/new").read_bytes() == b"a newer model"
+    assert not (store / "models/raw/llama").exists()
+    assert len(trash.list_entries(settings.trash_path)) == 3
+
+
+def test_restore_of_unknown_run_or_bad_target_is_a_usage_error(store: Path) -> None:
+    settings = settings_for(store)
+    for run_id, target in (("nope", None), ("../x", None), ("r", "raw/../x")):
+        with pytest.raises(ConfigError):
+            act_cli.cmd_restore(settings, argparse.Namespace(run_id=run_id, target=target, json=False, actor="cli"))
+
+
+# ---- trash: listing and purge ------------------------------------------------------------------
+
+
+def entry(run_id: str, moved_at: float, size: int) -> trash.TrashEntry:
+    return trash.TrashEntry(run_id, "raw", f"m-{run_id}", Path("/x"), size, 1, moved_at, "", "age")
+
+
+def test_purge_selection_takes_expired_entries_then_oldest_beyond_the_cap() -> None:
+    now = 100 * DAY
+    old, mid, new = entry("a", now - 8 * DAY, 10), entry("b", now - 3 * DAY, 30), entry("c", now - DAY, 30)
+    assert trash.select_for_purge([old, mid, new], now, 7, max_bytes=1000) == [old]
+    assert trash.select_for_purge([old, mid, new], now, 7, max_bytes=30) == [old, mid]
+    assert trash.select_for_purge([old, mid, new], now, 7, max_bytes=0) == [old, mid, new]
+    assert trash.select_for_purge([mid, new], now, 7, max_bytes=1000, purge_all=True) == [mid, new]
+    assert trash.select_for_purge([mid], now, 3, max_bytes=1000) == [mid]  # exactly at expiry
+
+
+def test_purge_respects_retention_on_real_trash(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "a", {"w": b"1" * 10})
+    _, first = run(settings, plan_for(settings, [("raw", "a")]), capsys)
+    make_model(store / "models", "raw", "b", {"w": b"2" * 10})
+    _, second = run(settings, plan_for(settings, [("raw", "b")]), capsys)
+    moved = trash.list_entries(settings.trash_path)[0].moved_at
+    audit = AuditLog(settings.audit_log_path)
+
+    journal = Journal(settings.state_path, "purge-test", command="purge")
+    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 6.9 * DAY, purge_all=False)
+    assert purged == []
+    assert len(trash.list_entries(settings.trash_path)) == 2
+    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 7.1 * DAY, purge_all=False)
+    journal.close()
+    assert sorted(e.model for e in purged) == ["a", "b"]
+    assert not (store / "trash" / first["run_id"]).exists() and not (store / "trash" / second["run_id"]).exists()
+    assert verify_audit(settings.audit_log_path).ok
+
+
+def test_purge_command_keeps_fresh_entries_unless_all(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "a", {"w": b"1"})
+    run(settings, plan_for(settings, [("raw", "a")]), capsys)
+    assert act_cli.cmd_purge(settings, argparse.Namespace(all=False, json=False, actor="cli")) == 0
+    assert len(trash.list_entries(settings.trash_path)) == 1
+    assert act_cli.cmd_purge(settings, argparse.Namespace(all=True, json=False, actor="cli")) == 0
+    assert trash.list_entries(settings.trash_path) == []
+
+
+def test_trash_cap_purges_oldest_at_the_end_of_a_run(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store, STORAGE_TRASH_MAX_GB=str(150 / 1e9))
+    make_model(store / "models", "raw", "old", {"w": b"o" * 100})
+    run(settings, plan_for(settings, [("raw", "old")]), capsys)
+    make_model(store / "models", "raw", "new", {"w": b"n" * 100})
+    _, report = run(settings, plan_for(settings, [("raw", "new")]), capsys)
+    assert [p["model"] for p in report["purged"]] == ["old"]
+    assert [e.model for e in trash.list_entries(settings.trash_path)] == ["new"]
+
+
+def test_trash_lists_run_size_age_and_purge_time(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "a", {"w": b"1" * 123})
+    _, report = run(settings, plan_for(settings, [("raw", "a")]), capsys)
+    assert act_cli.cmd_trash(settings, argparse.Namespace(json=True)) == 0
+    listing = json.loads(capsys.readouterr().out)
+    (row,) = listing["entries"]
+    assert row["run_id"] == report["run_id"] and row["bytes"] == 123 and row["policy"] == "age"
+    assert row["original_path"] == str(store / "models/raw/a")
+    assert row["purge_at"] == pytest.approx(row["moved_at"] + 7 * DAY)
+    assert 0 <= row["age_seconds"] < 60
+    assert act_cli.cmd_trash(settings, argparse.Namespace(json=False)) == 0
+    assert report["run_id"] in capsys.readouterr().out
+
+
+def test_trash_metadata_lost_still_lists_and_restores(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "a", {"w": b"1"})
+    _, report = run(settings, plan_for(settings, [("raw", "a")]), capsys)
+    (store / "trash" / report["run_id"] / trash.RUN_META).unlink()
+    assert [e.key for e in trash.list_entries(settings.trash_path)] == ["raw/a"]
+    args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
+    assert act_cli.cmd_restore(settings, args) == 0
+    assert (store / "models/raw/a/w").read_bytes() == b"1"
+
+
+# ---- other filesystems, archive, none -----------------------------------------------------------
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path) -> Iterator[Path]:
+    """A directory on another filesystem than tmp_path (tmpfs /dev/shm), so rename gives EXDEV."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem here")
+    path = shm / f"model-storage-test-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=True)
+
+
+def test_trash_on_another_filesystem_falls_back_to_copy_verify_delete(
+    store: Path, other_fs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store, STORAGE_TRASH_PATH=str(other_fs / "trash"))
+    before = three_models(store)
+    _, report = run(settings, plan_for(settings, [tuple(k.split("/")) for k in before]), capsys)  # type: ignore[misc]
+    assert {d["how"] for d in report["done"]} == {"copied"}
+    for key, manifest in before.items():
+        assert not (store / "models" / key).exists()
+        assert tree_manifest(other_fs / "trash" / report["run_id"] / key) == manifest
+    args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
+    assert act_cli.cmd_restore(settings, args) == 0
+    for key, manifest in before.items():
+        assert tree_manifest(store / "models" / key) == manifest
+
+
+def test_archive_mode_copies_verifies_then_removes_the_original(
+    store: Path, other_fs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store, STORAGE_BACKUP_MODE="archive", STORAGE_BACKUP_PATH=str(other_fs / "backup"))
+    before = three_models(store)
+    _, report = run(settings, plan_for(settings, [("raw", "llama")]), capsys)
+    assert report["done"][0]["how"] == "copied" and report["done"][0]["mode"] == "archive"
+    assert not (store / "models/raw/llama").exists()
+    assert tree_manifest(other_fs / "backup" / report["run_id"] / "raw/llama") == before["raw/llama"]
+    args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
+    assert act_cli.cmd_restore(settings, args) == 0
+    assert tree_manifest(store / "models/raw/llama") == before["raw/llama"]
+
+
+def test_archive_mode_catches_a_corrupted_copy_and_deletes_nothing(store: Path, other_fs: Path) -> None:
+    settings = settings_for(store, STORAGE_BACKUP_MODE="archive", STORAGE_BACKUP_PATH=str(other_fs / "backup"))
+    before = three_models(store)
+    snap = verify.snapshot(store / "models/raw/llama")
+    eviction = Eviction("raw", "llama", snap.bytes, snap.files, snap.newest_change, 0, None, "age", "test")
+
+    def corrupt(copy: Path) -> None:
+        target = copy / "weights/model.safetensors"
+        data = bytearray(target.read_bytes())
+        data[1234] ^= 0xFF
+        target.write_bytes(bytes(data))
+
+    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=time.time())
+    journal = Journal(settings.state_path, "r1", command="run")
+    result = apply.apply_evictions([eviction], ctx, journal, AuditLog(settings.audit_log_path), after_copy=corrupt)
+    journal.close()
+
+    assert result.done == [] and len(result.failed) == 1
+    assert "copy differs at weights/model.safetensors" in result.failed[0].error
+    assert tree_manifest(store / "models/raw/llama") == before["raw/llama"]
+    assert not any(p.name != ".run.json" for p in (other_fs / "backup").rglob("*") if p.is_file())
+    assert apply.exit_code_for(result) == 3
+
+
+def test_copy_check_compares_every_file(tmp_path: Path) -> None:
+    make_model(tmp_path, "a", "m", {"x": b"1", "d/y": b"22"})
+    expected = tree_manifest(tmp_path / "a/m")
+    (tmp_path / "a/m/d/y").write_bytes(b"23")
+    from cleaner.journal import check_copy
+
+    with pytest.raises(CopyMismatchError, match="d/y"):
+        check_copy(expected, tmp_path / "a/m")
+
+
+def test_backup_mode_none_deletes_directly(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store, STORAGE_BACKUP_MODE="none")
+    make_model(store / "models", "raw", "gone", {"w": b"1" * 10})
+    _, report = run(settings, plan_for(settings, [("raw", "gone")]), capsys)
+    assert report["done"][0]["how"] == "deleted"
+    assert not (store / "models/raw/gone").exists() and trash.list_entries(settings.trash_path) == []
+
+
+# ---- the state file ----------------------------------------------------------------------------
+
+
+def test_state_file_is_replaced_atomically_and_unreadable_state_reads_as_none(tmp_path: Path) -> None:
+    from shared.cleanup_state import CleanupState, write_cleanup_state
+
+    path = tmp_path / "state/last-run.json"
+    assert read_cleanup_state(path) is None
+    state = CleanupState(1.0, True, "r", 0, None, {"age": 5}, {"age": 1}, {"in_use": 2}, 9)
+    write_cleanup_state(path, state)
+    assert read_cleanup_state(path) == state
+    assert [p.name for p in path.parent.iterdir()] == ["last-run.json"]
+    path.write_text("{not json")
+    assert read_cleanup_state(path) is None
+
+
+def test_kept_reasons_map_to_skip_labels() -> None:
+    assert apply.kept_reason_label("protected: .keep marker in the model directory") == "protected"
+    assert apply.kept_reason_label("unchanged for 40d, but usage unknown: no usage series") == "unknown_usage"
+    assert apply.kept_reason_label("blast radius: evicting it would exceed 50%") == "blast_radius"
+    assert apply.kept_reason_label("in use: 12 requests in 7d (>= 10)") is None
