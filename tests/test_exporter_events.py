@@ -176,7 +176,7 @@ def test_hard_links_count_once_and_symlinks_never(service: ExporterService, stor
 
 def test_odd_names_do_not_break_anything(service: ExporterService, store: Path) -> None:
     tier = os.fsencode(models_of(store) / "raw")
-    for name in (b'new\nline', b'quo"te', b"back\\slash", b"bad-\xff-utf8", "ünïcode".encode()):
+    for name in (b"new\nline", b'quo"te', b"back\\slash", b"bad-\xff-utf8", "ünïcode".encode()):
         path = os.path.join(tier, name)
         os.mkdir(path)
         with open(os.path.join(path, b"f"), "wb") as handle:
@@ -319,7 +319,8 @@ def test_a_burst_that_overflows_ends_exact(store: Path) -> None:
             "for d in range(100):\n"
             "    p=os.path.join(root,'raw','burst','d%d'%d); os.makedirs(p)\n"
             "    for i in range(1000):\n"
-            "        fd=os.open(os.path.join(p,'f%d'%i),os.O_WRONLY|os.O_CREAT,0o644); os.write(fd,b'x'); os.close(fd)\n"
+            "        fd=os.open(os.path.join(p,'f%d'%i),os.O_WRONLY|os.O_CREAT,0o644)\n"
+            "        os.write(fd,b'x'); os.close(fd)\n"
         )
         subprocess.run([sys.executable, "-c", writer, str(models_of(store))], check=True)
         assert_exact(svc, timeout=60)
