@@ -233,7 +233,7 @@ def test_memory_mapped_safetensors_count_as_in_use_even_after_close(
         # Python's mmap keeps a dup of the fd; map through libc so only the mapping remains, as with
         # safetensors' loaders that close the file after mapping it.
         "import ctypes, os\nlibc = ctypes.CDLL(None)\nlibc.mmap.restype = ctypes.c_void_p\n"
-        "libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]\n"
+        "c = ctypes\nlibc.mmap.argtypes = [c.c_void_p, c.c_size_t, c.c_int, c.c_int, c.c_int, c.c_long]\n"
         f"fd = os.open({str(model / 'model.safetensors')!r}, os.O_RDONLY)\n"
         "assert libc.mmap(None, 8192, 1, 1, fd, 0) not in (None, ctypes.c_void_p(-1).value)\nos.close(fd)",
     )
