@@ -81,14 +81,17 @@ def _retarget_static(static_configs: Sequence[Mapping[str, Any]], addresses: Map
 
 
 def loopback_prometheus_config(
-    config: Mapping[str, Any], addresses: Mapping[str, str], rules_dir: Path
+    config: Mapping[str, Any], addresses: Mapping[str, str], rules_dir: Path, interval: str | None = None
 ) -> dict[str, Any]:
     """The compose Prometheus config turned local: service names -> loopback, rules from the repo. Pure.
 
     `addresses` maps each running service (exporter, prometheus, alertmanager) to HOST:PORT; targets
     of services that are not running are dropped, with any job or alerting block left empty.
+    `interval`, when given, replaces the scrape and evaluation intervals.
     """
     result = copy.deepcopy(dict(config))
+    if interval is not None:
+        result["global"] = {**result.get("global", {}), "scrape_interval": interval, "evaluation_interval": interval}
     rule_files = []
     for pattern in result.get("rule_files", []):
         text = str(pattern)
@@ -170,6 +173,7 @@ def plan_stack(
     base_env: Mapping[str, str],
     prometheus_config: Mapping[str, Any],
     alertmanager_config_exists: bool,
+    interval: str | None = None,
 ) -> StackPlan:
     """What to start, with which arguments: decided from settings and what is installed. Pure."""
     exporter_port = settings["exporter.listen"][1]
@@ -207,7 +211,7 @@ def plan_stack(
         skipped.append("prometheus: not installed (apt-get install prometheus)")
     else:
         addresses["prometheus"] = prom_addr
-        config = loopback_prometheus_config(prometheus_config, addresses, RULES_DIR)
+        config = loopback_prometheus_config(prometheus_config, addresses, RULES_DIR, interval)
         config_file = run_dir(settings) / "prometheus.yml"
         argv = prometheus_argv(prom_binary, config_file, settings.metrics_path, prom_addr)
         components.append(Component("prometheus", tuple(argv), f"http://{prom_addr}/-/ready", f"http://{prom_addr}"))
@@ -218,6 +222,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m exporter.localstack", description=__doc__)
     parser.add_argument("--prometheus-port", type=int, default=9090, help="loopback port for Prometheus")
     parser.add_argument("--alertmanager-port", type=int, default=9093, help="loopback port for Alertmanager")
+    parser.add_argument(
+        "--interval", metavar="DURATION", help="scrape and rule evaluation interval (default: as in prometheus.yml)"
+    )
     return parser.parse_args(argv)
 
 
@@ -293,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         base_env=dict(os.environ),
         prometheus_config=prometheus_config,
         alertmanager_config_exists=ALERTMANAGER_CONFIG.is_file(),
+        interval=args.interval,
     )
     for directory in settings.layout.tier_dirs:
         (settings.models_path / directory).mkdir(parents=True, exist_ok=True)
