@@ -123,7 +123,7 @@ def build(settings: Settings, now: float, *, allow_large: bool = False, client: 
         evidence=evidence,
         warnings=(*inventory.warnings, *decision.warnings),
     )
-    log.info(
+    log.debug(
         "plan.built",
         plan_id=plan.plan_id,
         models=len(facts),

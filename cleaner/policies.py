@@ -446,12 +446,14 @@ def explain(facts: ModelFacts, coverage: Coverage, view: PolicyView, now: float,
                 check("usage", verdict[0] if verdict else "pass", verdict[1] if verdict else enough)
         else:
             size = plan.evidence.get("size") or {}
-            check(
-                "size",
-                "ranked",
-                f"{fmt_bytes(facts.bytes)}, {fmt_requests(facts.requests) if served(facts, view) else 0} requests; "
-                f"tiers at {fmt_bytes(size.get('total_bytes', 0))}, limit {fmt_bytes(view.max_size_bytes)}",
-            )
+            total, limit = size.get("total_bytes", 0), view.max_size_bytes
+            rank = f"{fmt_bytes(facts.bytes)}, {fmt_requests(facts.requests) if served(facts, view) else 0} requests"
+            if total <= limit:
+                check(
+                    "size", "pass", f"size tiers at {fmt_bytes(total)} after earlier policies, limit {fmt_bytes(limit)}"
+                )
+            else:
+                check("size", "ranked", f"{rank}; size tiers at {fmt_bytes(total)} > limit {fmt_bytes(limit)}")
     outcome: dict[str, Any] = {"action": "none", "reason": "no policy selects it"}
     for e in plan.evictions:
         if (e.tier, e.model) == (facts.tier, facts.model):
