@@ -253,3 +253,26 @@ def run_cleaner(
     if check:
         assert done.returncode == 0, (args, done.returncode, done.stdout[-2000:], done.stderr[-2000:])
     return done
+
+
+def start_victoria_metrics(
+    data_dir: Path, log_dir: Path, scrape_config: Path | None = None, *extra_args: str
+) -> Proc:
+    """Debian's single-node `victoria-metrics` on a free loopback port, optionally scraping like Prometheus.
+
+    Results are not cached and recent points are not held back, so tests see samples as they land.
+    """
+    port = free_port()
+    argv = [
+        "victoria-metrics",
+        f"-httpListenAddr=127.0.0.1:{port}",
+        f"-storageDataPath={data_dir}",
+        "-search.latencyOffset=0s",
+        "-search.disableCache",
+        "-loggerLevel=ERROR",
+        *extra_args,
+    ]
+    if scrape_config is not None:
+        # Prometheus configs carry keys VictoriaMetrics ignores (evaluation_interval, rule_files).
+        argv += [f"-promscrape.config={scrape_config}", "-promscrape.config.strictParse=false"]
+    return start_process(argv, log_dir / f"victoria-metrics-{port}.log", f"http://127.0.0.1:{port}", "/health")
