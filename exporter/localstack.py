@@ -218,6 +218,22 @@ def plan_stack(
     return StackPlan(tuple(components), config, tuple(skipped))
 
 
+def cleaner_hint(plan: StackPlan, venv_bin: Path, configured_url: str) -> str | None:
+    """The command that plans a cleanup against this stack's Prometheus. Pure."""
+    prometheus = next((c for c in plan.components if c.name == "prometheus"), None)
+    if prometheus is None:
+        return None
+    # No model server reports requests here: without usage tiers the usage policy has nothing to ask.
+    env = ["STORAGE_USAGE_TIERS="]
+    if prometheus.show_url != configured_url.rstrip("/"):
+        env.insert(0, f"STORAGE_PROMETHEUS_URL={prometheus.show_url}")
+    try:
+        command = str((venv_bin / "model-storage-cleaner").relative_to(Path.cwd()))
+    except ValueError:
+        command = str(venv_bin / "model-storage-cleaner")
+    return " ".join([*env, command, "plan"])
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m exporter.localstack", description=__doc__)
     parser.add_argument("--prometheus-port", type=int, default=9090, help="loopback port for Prometheus")
@@ -330,9 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0 if stop.is_set() else 1
         lines = [f"  {c.name:<13} {c.show_url}" for c in plan.components]
         print("localstack: running (Ctrl-C stops all):\n" + "\n".join(lines), flush=True)
-        if any(c.name == "prometheus" for c in plan.components):
-            prom = next(c.show_url for c in plan.components if c.name == "prometheus")
-            print(f"  try the cleaner: STORAGE_PROMETHEUS_URL={prom} model-storage-cleaner plan", flush=True)
+        hint = cleaner_hint(plan, Path(sys.executable).parent, settings["cleaner.prometheus.url"])
+        if hint:
+            print(f"  try the cleaner: {hint}", flush=True)
         while not stop.wait(0.5):
             exited = stack.exited()
             if exited:

@@ -19,6 +19,7 @@ from exporter.localstack import (
     ALERTMANAGER_CONFIG,
     PROMETHEUS_CONFIG,
     RULES_DIR,
+    cleaner_hint,
     loopback_prometheus_config,
     plan_stack,
 )
@@ -150,6 +151,21 @@ def test_plan_finds_upstream_alertmanager_name_and_skips_it_without_a_config() -
     assert [c.name for c in stack.components] == ["exporter", "prometheus"]
     assert "alerting" not in stack.prometheus_config
     assert "no config" in stack.skipped[0]
+
+
+def test_cleaner_hint_points_at_this_stacks_prometheus_only_when_it_is_not_the_default() -> None:
+    stack = plan(INSTALLED)
+    venv = Path("/venv/bin")
+    hint = cleaner_hint(stack, venv, "http://127.0.0.1:9090")
+    assert (
+        hint
+        == "STORAGE_PROMETHEUS_URL=http://127.0.0.1:19090 STORAGE_USAGE_TIERS= /venv/bin/model-storage-cleaner plan"
+    )
+    assert (
+        cleaner_hint(stack, venv, "http://127.0.0.1:19090/")
+        == "STORAGE_USAGE_TIERS= /venv/bin/model-storage-cleaner plan"
+    )
+    assert cleaner_hint(plan({}), venv, "http://127.0.0.1:9090") is None
 
 
 # The real stack
