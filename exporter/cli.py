@@ -10,9 +10,15 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from exporter.api import StorageApi, docs_routes
+from exporter.auth import TokenBook
+from exporter.cleanup_runner import CleanupRunner
 from exporter.exposition import build_renderer
+from exporter.fsinfo import filesystem_usage
 from exporter.http import build_app, metrics_routes
 from exporter.service import ExporterService
+from shared.audit import AuditLog
+from shared.cleanup_state import read_cleanup_state
 from shared.config import Settings, load_settings
 from shared.errors import StorageError
 from shared.logs import configure_logging, get_logger
@@ -40,6 +46,31 @@ def load(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, env)
 
 
+LANDING_LINKS = (
+    '<li><a href="/storage/info">/storage/info</a></li>'
+    '<li><a href="/docs">/docs</a> (API; <a href="/openapi.json">OpenAPI</a>)</li>'
+)
+
+
+def storage_api(service: ExporterService, settings: Settings, config_file: str | None) -> StorageApi:
+    state_file = settings.cleanup_state_file
+    return StorageApi(
+        snapshot=service.snapshot,
+        reconcile=service.reconcile,
+        is_alive=service.is_alive,
+        filesystem=lambda: filesystem_usage(service.root),
+        cleanup_state=lambda: read_cleanup_state(state_file),
+        capacity_bytes=settings.capacity_bytes,
+        tokens=TokenBook(settings["api.admin_tokens"], settings["api.read_tokens"]),
+        runner=CleanupRunner(
+            settings["exporter.cleaner_command"],
+            timeout_seconds=settings["exporter.cleanup_timeout_seconds"],
+            config_file=config_file,
+        ),
+        audit=AuditLog(settings.audit_log_path),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.version:
@@ -55,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings["log.format"], settings["log.level"])
     log = get_logger("exporter")
     service = ExporterService(settings)
+    api = storage_api(service, settings, args.config)
     try:
         service.start()
     except StorageError as err:
@@ -66,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_renderer(service, settings),
         is_ready=service.ready.is_set,
         is_alive=service.is_alive,
+        extra_links=LANDING_LINKS,
     )
+    routes += api.routes() + docs_routes()
     tls = settings["exporter.tls_cert_file"] is not None
     config = uvicorn.Config(
         build_app(routes),

@@ -1,4 +1,4 @@
-"""The exporter's HTTP surface: `/`, `/metrics`, `/healthz`, `/readyz` (the storage API adds /storage/*)."""
+"""The exporter's HTTP surface: `/`, `/metrics`, `/healthz`, `/readyz`; the storage API adds /storage/*."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+
+from shared.logs import get_logger
+
+log = get_logger("exporter.http")
 
 LANDING = """<!doctype html>
 <html><head><title>model-storage exporter</title></head>
@@ -49,5 +54,20 @@ def metrics_routes(
     ]
 
 
+def _http_error(_request: Request, exc: Exception) -> Response:
+    # 404 and 405 (with its Allow header) answer in the API's JSON error shape, like every other error.
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = {"error": {"code": code, "message": exc.detail}}
+    return JSONResponse(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+
+def _unexpected(_request: Request, exc: Exception) -> Response:
+    # Never a traceback to the client; the log keeps the details.
+    log.error("http.unexpected_error", error=f"{type(exc).__name__}: {exc}")
+    body = {"error": {"code": "internal", "message": "unexpected error; see the exporter's log"}}
+    return JSONResponse(body, status_code=500)
+
+
 def build_app(routes: list[BaseRoute]) -> Starlette:
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _unexpected})
