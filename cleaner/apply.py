@@ -262,6 +262,8 @@ def apply_evictions(
                 "destination": done.destination,
             },
         )
+    if ctx.mode in ("trash", "archive"):
+        trash.remove_run_if_empty(ctx.trash_path if ctx.mode == "trash" else ctx.backup_path, ctx.run_id)
     return result
 
 
@@ -390,15 +392,27 @@ def trash_bytes(settings: Settings) -> int:
 
 def recover(settings: Settings, audit: AuditLog, *, actor: str, now: float) -> list[jr.Recovered]:
     """Finish what a killed cleaner left half-done, and bring the trash metadata up to date."""
+    left_journals = jr.journal_dir(settings.state_path).is_dir() and any(
+        jr.journal_dir(settings.state_path).glob("*.jsonl")
+    )
     results = jr.recover(settings.state_path)
+    if left_journals:
+        # A killed run, restore or purge may leave run directories with nothing in them.
+        for root in (settings.trash_path, settings.backup_path):
+            for run_id in os.listdir(root) if root.is_dir() else []:
+                if trash.valid_run_id(run_id):
+                    trash.remove_run_if_empty(root, run_id)
     for item in results:
         meta = item.meta
         key = f"{meta.get('tier')}/{meta.get('model')}"
         run_id = str(meta.get("run_id", ""))
-        if item.outcome == "completed" and item.purpose == "evict" and meta.get("store") in ("trash", "archive"):
+        if item.purpose == "evict" and meta.get("store") in ("trash", "archive"):
             root = settings.trash_path if meta["store"] == "trash" else settings.backup_path
             if trash.valid_run_id(run_id) and (root / run_id).is_dir():
-                trash.record_entry(root, run_id, meta)
+                if item.outcome == "completed":
+                    trash.record_entry(root, run_id, meta)
+                else:
+                    trash.remove_run_if_empty(root, run_id)
         elif item.outcome == "completed" and item.purpose in ("restore", "purge") and meta.get("root"):
             root = Path(str(meta["root"]))
             trash.mark_entry(root, run_id, key, "restored" if item.purpose == "restore" else "purged", now)

@@ -1,0 +1,247 @@
+"""A real cleaner process SIGKILLed at every step: after recovery every byte is in exactly one place.
+
+The crash hook STORAGE_CLEANER_CRASH_AT=<step>:<n>[:STOP] makes the process kill (or stop) itself
+the n-th time it reaches a named step. After each kill the next `purge` recovers, then every model
+must be whole either in the models path or in the trash (never both, never half, never gone), no
+partial copy may be left, and `restore` must bring back every byte.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cleaner import verify
+from cleaner.journal import Manifest, tree_manifest
+from cleaner.plan import Eviction, Plan, new_plan_id, save_plan
+from shared.audit import verify_audit
+from shared.config import load_settings
+from tests.support import ROOT, exporter_env, make_model, run_cleaner, wait_until
+
+KEYS = ("raw/llama", "quantized/llama-q4", "repository/bert")
+
+
+@pytest.fixture
+def other_fs(tmp_path: Path) -> Iterator[Path]:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem here")
+    path = shm / f"model-storage-crash-{os.getpid()}-{time.monotonic_ns()}"
+    path.mkdir()
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=True)
+
+
+def populate(store: Path) -> dict[str, Manifest]:
+    models = store / "models"
+    make_model(models, "raw", "llama", {"config.json": b"{}", "weights/a.safetensors": os.urandom(30_000)})
+    (models / "raw/llama/weights/b.safetensors").write_bytes(os.urandom(20_000))
+    make_model(models, "quantized", "llama-q4", {"model.gguf": os.urandom(15_000)})
+    make_model(models, "repository", "bert", {"1/model.onnx": os.urandom(9_000), "config.pbtxt": b"name: bert"})
+    return {key: tree_manifest(models / key) for key in KEYS}
+
+
+def save_test_plan(env: dict[str, str]) -> str:
+    settings = load_settings(env=env)
+    now = time.time()
+    evictions = []
+    for key in KEYS:
+        tier, model = key.split("/")
+        snap = verify.snapshot(settings.models_path / key)
+        evictions.append(Eviction(tier, model, snap.bytes, snap.files, snap.newest_change, 9e6, None, "age", "t"))
+    plan = Plan(new_plan_id(now), now, tuple(evictions), (), sum(e.bytes for e in evictions))
+    save_plan(plan, settings.state_path)
+    return plan.plan_id
+
+
+def areas(env: dict[str, str]) -> list[Path]:
+    settings = load_settings(env=env)
+    return [settings.trash_path, settings.backup_path]
+
+
+def places_of(store: Path, env: dict[str, str], key: str) -> list[Path]:
+    found = [store / "models" / key] if os.path.lexists(store / "models" / key) else []
+    for area in areas(env):
+        if area.is_dir():
+            found += [area / run / key for run in sorted(os.listdir(area)) if os.path.lexists(area / run / key)]
+    return found
+
+
+def assert_accounted(
+    store: Path, env: dict[str, str], before: dict[str, Manifest], *, may_be_gone: bool = False
+) -> None:
+    """Every model whole in exactly one place; nothing half-made; the journal is empty."""
+    for key, manifest in before.items():
+        places = places_of(store, env, key)
+        if may_be_gone and not places:
+            continue
+        assert len(places) == 1, (key, places)
+        assert tree_manifest(places[0]) == manifest, f"{key} at {places[0]} is not whole"
+    for root in (store / "models", *areas(env)):
+        if root.is_dir():
+            leftovers = [p for p in root.rglob("*") if p.name.endswith(".partial")]
+            assert not leftovers, leftovers
+    journal = load_settings(env=env).state_path / "journal"
+    assert not journal.is_dir() or not list(journal.iterdir())
+    assert verify_audit(store / "audit.log").ok
+
+
+def run_ids(env: dict[str, str]) -> list[str]:
+    return sorted({run for area in areas(env) if area.is_dir() for run in os.listdir(area)})
+
+
+def crash(args: list[str], env: dict[str, str], at: str) -> None:
+    done = run_cleaner(args, {**env, "STORAGE_CLEANER_CRASH_AT": at})
+    assert done.returncode == -signal.SIGKILL, (at, done.returncode, done.stdout[-500:], done.stderr[-1500:])
+
+
+def recover_and_restore_all(store: Path, env: dict[str, str], before: dict[str, Manifest]) -> None:
+    run_cleaner(["purge"], env, check=True)  # recovers first; nothing is old enough to purge
+    assert_accounted(store, env, before)
+    for run_id in run_ids(env):
+        run_cleaner(["restore", run_id], env, check=True)
+    for key, manifest in before.items():
+        assert tree_manifest(store / "models" / key) == manifest
+    assert_accounted(store, env, before)
+
+
+def env_for(store: Path, mode: str, other: Path | None) -> dict[str, str]:
+    env = exporter_env(store / "models", store)
+    if mode == "exdev":
+        assert other is not None
+        env["STORAGE_TRASH_PATH"] = str(other / "trash")
+    elif mode == "archive":
+        env.update(STORAGE_BACKUP_MODE="archive", STORAGE_BACKUP_PATH=str(store / "backup"))
+    return env
+
+
+RUN_STEPS = [
+    ("trash", "run_started:1"),
+    ("trash", "evict_started:2"),
+    ("trash", "evict_verified:1"),
+    ("trash", "evict_intent_written:1"),
+    ("trash", "evict_intent_written:3"),
+    ("trash", "evict_renamed:2"),
+    ("trash", "evict_done_written:1"),
+    ("trash", "evict_metadata_written:2"),
+    ("trash", "before_state_written:1"),
+    ("exdev", "evict_intent_written:2"),
+    ("exdev", "copying:2"),
+    ("exdev", "evict_copied_written:1"),
+    ("exdev", "evict_deleting_written:2"),
+    ("exdev", "evict_source_deleting:1"),
+    ("exdev", "evict_source_deleting:2"),
+    ("exdev", "evict_done_written:3"),
+    ("archive", "copying:4"),
+    ("archive", "evict_copied_written:2"),
+    ("archive", "evict_source_deleting:3"),
+    ("archive", "evict_metadata_written:1"),
+]
+
+
+@pytest.mark.parametrize(("mode", "at"), RUN_STEPS, ids=[f"{m}-{a}" for m, a in RUN_STEPS])
+def test_run_killed_at_any_step_loses_nothing(store: Path, request: pytest.FixtureRequest, mode: str, at: str) -> None:
+    other = request.getfixturevalue("other_fs") if mode == "exdev" else None
+    env = env_for(store, mode, other)
+    before = populate(store)
+    plan_id = save_test_plan(env)
+
+    crash(["run", "--plan", plan_id], env, at)
+
+    recover_and_restore_all(store, env, before)
+
+
+@pytest.mark.parametrize("at", ["evict_intent_written:2", "evict_deleting:1", "evict_deleting:2"])
+def test_backup_mode_none_killed_mid_delete_finishes_the_delete(store: Path, at: str) -> None:
+    env = {**exporter_env(store / "models", store), "STORAGE_BACKUP_MODE": "none"}
+    before = populate(store)
+    crash(["run", "--plan", save_test_plan(env)], env, at)
+    run_cleaner(["purge"], env, check=True)
+    # Mode none deletes on purpose: each model is whole in place, or entirely gone, never half.
+    assert_accounted(store, env, before, may_be_gone=True)
+
+
+RESTORE_STEPS = [
+    ("trash", "restore_intent_written:1"),
+    ("trash", "restore_renamed:2"),
+    ("trash", "restore_done_written:1"),
+    ("exdev", "restore_intent_written:2"),
+    ("exdev", "copying:1"),
+    ("exdev", "restore_copied_written:1"),
+    ("exdev", "restore_deleting_written:2"),
+    ("exdev", "restore_source_deleting:1"),
+    ("exdev", "restore_done_written:3"),
+]
+
+
+@pytest.mark.parametrize(("mode", "at"), RESTORE_STEPS, ids=[f"{m}-{a}" for m, a in RESTORE_STEPS])
+def test_restore_killed_at_any_step_loses_nothing(
+    store: Path, request: pytest.FixtureRequest, mode: str, at: str
+) -> None:
+    other = request.getfixturevalue("other_fs") if mode == "exdev" else None
+    env = env_for(store, mode, other)
+    before = populate(store)
+    run_cleaner(["run", "--plan", save_test_plan(env)], env, check=True)
+    (run_id,) = run_ids(env)
+
+    crash(["restore", run_id], env, at)
+
+    recover_and_restore_all(store, env, before)
+
+
+@pytest.mark.parametrize(
+    "at", ["purge_intent_written:1", "purge_deleting:1", "purge_deleting:3", "purge_done_written:2"]
+)
+def test_purge_killed_at_any_step_finishes_or_keeps_each_entry_whole(store: Path, at: str) -> None:
+    env = exporter_env(store / "models", store)
+    before = populate(store)
+    run_cleaner(["run", "--plan", save_test_plan(env)], env, check=True)
+
+    crash(["purge", "--all"], env, at)
+
+    run_cleaner(["trash"], env, check=True)  # listing needs no recovery and does not choke on it
+    run_cleaner(["purge"], env, check=True)
+    assert_accounted(store, env, before, may_be_gone=True)
+    remaining = [key for key in KEYS if places_of(store, env, key)]
+    assert len(remaining) < len(KEYS)  # the purge that was cut short was carried through
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_two_concurrent_runs_second_exits_4_naming_the_first_and_changes_nothing(store: Path) -> None:
+    env = exporter_env(store / "models", store)
+    before = populate(store)
+    plan_id = save_test_plan(env)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "cleaner", "run", "--plan", plan_id],
+        env={**env, "STORAGE_CLEANER_CRASH_AT": "evict_verified:2:STOP"},  # stop mid-run, lock held
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: process_state(first.pid) == "T", timeout=30, what="first cleaner stopped mid-run")
+        snapshot = {key: places_of(store, env, key) for key in KEYS}
+
+        second = run_cleaner(["run", "--plan", plan_id], env)
+
+        assert second.returncode == 4, second.stderr
+        assert f"pid {first.pid}" in second.stderr
+        assert {key: places_of(store, env, key) for key in KEYS} == snapshot
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    for key, manifest in before.items():
+        (place,) = places_of(store, env, key)
+        assert "trash" in place.parts and tree_manifest(place) == manifest
