@@ -240,7 +240,7 @@ def test_two_concurrent_runs_second_exits_4_naming_the_first_and_changes_nothing
         assert {key: places_of(store, env, key) for key in KEYS} == snapshot
     finally:
         os.kill(first.pid, signal.SIGCONT)
-        out, err = first.communicate(timeout=60)
+        _out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err
     for key, manifest in before.items():
         (place,) = places_of(store, env, key)
