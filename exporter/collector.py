@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from exporter.fsinfo import FsUsage
+from exporter.render import label_text
 from exporter.service import Snapshot
 from shared import metric_names as m
 
@@ -50,11 +51,6 @@ def package_version() -> str:
         return "unknown"
 
 
-def label_text(name: str) -> str:
-    """Names with invalid UTF-8 (kept as surrogates) must still render as valid label values."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 class StorageCollector(Collector):
     """Reads everything through injected callables, so tests need no threads or sockets."""
 
@@ -80,9 +76,16 @@ class StorageCollector(Collector):
         return iter(())
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
+        return iter(self.families(self._snapshot()))
+
+    def families(self, snap: Snapshot, *, models: bool = True) -> list[Metric]:
+        """Every family for this snapshot; `models=False` leaves the per-model ones to a cache."""
+        return list(self._families(snap, models))
+
+    def _families(self, snap: Snapshot, models: bool) -> Iterator[Metric]:
         yield from self._tiers(snap)
-        yield from self._models(snap)
+        if models:
+            yield from self._models(snap)
         yield from self._capacity_and_fs()
         yield from self._health(snap)
         yield from self._cleanup()

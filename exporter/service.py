@@ -9,9 +9,10 @@ import queue
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
@@ -35,6 +36,7 @@ from shared.logs import get_logger
 log = get_logger("exporter.service")
 
 BATCH_LIMIT = 50_000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,23 +160,33 @@ class ExporterService:
 
     # ----- what readers see -----
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, *, models: bool = True) -> Snapshot:
+        """A consistent copy; `models=False` skips the per-model list (O(models) allocations)."""
         with self.lock:
-            c = self.counters
-            return Snapshot(
-                tiers=self.tree.tier_totals(),
-                models=self.tree.model_stats(),
-                generation=self.tree.generation,
-                ready=self.ready.is_set(),
-                polling=self.polling,
-                events_total=c.events,
-                overflows_total=c.overflows,
-                errors_total=dict(c.errors),
-                scan_duration_seconds=c.scan_duration,
-                last_full_scan=c.last_full_scan,
-                drift_bytes=c.drift_bytes,
-                watches=0 if self.polling else self.tree.dirs,
-            )
+            return self._snapshot_locked(models)
+
+    def read_index(self, fn: Callable[[Tree], T]) -> tuple[Snapshot, T]:
+        """A snapshot without the model list, and `fn` run on the live tree under the same lock."""
+        with self.lock:
+            snap = self._snapshot_locked(False)
+            return snap, fn(self.tree)
+
+    def _snapshot_locked(self, models: bool) -> Snapshot:
+        c = self.counters
+        return Snapshot(
+            tiers=self.tree.tier_totals(),
+            models=self.tree.model_stats() if models else [],
+            generation=self.tree.generation,
+            ready=self.ready.is_set(),
+            polling=self.polling,
+            events_total=c.events,
+            overflows_total=c.overflows,
+            errors_total=dict(c.errors),
+            scan_duration_seconds=c.scan_duration,
+            last_full_scan=c.last_full_scan,
+            drift_bytes=c.drift_bytes,
+            watches=0 if self.polling else self.tree.dirs,
+        )
 
     def watch_limit(self) -> int | None:
         return watch_limit()

@@ -9,6 +9,7 @@ path goes, as `du -b` would count it.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -53,6 +54,93 @@ class FileInfo:
     inode: InodeKey | None = None  # set only for hard-linked files (st_nlink > 1)
 
 
+class FileTable:
+    """One directory's regular files, name -> size, in about 16 bytes plus the name each.
+
+    A dict costs ~100 bytes a file on top of the name; at a million files that is the index's
+    whole memory budget. Names sit in a list and sizes in an `array('q')`; a name -> position
+    dict is built only for a directory that is looked up by name while holding more than a few
+    dozen files (events arriving in a large directory), so scanned, quiet directories stay compact.
+    """
+
+    __slots__ = ("_index", "names", "sizes")
+
+    INDEX_FROM = 32
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.sizes = array("q")
+        self._index: dict[str, int] | None = None
+
+    def _find(self, name: str) -> int:
+        index = self._index
+        if index is None:
+            names = self.names
+            if len(names) <= self.INDEX_FROM:
+                try:
+                    return names.index(name)
+                except ValueError:
+                    return -1
+            index = self._index = {n: i for i, n in enumerate(names)}
+        return index.get(name, -1)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._find(name) >= 0
+
+    def __getitem__(self, name: str) -> int:
+        at = self._find(name)
+        if at < 0:
+            raise KeyError(name)
+        return self.sizes[at]
+
+    def get(self, name: str) -> int | None:
+        at = self._find(name)
+        return None if at < 0 else self.sizes[at]
+
+    def __setitem__(self, name: str, size: int) -> None:
+        at = self._find(name)
+        if at >= 0:
+            self.sizes[at] = size
+        else:
+            self.append(name, size)
+
+    def append(self, name: str, size: int) -> None:
+        """Add a name known to be new (scanners: scandir never repeats a name)."""
+        if self._index is not None:
+            self._index[name] = len(self.names)
+        self.names.append(name)
+        self.sizes.append(size)
+
+    def pop(self, name: str) -> int:
+        at = self._find(name)
+        if at < 0:
+            raise KeyError(name)
+        size = self.sizes[at]
+        # Swap the last entry into the hole: O(1), order does not matter.
+        last_name = self.names.pop()
+        last_size = self.sizes.pop()
+        if self._index is not None:
+            del self._index[name]
+        if last_name != name:
+            self.names[at] = last_name
+            self.sizes[at] = last_size
+            if self._index is not None:
+                self._index[last_name] = at
+        return size
+
+    def items(self) -> Iterator[tuple[str, int]]:
+        return zip(self.names, self.sizes, strict=True)
+
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
 class DirNode:
     """One directory: its files' sizes, its subdirectories, and the bucket its files count in."""
 
@@ -60,7 +148,7 @@ class DirNode:
 
     def __init__(self, changed: float = 0.0) -> None:
         self.dirs: dict[str, DirNode] = {}
-        self.files: dict[str, int] = {}
+        self.files = FileTable()
         # name -> inode, only for files with more than one link (rare; None keeps dirs small).
         self.hard: dict[str, InodeKey] | None = None
         # Bytes and files counted here (hard links counted only at their owning path).
@@ -71,8 +159,8 @@ class DirNode:
         self.bucket: Bucket | None = None
 
     def add_file(self, name: str, info: FileInfo) -> None:
-        """Builder for scanners: add a file to a detached node (the tree does the accounting)."""
-        self.files[name] = info.size
+        """Builder for scanners: add a new file to a detached node (the tree does the accounting)."""
+        self.files.append(name, info.size)
         if info.inode is not None:
             if self.hard is None:
                 self.hard = {}
@@ -352,7 +440,10 @@ class Tree:
                     node.own_bytes += size
                     node.own_files += 1
         else:
-            plain_bytes = sum(size for name, size in node.files.items() if name not in hard)
+            if hard:
+                plain_bytes = sum(size for name, size in node.files.items() if name not in hard)
+            else:
+                plain_bytes = node.files.total()
             node.own_bytes = plain_bytes
             node.own_files = len(node.files) - len(hard)
             node.bucket.add(plain_bytes, node.own_files)

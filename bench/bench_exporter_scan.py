@@ -1,0 +1,86 @@
+"""Initial scan of a generated tree (1,000,000 files by default) against `du -sb`, warm cache."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import time
+
+from bench.common import env_int, generated_tree, report, warm, write_result
+from exporter.scan import Scanner, scan_local
+from exporter.tree import Tree
+from shared.layout import Layout
+
+TARGET_RATIO = 1.2
+
+
+def _du(path: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(["du", "-sb", path], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def main() -> dict[str, object]:
+    files = env_int("BENCH_FILES", 1_000_000)
+    runs = env_int("BENCH_SCAN_RUNS", 3)
+    workers = env_int("BENCH_SCAN_WORKERS", os.cpu_count() or 1)
+    models = generated_tree(files)
+    path = str(models)
+    warm(models)
+
+    du_times, scan_times, index_times, single_times = [], [], [], []
+    scanner = Scanner(workers)
+    scanner.start()
+    try:
+        for _ in range(runs):
+            # Interleaved so that drifting background load hits both sides alike.
+            du_times.append(_du(path))
+            started = time.perf_counter()
+            result = scanner.scan(path)
+            scanned = time.perf_counter()
+            tree = Tree(Layout())
+            assert result.node is not None
+            tree.graft((), result.node)
+            indexed = time.perf_counter()
+            scan_times.append(scanned - started)
+            index_times.append(indexed - started)
+            assert result.files == files, (result.files, files)
+            del tree, result
+    finally:
+        scanner.close()
+    if env_int("BENCH_SCAN_SINGLE", 1):
+        started = time.perf_counter()
+        single = scan_local(path)
+        single_times.append(time.perf_counter() - started)
+        del single
+
+    du_s = statistics.median(du_times)
+    scan_s = statistics.median(scan_times)
+    index_s = statistics.median(index_times)
+    figures = {
+        "files": files,
+        "runs": runs,
+        "workers": workers,
+        "du_sb_seconds_median": round(du_s, 3),
+        "scan_seconds_median": round(scan_s, 3),
+        "scan_and_index_seconds_median": round(index_s, 3),
+        "single_process_scan_seconds": round(single_times[0], 3) if single_times else None,
+        "ratio_scan_vs_du": round(scan_s / du_s, 3),
+        "ratio_scan_and_index_vs_du": round(index_s / du_s, 3),
+        "target_ratio": TARGET_RATIO,
+        "met": index_s / du_s <= TARGET_RATIO,
+        "du_sb_seconds": [round(x, 3) for x in du_times],
+        "scan_and_index_seconds": [round(x, 3) for x in index_times],
+    }
+    report(
+        f"scan {files:,} files on {workers} processes: {index_s:.2f} s to a ready index "
+        f"({scan_s:.2f} s scanning) vs du -sb {du_s:.2f} s: ratio {index_s / du_s:.2f} "
+        f"(target <= {TARGET_RATIO}); one process {single_times[0] if single_times else float('nan'):.2f} s"
+    )
+    write_result("exporter_scan", figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
