@@ -626,3 +626,16 @@ def test_kept_reasons_map_to_skip_labels() -> None:
     assert apply.kept_reason_label("unchanged for 40d, but usage unknown: no usage series") == "unknown_usage"
     assert apply.kept_reason_label("blast radius: evicting it would exceed 50%") == "blast_radius"
     assert apply.kept_reason_label("in use: 12 requests in 7d (>= 10)") is None
+
+
+def test_run_with_prometheus_down_exits_4_but_leaves_a_failed_state_to_alert_on(store: Path) -> None:
+    from tests.support import free_port
+
+    settings = settings_for(store, STORAGE_PROMETHEUS_URL=f"http://127.0.0.1:{free_port()}")
+    make_model(store / "models", "raw", "m", {"w": b"1"})
+    with pytest.raises(PreconditionError):
+        act_cli.cmd_run(settings, run_args(None))
+    state = read_cleanup_state(settings.cleanup_state_file)
+    assert state is not None and not state.success and state.exit_code == 4 and state.error
+    assert (store / "models/raw/m/w").exists()
+    assert verify_audit(settings.audit_log_path).ok
