@@ -340,3 +340,35 @@ def test_alerts_are_grouped_per_alert_name_and_exporter(alertmanager: Proc) -> N
     unused = frozenset({"alertname": "ModelStorageModelUnused", "job": "model-storage", "instance": "a:8470"}.items())
     unknown = frozenset({"alertname": "ModelStorageModelUsageUnknown"}.items())
     assert got == {("team", unused): 2, ("digest", unknown): 2}
+
+
+@needs_promtool
+def test_documented_usage_expressions_for_other_servers_count_per_model(tmp_path: Path) -> None:
+    """The README's vLLM, TorchServe and generic expressions parse and yield `model` labels."""
+    rows = re.findall(r"^\| [^|]+ \| [^|]+ \| `(sum by \(model\) .+)` \|$", ALERTING_DOC.read_text(), re.MULTILINE)
+    assert len(rows) == 3, rows
+    counters = {"vllm:request_success_total", "ts_inference_requests_total", "app_requests_total"}
+    source_label = {"vllm:request_success_total": "model_name", "ts_inference_requests_total": "model_name"}
+    series = []
+    for counter in counters:
+        label = source_label.get(counter, "served_model")
+        for other in ("a", "b"):  # two series per model: the sum must add them
+            series.append({"series": f'{counter}{{{label}="m1",other="{other}"}}', "values": "0+1x20"})
+    spec = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": series,
+                "promql_expr_test": [
+                    {"expr": expr, "eval_time": "20m", "exp_samples": [{"labels": '{model="m1"}', "value": 40}]}
+                    for expr in rows
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "other-servers.test.yml"
+    path.write_text(yaml.safe_dump(spec))
+    result = run("promtool", "test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
