@@ -28,10 +28,13 @@ BACKUP_MODES = ("trash", "archive", "none")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-DEFAULT_USAGE_QUERY = (
-    'sum by (model) (increase({__name__=~"nv_inference_request_success|nv_inference_request_failure"'
-    "$matchers}[$window]))"
-)
+# Triton's success plus failure counters, each summed on its own: increase() drops the metric
+# name, so one regex selector over both fails ("vector cannot contain metrics with the same
+# labelset") once a model has both; `A + B or A or B` keeps models that have only one. The same
+# expression, at 7d, is the recording rule model:model_storage_requests:increase7d.
+_TRITON_SUCCESS = 'sum by (model) (increase({__name__="nv_inference_request_success"$matchers}[$window]))'
+_TRITON_FAILURE = 'sum by (model) (increase({__name__="nv_inference_request_failure"$matchers}[$window]))'
+DEFAULT_USAGE_QUERY = f"{_TRITON_SUCCESS} + {_TRITON_FAILURE} or {_TRITON_SUCCESS} or {_TRITON_FAILURE}"
 
 Parser = Callable[[str, Any], Any]
 

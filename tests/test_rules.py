@@ -187,11 +187,6 @@ def test_usage_rule_is_the_triton_default_over_7_days() -> None:
 
 
 @needs_promtool
-@pytest.mark.xfail(
-    strict=True,
-    reason="shared/config.py DEFAULT_USAGE_QUERY uses one regex selector over both counters, which "
-    "Prometheus rejects when a model has both; it must become the rule's expression (see report)",
-)
 def test_cleaner_default_usage_query_agrees_with_the_recording_rule(tmp_path: Path) -> None:
     from cleaner.inventory import usage_query
     from shared.config import DEFAULT_USAGE_QUERY
@@ -203,7 +198,7 @@ def test_cleaner_default_usage_query_agrees_with_the_recording_rule(tmp_path: Pa
     case = usage_test["promql_expr_test"][0]
     cleaner_case = dict(case, expr=cleaner_expr)
     cleaner_case["exp_samples"] = [
-        {**s, "labels": s["labels"].split("{", 1)[1].join("{}")} for s in case["exp_samples"]
+        {**s, "labels": "{" + s["labels"].split("{", 1)[1]} for s in case["exp_samples"]
     ]
     usage_test["promql_expr_test"] = [case, cleaner_case]
     spec["tests"] = [usage_test]
