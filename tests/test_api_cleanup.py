@@ -62,7 +62,7 @@ class Stack:
 
 
 @contextlib.contextmanager
-def api_stack(base: Path, logs: Path, **env: str) -> Iterator[Stack]:
+def api_stack(base: Path, logs: Path, admin_token: str = f"ops={ADMIN}", **env: str) -> Iterator[Stack]:
     """Prometheus scraping an exporter that can run the cleaner against it; yields once scraped."""
     port = free_port()
     config = write_prometheus_config(logs / "prometheus.yml", {"model-storage": [f"127.0.0.1:{port}"]})
@@ -75,7 +75,7 @@ def api_stack(base: Path, logs: Path, **env: str) -> Iterator[Stack]:
             base,
             STORAGE_EXPORTER_LISTEN=f"127.0.0.1:{port}",
             STORAGE_PROMETHEUS_URL=prometheus.url,
-            STORAGE_ADMIN_TOKEN=f"ops={ADMIN}",
+            STORAGE_ADMIN_TOKEN=admin_token,
             **env,
         )
         exporter = start_process(
@@ -94,7 +94,8 @@ def api_stack(base: Path, logs: Path, **env: str) -> Iterator[Stack]:
             yield Stack(exporter, prometheus, base)
         finally:
             assert exporter.stop() == 0
-            assert ADMIN not in exporter.log()
+            secret = admin_token.rpartition("=")[2]
+            assert secret not in exporter.log()
     finally:
         prometheus.stop()
 
