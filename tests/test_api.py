@@ -16,6 +16,7 @@ import pytest
 
 from exporter.api import OPENAPI, BadRequestError, info_document, parse_dry_run, parse_top
 from exporter.auth import ANONYMOUS, TokenBook, authorize
+from exporter.cleanup_runner import BusyError, CleanerResult, CleanupRunner, Holder, interpret_run, parse_holder
 from exporter.fsinfo import FsUsage
 from exporter.service import Snapshot
 from exporter.tree import ModelStat
@@ -177,6 +178,75 @@ def test_openapi_document_is_valid_and_every_error_response_uses_the_error_schem
                 assert "401" in op["responses"] and "400" in op["responses"], (method, path)
             if method == "post":
                 assert "403" in op["responses"]
+
+
+LOCK_MESSAGE = (
+    "model-storage-cleaner: another cleaner is running (pid 4242, lock /s/cleaner.lock); nothing was changed "
+    "(wait for it to finish)"
+)
+
+
+@pytest.mark.parametrize(
+    ("code", "stdout", "stderr", "status", "error_code"),
+    [
+        (0, '{"plan_id": "p"}', "", 200, None),
+        (3, '{"run_id": "r", "failed": [1]}', "", 207, None),
+        (0, "not json", "", 502, "bad_cleaner_output"),
+        (4, "", '{"event": "log line"}\n' + LOCK_MESSAGE + "\n", 409, "cleanup_running"),
+        (4, "", "model-storage-cleaner: prometheus http://p:9090: unreachable\n", 503, "precondition_failed"),
+        (2, "", "model-storage-cleaner: config: cleaner.age_days=-1: expected a number > 0\n", 503, "cleaner_config"),
+        (1, "", "model-storage-cleaner: unexpected error: KeyError: 'x'\n", 502, "cleaner_failed"),
+        (-9, "", "", 502, "cleaner_failed"),
+    ],
+)
+def test_cleaner_exit_codes_map_to_statuses_never_500(
+    code: int, stdout: str, stderr: str, status: int, error_code: str | None
+) -> None:
+    result = CleanerResult(("cleaner",), code, stdout, stderr, 1.5)
+    answer = interpret_run(result, dry_run=False, actor="ops")
+    assert answer.status == status
+    if error_code is None:
+        assert answer.body["report"] == json.loads(stdout) and answer.body["actor"] == "ops"
+        assert answer.body["outcome"] == ("done" if code == 0 else "partial")
+    else:
+        assert answer.body["error"]["code"] == error_code and answer.result == "failure"
+        assert "\n" not in answer.body["error"]["message"] and "{" not in answer.body["error"]["message"][:1]
+    if status == 409:
+        assert answer.body["error"]["holder"] == {
+            "source": "cleaner_lock",
+            "pid": 4242,
+            "actor": None,
+            "started_at": None,
+            "dry_run": None,
+        }
+
+
+def test_cleaner_that_cannot_start_or_overruns_is_503_or_504() -> None:
+    assert (
+        interpret_run(CleanerResult(("x",), None, start_error="x: No such file"), dry_run=True, actor="a").status == 503
+    )
+    assert interpret_run(CleanerResult(("x",), None, timed_out=True), dry_run=True, actor="a").status == 504
+    assert parse_holder("another cleaner is running (pid unknown, lock /x)") == Holder("cleaner_lock", None)
+
+
+def test_runner_stops_a_cleaner_past_its_timeout_and_runs_one_at_a_time(tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    runner = CleanupRunner(f"sh -c 'touch {started}; exec sleep 30' slow", timeout_seconds=1.0)
+    outcome: list[CleanerResult] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run("ops", dry_run=True)))
+    thread.start()
+    try:
+        wait_until(started.exists, timeout=10, what="the slow cleaner started")
+        with pytest.raises(BusyError) as busy:
+            runner.run("ci", dry_run=False)
+        assert busy.value.holder.actor == "ops" and busy.value.holder.pid is not None
+        pid = busy.value.holder.pid
+    finally:
+        thread.join(timeout=30)
+    assert outcome[0].timed_out and outcome[0].seconds < 15
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert runner.holder() is None
+    assert runner.run_argv("-odd", dry_run=True)[-4:] == ["--actor=-odd", "run", "--json", "--dry-run"]
 
 
 # ----- a real exporter ----------------------------------------------------------------------------
