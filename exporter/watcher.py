@@ -129,8 +129,15 @@ class IndexUpdater:
             if event.kind == "moved":
                 dst = self.parts(event.dst)
                 stats += self._flush(tree, dirty)
-                if src is not None and dst is not None:
-                    tree.move(src, dst)
+                if (
+                    src is not None
+                    and dst is not None
+                    and tree.move(src, dst)
+                    and isinstance(tree.lookup(dst), DirNode)
+                ):
+                    # watchdog can deliver a directory's move after events from a new directory
+                    # made at its old path; those land in the moved node. Re-check it after a settle.
+                    self._on_new_dir(dst)
                 for parts in (src, dst):
                     if parts is not None:
                         dirty[parts] = None

@@ -1,0 +1,97 @@
+"""The /metrics renderer: cached per-model lines agree with prometheus_client and pass promtool."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.exposition import build_registry, build_renderer
+from exporter.render import ModelLinesCache, escape_label_value, format_value
+from exporter.service import ExporterService
+from exporter.tree import FileInfo, Tree
+from shared.config import load_settings
+from shared.layout import Layout
+from tests.support import have, parse_metrics
+
+ODD = ['we"ird\nname', "back\\slash", "bad-\udcff-utf8", "ünïcode", "plain"]
+
+
+def _samples(body: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {k: v for k, v in parse_metrics(body.decode()).items() if "filesystem" not in k[0]}
+
+
+@pytest.fixture
+def service(store: Path) -> ExporterService:
+    settings = load_settings(env={"STORAGE_BASE_PATH": str(store), "STORAGE_SCAN_WORKERS": "1"})
+    svc = ExporterService(settings)  # not started: the tests fill the index by hand
+    for i, name in enumerate(ODD):
+        svc.tree.set_file(("raw", name, "w"), FileInfo(10 + i, 1.7e9 + 0.5))
+    svc.tree.set_file(("quantized", "q.gguf"), FileInfo(20, 1.6e9))
+    svc.tree.set_file(("README",), FileInfo(3, 1.0))
+    return svc
+
+
+def test_cached_renderer_says_what_prometheus_client_says(service: ExporterService) -> None:
+    render = build_renderer(service, service.settings)
+    plain = generate_latest(build_registry(service, service.settings))
+    assert _samples(render()) == _samples(plain)
+
+
+def test_each_family_has_help_and_type_once(service: ExporterService) -> None:
+    body = build_renderer(service, service.settings)().decode()
+    types = [line.split()[2] for line in body.splitlines() if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types))
+    assert "model_storage_model_bytes" in types
+    names = [f.name for f in text_string_to_metric_families(body)]
+    assert len(names) == len(set(names))
+
+
+@pytest.mark.skipif(not have("promtool"), reason="promtool not installed")
+def test_promtool_accepts_the_cached_output(service: ExporterService) -> None:
+    body = build_renderer(service, service.settings)()
+    check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.strip() == b"" and check.stderr.strip() == b"", check.stdout + check.stderr
+
+
+def test_only_changed_models_are_reformatted() -> None:
+    tree = Tree(Layout())
+    for i in range(50):
+        tree.set_file(("raw", f"m{i}", "w"), FileInfo(i, 1.0))
+    cache = ModelLinesCache()
+    cache.render(tree.models)
+    assert cache.formatted == 50
+    cache.render(tree.models)
+    assert cache.formatted == 50
+    tree.set_file(("raw", "m7", "w"), FileInfo(700, 2.0))
+    text = cache.render(tree.models).decode()
+    assert cache.formatted == 51
+    assert 'model_storage_model_bytes{tier="raw",model="m7"} 700\n' in text
+
+
+def test_deleted_models_vanish_and_swapped_trees_rerender() -> None:
+    tree = Tree(Layout())
+    tree.set_file(("raw", "a", "w"), FileInfo(1, 1.0))
+    tree.set_file(("raw", "b", "w"), FileInfo(2, 1.0))
+    cache = ModelLinesCache()
+    cache.render(tree.models)
+    tree.remove(("raw", "a"))
+    assert 'model="a"' not in cache.render(tree.models).decode()
+    # A reconcile swaps in a fresh tree whose buckets start at version numbers already seen.
+    fresh = Tree(Layout())
+    fresh.set_file(("raw", "b", "w"), FileInfo(99, 1.0))
+    assert 'model_storage_model_bytes{tier="raw",model="b"} 99\n' in cache.render(fresh.models).decode()
+
+
+def test_label_escaping_and_values() -> None:
+    assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    assert escape_label_value("x\udcffy") == "x\ufffdy"
+    assert format_value(3) == "3"
+    assert format_value(1.5) == "1.5"
+    assert format_value(2.0) == "2"
+    assert format_value(float("inf")) == "+Inf"
+    assert format_value(float("nan")) == "NaN"
