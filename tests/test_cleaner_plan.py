@@ -1,4 +1,4 @@
-"""`model-storage-cleaner plan` end to end: a real exporter, a stand-in model server, real Prometheus and VictoriaMetrics.
+"""`model-storage-cleaner plan` end to end: real exporter, stand-in model server, Prometheus and VictoriaMetrics.
 
 Ages cannot be faked (ctime), so the policies are scaled down to seconds: "old" models are written
 when the module starts, "young" ones ~14 s later, and each test puts its age/window limits between.
@@ -447,7 +447,8 @@ def _backfill_plan(backfilled: tuple[Proc, Path], history: str) -> dict[str, Any
         STORAGE_PROMETHEUS_URL=prometheus.url,
         STORAGE_LOG_FORMAT="json",
         STORAGE_CLEANUP_POLICIES="usage",
-        STORAGE_USAGE_QUERY=f'sum by (model) (increase(nv_inference_request_success{{history="{history}"$matchers}}[$window]))',
+        STORAGE_USAGE_QUERY="sum by (model) (increase(nv_inference_request_success"
+        f'{{history="{history}"$matchers}}[$window]))',
     )
     done = run_cleaner(["plan", "--json"], env, check=True)
     document: dict[str, Any] = json.loads(done.stdout)

@@ -17,7 +17,7 @@ from tests.support import Proc, free_port, have, start_prometheus, start_victori
 pytestmark = pytest.mark.skipif(not (have("prometheus") and have("victoria-metrics")), reason="needs the binaries")
 
 AT = 1_700_000_000.0
-PASSWORD = "s3cret-pass-123456"  # noqa: S105 - a test credential
+PASSWORD = "s3cret-pass-123456"
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_a_server_that_never_answers_times_out() -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen(1)  # accepted by the kernel, never answered
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        with pytest.raises(PromError, match="unreachable: .*timed out"):
+        with pytest.raises(PromError, match=r"unreachable: .*timed out"):
             PromClient(url, timeout=0.3).query("up", AT)
 
 
