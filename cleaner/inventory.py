@@ -17,32 +17,13 @@ from cleaner.plan import ModelFacts
 from cleaner.policies import Coverage, PolicyView
 from cleaner.prom import PromClient, QueryResult, Sample, shorten
 from shared import metric_names as names
-from shared.config import DEFAULT_USAGE_QUERY, Settings
+from shared.config import Settings
 from shared.errors import ConfigError, PreconditionError
 
 # Coverage is measured on a grid of this many steps across the window (so to within 1/20 of it),
 # each step looking back this many steps, so a step holds at least two scrapes of the source.
 COVERAGE_STEPS = 20
 COVERAGE_LOOKBACK_STEPS = 4
-
-# Triton's success plus failure counters. Each is summed on its own: increase() drops the metric name,
-# so one regex selector over both fails on Prometheus ("vector cannot contain metrics with the same
-# labelset") once a model has both; `A + B or A or B` keeps models that have only one. The same
-# expression as the recording rule model:model_storage_requests:increase7d.
-TRITON_USAGE_QUERY = " or ".join(
-    [
-        'sum by (model) (increase({__name__="nv_inference_request_success"$matchers}[$window]))'
-        ' + sum by (model) (increase({__name__="nv_inference_request_failure"$matchers}[$window]))',
-        'sum by (model) (increase({__name__="nv_inference_request_success"$matchers}[$window]))',
-        'sum by (model) (increase({__name__="nv_inference_request_failure"$matchers}[$window]))',
-    ]
-)
-
-
-def effective_template(template: str) -> str:
-    """The configured template; shared/config.py's original regex default is replaced by its working form."""
-    return TRITON_USAGE_QUERY if template == DEFAULT_USAGE_QUERY else template
-
 
 @dataclass(frozen=True, slots=True)
 class Inventory:
@@ -196,7 +177,7 @@ def fetch(client: PromClient, settings: Settings, view: PolicyView, now: float) 
     window = view.timeframe_seconds
     coverage = Coverage(window_seconds=window, covered_seconds=0.0, queried=False)
     if view.needs_usage():
-        template = effective_template(settings["cleaner.usage_query"])
+        template = settings["cleaner.usage_query"]
         label = settings["cleaner.usage_label"]
         if matchers and "$matchers" not in template and "${matchers}" not in template:
             warnings.append("cleaner.usage_query has no $matchers: usage is not restricted to this host's series")

@@ -9,10 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cleaner.inventory import (
-    TRITON_USAGE_QUERY,
     attach_usage,
     coverage_query,
-    effective_template,
     format_duration,
     inventory_queries,
     parse_coverage,
@@ -398,17 +396,12 @@ def test_every_selector_carries_the_extra_matchers() -> None:
     matchers = 'instance="a:8470"'
     for expr in inventory_queries(matchers).values():
         assert '{instance="a:8470"}' in expr
-    usage = usage_query(TRITON_USAGE_QUERY, 7 * DAY_SECONDS, matchers)
+    usage = usage_query(DEFAULT_USAGE_QUERY, 7 * DAY_SECONDS, matchers)
     assert usage.count(',instance="a:8470"}[7d]') == 4
     assert "$" not in usage_query(DEFAULT_USAGE_QUERY, 60, "")
-    coverage = coverage_query(TRITON_USAGE_QUERY, 20 * 60, "")
+    coverage = coverage_query(DEFAULT_USAGE_QUERY, 20 * 60, "")
     assert coverage.startswith("min_over_time(timestamp(count(") and coverage.endswith("[20m:1m])")
     assert "[4m]" in coverage
-
-
-def test_the_regex_default_template_is_run_in_its_working_form() -> None:
-    assert effective_template(DEFAULT_USAGE_QUERY) == TRITON_USAGE_QUERY
-    assert effective_template("custom[$window]") == "custom[$window]"
 
 
 def test_inventory_dedupes_several_exporters_and_reads_missing_change_time_as_now() -> None:
