@@ -25,6 +25,7 @@ from shared.errors import ConfigError, PreconditionError
 COVERAGE_STEPS = 20
 COVERAGE_LOOKBACK_STEPS = 4
 
+
 @dataclass(frozen=True, slots=True)
 class Inventory:
     """What Prometheus said, and the evidence: the queries, when they were evaluated, what they cost."""

@@ -255,9 +255,7 @@ def run_cleaner(
     return done
 
 
-def start_victoria_metrics(
-    data_dir: Path, log_dir: Path, scrape_config: Path | None = None, *extra_args: str
-) -> Proc:
+def start_victoria_metrics(data_dir: Path, log_dir: Path, scrape_config: Path | None = None, *extra_args: str) -> Proc:
     """Debian's single-node `victoria-metrics` on a free loopback port, optionally scraping like Prometheus.
 
     Results are not cached and recent points are not held back, so tests see samples as they land.

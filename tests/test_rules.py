@@ -197,9 +197,7 @@ def test_cleaner_default_usage_query_agrees_with_the_recording_rule(tmp_path: Pa
     usage_test = spec["tests"][1]
     case = usage_test["promql_expr_test"][0]
     cleaner_case = dict(case, expr=cleaner_expr)
-    cleaner_case["exp_samples"] = [
-        {**s, "labels": "{" + s["labels"].split("{", 1)[1]} for s in case["exp_samples"]
-    ]
+    cleaner_case["exp_samples"] = [{**s, "labels": "{" + s["labels"].split("{", 1)[1]} for s in case["exp_samples"]]
     usage_test["promql_expr_test"] = [case, cleaner_case]
     spec["tests"] = [usage_test]
     path = tmp_path / "agree.test.yml"
