@@ -21,7 +21,7 @@ RULE_FILES = sorted(RULES.glob("*.yml"))
 TEST_FILES = sorted((RULES / "tests").glob("*.yml"))
 ALERTMANAGER_YML = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 PROMETHEUS_YML = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-ALERTING_DOC = ROOT / "docs" / "readme" / "alerting.md"
+ALERTING_DOC = ROOT / "README.md"
 SEVERITIES = {"critical", "warning", "info"}
 CONTRACT_RECORDS = {
     "instance:model_storage_bytes:sum",
