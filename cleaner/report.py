@@ -167,7 +167,8 @@ def render_policies(settings: Settings) -> str:
 
     def block(title: str, items: list[dict[str, Any]]) -> None:
         lines.append(title)
-        rows = [[s["key"], _value(s["value"]), s["source"], s["env"]] for s in items]
+        # The value goes last: a long one (the usage query) must not widen the other columns.
+        rows = [[s["key"], s["source"], s["env"], _value(s["value"])] for s in items]
         lines.extend(_table(rows, right=set()))
 
     for policy in doc["policies"]:
