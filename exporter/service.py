@@ -14,21 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
-
 from exporter.fsinfo import network_filesystem, watch_limit
+from exporter.inotify import Handoff, InotifyReader
 from exporter.scan import Scanner
 from exporter.tree import ModelStat, Parts, Tree
-from exporter.watcher import (
-    EVENT_FILTER,
-    IndexUpdater,
-    OverflowFlag,
-    OverflowLogHook,
-    QueueingHandler,
-    RawEvent,
-    drain,
-)
+from exporter.watcher import IndexUpdater, OverflowFlag, RawEvent
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.logs import get_logger
@@ -87,19 +77,18 @@ class ExporterService:
         self.tree = Tree(settings.layout)
         self.lock = threading.Lock()
         self.scanner = scanner or Scanner(settings["exporter.scan_workers"])
-        self.events: queue.Queue[RawEvent] = queue.Queue(maxsize=settings["exporter.queue_size"])
+        self.events = Handoff(settings["exporter.queue_size"])
         self.overflow = OverflowFlag()
-        self.updater = IndexUpdater(self.root, self._record_error, self._new_dir)
+        self.updater = IndexUpdater(self.root, self._record_error, self._moved_dir)
         self.counters = _Counters()
         self.ready = threading.Event()
         self.polling = settings["exporter.force_polling"]
         self.polling_reason = "forced by configuration" if self.polling else ""
         self._stop = threading.Event()
-        self._observer: BaseObserver | None = None
+        self._reader: InotifyReader | None = None
         self._thread: threading.Thread | None = None
         self._settle: list[tuple[float, Parts]] = []
         self._rescan_requests: queue.Queue[tuple[str, queue.Queue[ReconcileResult]]] = queue.Queue()
-        self._hook = OverflowLogHook(self._on_overflow)
 
     # ----- lifecycle -----
 
@@ -117,41 +106,30 @@ class ExporterService:
                 self.polling = True
                 self.polling_reason = f"{fstype} filesystem: inotify cannot see other clients' writes"
         if not self.polling:
-            self._start_observer()
+            self._start_reader()
         if self.polling:
             log.warning("watch.polling", path=self.root, reason=self.polling_reason)
         self._thread = threading.Thread(target=self._run, name="index-updater", daemon=True)
         self._thread.start()
 
-    def _start_observer(self) -> None:
-        self._hook.install()
-        observer = Observer()
+    def _start_reader(self) -> None:
+        reader = InotifyReader(self.root, self.events, self._on_overflow, self._on_watch_error)
         try:
-            observer.schedule(
-                QueueingHandler(self.events, self._on_overflow),
-                self.root,
-                recursive=True,
-                event_filter=EVENT_FILTER,
-            )
-            observer.start()
+            reader.start()
         except OSError as err:
             # Usually ENOSPC: fs.inotify.max_user_watches is exhausted. Poll rather than be wrong.
-            with contextlib.suppress(Exception):
-                observer.stop()
             self._record_error("watch", self.root, err.strerror or str(err))
             self.polling = True
             self.polling_reason = f"cannot add inotify watches: {err.strerror or err}"
             return
-        self._observer = observer
-        log.info("watch.started", path=self.root)
+        self._reader = reader
+        log.info("watch.started", path=self.root, watches=reader.watches)
 
     def stop(self) -> None:
         self._stop.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=10)
-            self._observer = None
-        self._hook.uninstall()
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader = None
         self.scanner.close()
         if self._thread is not None:
             self._thread.join(timeout=30)
@@ -187,7 +165,7 @@ class ExporterService:
             scan_duration_seconds=c.scan_duration,
             last_full_scan=c.last_full_scan,
             drift_bytes=c.drift_bytes,
-            watches=0 if self.polling else self.tree.dirs,
+            watches=self._reader.watches if self._reader is not None else 0,
         )
 
     def watch_limit(self) -> int | None:
@@ -212,13 +190,20 @@ class ExporterService:
             self._record_error("updater", self.root, str(err))
             raise
 
-    def _loop(self) -> None:
-        interval = self.settings["exporter.reconcile_interval_seconds"]
+    def _interval(self) -> float:
         if self.polling:
-            interval = self.settings["exporter.poll_interval_seconds"]
+            return float(self.settings["exporter.poll_interval_seconds"])
+        return float(self.settings["exporter.reconcile_interval_seconds"])
+
+    def _loop(self) -> None:
+        interval = self._interval()
         next_reconcile = time.monotonic() + interval if interval else float("inf")
         window = self.settings["exporter.coalesce_window_seconds"]
         while not self._stop.is_set():
+            if self._reader is not None and self._reader.failed:
+                self._fall_back_to_polling()
+                interval = self._interval()
+                next_reconcile = time.monotonic()
             reasons = self.overflow.take()
             if reasons:
                 self._note_overflow(reasons)
@@ -234,10 +219,19 @@ class ExporterService:
                 next_reconcile = time.monotonic() + interval
                 continue
             wait = min(0.5, next_reconcile - now, self._settle[0][0] - now if self._settle else 0.5)
-            batch = drain(self.events, max(wait, 0.0), window, BATCH_LIMIT)
+            batch = self.events.get(max(wait, 0.0), window, BATCH_LIMIT)
             if batch:
                 self._apply(self.tree, batch)
             self._run_due_settles()
+
+    def _fall_back_to_polling(self) -> None:
+        assert self._reader is not None
+        self._reader.stop()
+        self._reader = None
+        with self.lock:
+            self.polling = True
+            self.polling_reason = "cannot add inotify watches for new directories"
+        log.warning("watch.polling", path=self.root, reason=self.polling_reason)
 
     def _apply(self, tree: Tree, batch: list[RawEvent], *, count: bool = True) -> None:
         # A burst drains as one big batch; holding the lock for all of it stalled scrapes for
@@ -248,16 +242,19 @@ class ExporterService:
                 self.updater.apply(tree, piece)
                 if count:
                     self.counters.events += len(piece)
+            # Let a waiting scrape take the GIL and the lock before the next slice.
+            time.sleep(0)
 
     def _run_due_settles(self) -> None:
         now = time.monotonic()
         while self._settle and self._settle[0][0] <= now:
             _, parts = heapq.heappop(self._settle)
+            if self._reader is not None:
+                self._reader.rewatch(self.updater.path(parts))  # watches before the scan
             with self.lock:
                 self.updater.rescan(self.tree, parts)
 
-    def _new_dir(self, parts: Parts) -> None:
-        # Files written right after mkdir can beat the new watch: look again after a short settle.
+    def _moved_dir(self, parts: Parts) -> None:
         settle = self.settings["exporter.settle_seconds"]
         if settle > 0 and len(self._settle) < 10_000:
             heapq.heappush(self._settle, (time.monotonic() + settle, parts))
@@ -285,7 +282,7 @@ class ExporterService:
         window = self.settings["exporter.coalesce_window_seconds"]
         lost = False
         while scanner_thread.is_alive():
-            batch = drain(self.events, 0.05, window, BATCH_LIMIT)
+            batch = self.events.get(0.05, window, BATCH_LIMIT)
             if batch:
                 self._apply(self.tree, batch)
                 if len(replay) + len(batch) <= replay_limit:
@@ -332,6 +329,11 @@ class ExporterService:
 
     def _on_overflow(self, reason: str) -> None:
         self.overflow.raise_(reason)
+
+    def _on_watch_error(self, path: str, err: OSError) -> None:
+        # Runs on the reader thread; the updater sees `reader.failed` and switches to polling.
+        with self.lock:
+            self._record_error("watch", path, err.strerror or str(err))
 
     def _note_overflow(self, reasons: list[str]) -> None:
         with self.lock:

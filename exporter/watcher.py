@@ -1,4 +1,4 @@
-"""Watchdog adapter: filesystem events in, bounded hand-off, coalesced stat-based index updates out.
+"""Filesystem event hints in, coalesced stat-based index updates out.
 
 Events are hints, not deltas: each batch marks paths dirty and one lstat per dirty path decides
 what the index holds. That makes replaying an event harmless, which is what lets a full scan run
@@ -7,107 +7,35 @@ while events keep arriving (they are applied again to the scanned tree before it
 
 from __future__ import annotations
 
-import logging
 import os
-import queue
 import stat
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-from watchdog.events import (
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
 
 from exporter.scan import file_info, scan_local, stat_changed
 from exporter.tree import DirNode, Parts, Tree
 
-# Reads are not events: opens and close-without-write never reach the kernel queue.
-EVENT_FILTER: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    FileModifiedEvent,
-    FileClosedEvent,
-    FileDeletedEvent,
-    FileMovedEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirMovedEvent,
-]
-
 
 @dataclass(frozen=True, slots=True)
 class RawEvent:
-    """What the index needs of a watchdog event; plain values, easy to build in a test."""
+    """What the index needs of a filesystem event; plain values, easy to build in a test."""
 
-    kind: str  # created | modified | closed | deleted | moved
+    kind: str  # created | modified | deleted | moved (only the last two act differently)
     src: str
     dst: str = ""
-
-
-class QueueingHandler(FileSystemEventHandler):
-    """Runs on watchdog's thread: copy the event into a bounded queue and return at once."""
-
-    def __init__(self, events: queue.Queue[RawEvent], on_overflow: Callable[[str], None]) -> None:
-        self._events = events
-        self._on_overflow = on_overflow
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        kind = event.event_type
-        if kind in ("opened", "closed_no_write"):
-            return
-        src = os.fsdecode(event.src_path)
-        dst = os.fsdecode(event.dest_path) if event.dest_path else ""
-        try:
-            self._events.put_nowait(RawEvent(kind, src, dst))
-        except queue.Full:
-            self._on_overflow("handoff_queue_full")
-
-
-class OverflowLogHook(logging.Handler):
-    """watchdog only logs a kernel queue overflow and never tells the handler: listen for that log."""
-
-    LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify", "watchdog.observers.inotify_buffer")
-
-    def __init__(self, on_overflow: Callable[[str], None]) -> None:
-        super().__init__(level=logging.WARNING)
-        self._on_overflow = on_overflow
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self._on_overflow("inotify_queue_overflow")
-
-    def install(self) -> None:
-        for name in self.LOGGERS:
-            logger = logging.getLogger(name)
-            logger.addHandler(self)
-            if logger.getEffectiveLevel() > logging.WARNING:
-                logger.setLevel(logging.WARNING)
-
-    def uninstall(self) -> None:
-        for name in self.LOGGERS:
-            logging.getLogger(name).removeHandler(self)
 
 
 class IndexUpdater:
     """Applies batches of events to a tree: one lstat per dirty path, moves re-keyed without stat."""
 
     def __init__(
-        self, root: str, on_error: Callable[[str, str, str], None], on_new_dir: Callable[[Parts], None]
+        self, root: str, on_error: Callable[[str, str, str], None], on_moved_dir: Callable[[Parts], None]
     ) -> None:
         self.root = root.rstrip("/") or "/"
         self._prefix = self.root + "/" if self.root != "/" else "/"
         self._on_error = on_error
-        self._on_new_dir = on_new_dir
+        self._on_moved_dir = on_moved_dir
 
     def parts(self, path: str) -> Parts | None:
         """Path components relative to the models path, or None when outside it."""
@@ -135,9 +63,9 @@ class IndexUpdater:
                     and tree.move(src, dst)
                     and isinstance(tree.lookup(dst), DirNode)
                 ):
-                    # watchdog can deliver a directory's move after events from a new directory
-                    # made at its old path; those land in the moved node. Re-check it after a settle.
-                    self._on_new_dir(dst)
+                    # Watches are added by path when their event is read, which can be after the
+                    # directory moved and a new one took its place: re-check the moved one later.
+                    self._on_moved_dir(dst)
                 for parts in (src, dst):
                     if parts is not None:
                         dirty[parts] = None
@@ -178,8 +106,9 @@ class IndexUpdater:
             if isinstance(known, DirNode):
                 tree.touch(parts, stat_changed(st))
             else:
+                # New to the index: its watch was added before this hint was queued, so a scan now
+                # sees every file made before the watch and events report the rest.
                 self.rescan(tree, parts)
-                self._on_new_dir(parts)
         else:
             tree.remove(parts)  # symlinks, sockets, fifos are never counted
 
@@ -203,29 +132,6 @@ class IndexUpdater:
             tree.set_file(parts, file_info(st))
         else:
             tree.remove(parts)
-
-
-def drain(events: queue.Queue[RawEvent], first_timeout: float, window: float, limit: int) -> list[RawEvent]:
-    """Block up to `first_timeout` for one event, then gather what arrives within `window`."""
-    try:
-        batch = [events.get(timeout=first_timeout)]
-    except queue.Empty:
-        return []
-    deadline = time.monotonic() + window
-    while len(batch) < limit:
-        try:
-            batch.append(events.get_nowait())
-            continue
-        except queue.Empty:
-            pass
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            batch.append(events.get(timeout=remaining))
-        except queue.Empty:
-            break
-    return batch
 
 
 class OverflowFlag:
