@@ -6,6 +6,7 @@ import contextlib
 import heapq
 import os
 import queue
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,6 +29,7 @@ log = get_logger("exporter.service")
 BATCH_LIMIT = 50_000
 # Events applied per hold of the index lock: about 10 ms of lstat work.
 APPLY_SLICE = 500
+SWITCH_INTERVAL = 0.001
 T = TypeVar("T")
 
 
@@ -100,6 +102,9 @@ class ExporterService:
                 hint="create it or set STORAGE_MODELS_PATH",
             )
         self.scanner.start()
+        # The reader, the updater and the HTTP workers share one GIL: hand it over every 1 ms rather
+        # than 5 ms, so a scrape waits less behind a burst being applied.
+        sys.setswitchinterval(SWITCH_INTERVAL)
         if not self.polling:
             fstype = network_filesystem(self.root)
             if fstype:
