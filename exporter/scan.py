@@ -1,4 +1,4 @@
-"""Full scans of a directory tree into detached `DirNode`s: scandir + lstat, iterative, on all cores.
+"""Full scans of a directory tree into detached `DirNode`s: listdir + lstat, iterative, on all cores.
 
 One scanner serves the initial scan, reconcile scans, directories moved in from outside and
 overflow recovery. Symlinks are never followed and never counted; unreadable directories are
@@ -43,45 +43,58 @@ def stat_changed(st: os.stat_result) -> float:
 Progress = Callable[[int], None]
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _scan_one(path: str, node: DirNode, result: ScanResult, pending: list[tuple[str, DirNode]]) -> None:
-    # The hot loop of a million-file scan: no per-file objects beyond the name, no method calls
-    # of ours, bound methods in locals. Appending straight to the table is safe: scandir never
+    # The hot loop of a million-file scan: listdir + fstatat on the directory's descriptor is about
+    # a quarter faster than scandir (no DirEntry objects, no path joins, one stat per entry which
+    # also tells directories apart). Appending straight to the table is safe: listdir never
     # repeats a name and a fresh node has no name index yet.
     files = node.files
     add_name = files.names.append
     add_size = files.sizes.append
+    lstat = os.stat
+    is_dir = stat.S_ISDIR
+    is_reg = stat.S_ISREG
     changed = node.changed
     count = 0
     try:
-        with os.scandir(path) as entries:
-            for entry in entries:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        child = DirNode()
-                        node.dirs[entry.name] = child
-                        pending.append((entry.path, child))
-                    elif entry.is_file(follow_symlinks=False):
-                        st = entry.stat(follow_symlinks=False)
-                        add_name(entry.name)
-                        add_size(st.st_size)
-                        if st.st_nlink > 1:
-                            if node.hard is None:
-                                node.hard = {}
-                            node.hard[entry.name] = (st.st_dev, st.st_ino)
-                        stamp = st.st_ctime
-                        if stamp > changed:
-                            changed = stamp
-                        stamp = st.st_mtime
-                        if stamp > changed:
-                            changed = stamp
-                        count += 1
-                except FileNotFoundError:
-                    continue  # removed while we looked: its delete event follows
-    except FileNotFoundError:
+        fd = os.open(path, _DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return  # removed (or replaced) while we looked: its event follows
+    except OSError as err:
+        result.errors.append((path, err.strerror or type(err).__name__))
         return
+    try:
+        for name in os.listdir(fd):
+            try:
+                st = lstat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            mode = st.st_mode
+            if is_reg(mode):
+                add_name(name)
+                add_size(st.st_size)
+                if st.st_nlink > 1:
+                    if node.hard is None:
+                        node.hard = {}
+                    node.hard[name] = (st.st_dev, st.st_ino)
+                stamp = st.st_ctime
+                if stamp > changed:
+                    changed = stamp
+                stamp = st.st_mtime
+                if stamp > changed:
+                    changed = stamp
+                count += 1
+            elif is_dir(mode):
+                child = DirNode(max(st.st_mtime, st.st_ctime))
+                node.dirs[name] = child
+                pending.append((os.path.join(path, name), child))
     except OSError as err:
         result.errors.append((path, err.strerror or type(err).__name__))
     finally:
+        os.close(fd)
         node.changed = changed
         result.files += count
 
@@ -103,12 +116,6 @@ def scan_local(path: str, progress: Progress | None = None, *, progress_every: i
         current_path, node = pending.pop()
         result.dirs += 1
         _scan_one(current_path, node, result, pending)
-        if node is not root:
-            try:
-                own = os.lstat(current_path)
-                node.changed = max(node.changed, stat_changed(own))
-            except OSError:
-                pass
         if progress is not None and result.files >= next_report:
             progress(result.files)
             next_report += progress_every

@@ -140,6 +140,19 @@ class FileTable:
     def total(self) -> int:
         return sum(self.sizes)
 
+    def __reduce__(self) -> tuple[object, tuple[str, array[int]]]:
+        # Scan workers send tables to the daemon: one joined string pickles and unpickles several
+        # times faster than a list of short ones (names never contain NUL).
+        return (_unpack_table, ("\0".join(self.names), self.sizes))
+
+
+def _unpack_table(joined: str, sizes: array[int]) -> FileTable:
+    table = FileTable()
+    if joined:
+        table.names = joined.split("\0")
+    table.sizes = sizes
+    return table
+
 
 class DirNode:
     """One directory: its files' sizes, its subdirectories, and the bucket its files count in."""

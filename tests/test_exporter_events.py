@@ -212,18 +212,18 @@ def test_copied_models_are_as_new_as_their_ctime(service: ExporterService, store
 def test_unreadable_directory_is_counted_not_fatal(
     service: ExporterService, store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # As root nothing is unreadable; the scanner's scandir is its one edge, so fail it there.
+    # As root nothing is unreadable; opening the directory is the scanner's one edge, so fail it there.
     import exporter.scan as scan_module
 
-    real_scandir = os.scandir
+    real_open = os.open
     locked = str(models_of(store) / "raw" / "locked")
 
-    def scandir(path: str) -> object:
+    def open_(path: str, flags: int, *args: object, **kwargs: object) -> int:
         if str(path) == locked:
             raise PermissionError(13, "Permission denied", path)
-        return real_scandir(path)
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(scan_module.os, "scandir", scandir)
+    monkeypatch.setattr(scan_module.os, "open", open_)
     (models_of(store) / "raw" / "locked").mkdir()
     wait_until(lambda: service.snapshot().errors_total.get("scan", 0) >= 1, timeout=5, what="scan error counted")
     (models_of(store) / "raw" / "ok").mkdir()
