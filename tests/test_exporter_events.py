@@ -13,7 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from exporter.inotify import Handoff
 from exporter.service import ExporterService
+from exporter.watcher import RawEvent
 from shared.config import load_settings
 from tests.oracle import walk_truth
 from tests.support import wait_until
@@ -131,6 +133,50 @@ def test_directories_moved_in_and_out(service: ExporterService, store: Path, tmp
     os.rename(models_of(store) / "raw" / "downloaded", tmp_path / "gone")
     assert_exact(service)
     assert service.snapshot().tiers["raw"] == (0, 0, 0)
+
+
+def test_reads_are_not_events(service: ExporterService, store: Path) -> None:
+    model = models_of(store) / "raw" / "reader"
+    model.mkdir()
+    (model / "w.bin").write_bytes(b"r" * 10)
+    assert_exact(service)
+    before = service.snapshot().events_total
+    for _ in range(200):
+        (model / "w.bin").read_bytes()
+    (model / "marker").write_bytes(b"m")  # create, modify, close: at most three hints
+    wait_until(lambda: service.snapshot().tiers["raw"] == (11, 2, 1), timeout=5, what="marker counted")
+    assert service.snapshot().events_total - before <= 3
+
+
+def test_a_directory_moved_out_is_no_longer_watched(service: ExporterService, store: Path, tmp_path: Path) -> None:
+    model = models_of(store) / "raw" / "leaving"
+    (model / "sub").mkdir(parents=True)
+    (model / "sub" / "f").write_bytes(b"1")
+    assert_exact(service)
+    watches = service.snapshot().watches
+    os.rename(model, tmp_path / "left")
+    wait_until(lambda: service.snapshot().watches == watches - 2, timeout=5, what="watches dropped")
+    # Writes in the old directory, now outside, must not land anywhere in the index.
+    (tmp_path / "left" / "sub" / "g").write_bytes(b"22")
+    (models_of(store) / "raw" / "after").write_bytes(b"333")
+    assert_exact(service)
+    assert service.snapshot().tiers["raw"] == (3, 1, 1)
+    # Moved back in: watched again, and new files in it are seen.
+    os.rename(tmp_path / "left", model)
+    wait_until(lambda: service.snapshot().watches == watches, timeout=5, what="watches back")
+    (model / "sub" / "h").write_bytes(b"4444")
+    assert_exact(service)
+    assert service.snapshot().tiers["raw"] == (10, 4, 2)
+
+
+def test_the_hand_off_is_bounded_by_events() -> None:
+    handoff = Handoff(limit=5)
+    assert handoff.put([RawEvent("modified", "/a")] * 3)
+    assert not handoff.put([RawEvent("modified", "/b")] * 3)  # 6 > 5: refused whole, caller rescans
+    assert handoff.put([RawEvent("modified", "/c")] * 2)
+    assert [e.src for e in handoff.get(0.0, 0.0, 4)] == ["/a", "/a", "/a", "/c"]
+    assert [e.src for e in handoff.get(0.0, 0.0, 4)] == ["/c"]
+    assert handoff.get(0.0, 0.0, 4) == []
 
 
 def test_write_temp_then_rename_over_the_target(service: ExporterService, store: Path) -> None:
