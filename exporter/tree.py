@@ -12,6 +12,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from shared.layout import Layout
 from shared.metric_names import OTHER_TIER
@@ -205,8 +206,9 @@ class _Inode:
         self.refs: list[tuple[DirNode, str]] = []
 
 
-@dataclass(frozen=True, slots=True)
-class ModelStat:
+class ModelStat(NamedTuple):
+    """One model's totals in a snapshot (a tuple: 10,000 of them are built under the index lock)."""
+
     tier: str
     model: str
     bytes: int

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from watchdog.observers.inotify_c import InotifyConstants
 
-from exporter.inotify import Handoff
+from exporter.inotify import MASK, Handoff
 from exporter.service import ExporterService
 from exporter.watcher import RawEvent
 from shared.config import load_settings
@@ -145,7 +146,9 @@ def test_reads_are_not_events(service: ExporterService, store: Path) -> None:
         (model / "w.bin").read_bytes()
     (model / "marker").write_bytes(b"m")  # create, modify, close: at most three hints
     wait_until(lambda: service.snapshot().tiers["raw"] == (11, 2, 1), timeout=5, what="marker counted")
-    assert service.snapshot().events_total - before <= 3
+    # w.bin's own close may trail into this window; 200 reads as events would be far more.
+    assert service.snapshot().events_total - before <= 6
+    assert not MASK & (InotifyConstants.IN_OPEN | InotifyConstants.IN_ACCESS | InotifyConstants.IN_CLOSE_NOWRITE)
 
 
 def test_a_directory_moved_out_is_no_longer_watched(service: ExporterService, store: Path, tmp_path: Path) -> None:
@@ -354,7 +357,7 @@ def test_random_operation_sequences_end_exact(tmp_path_factory: pytest.TempPathF
 
 
 def test_a_burst_that_overflows_ends_exact(store: Path) -> None:
-    """100,000 creates from another process overflow the kernel queue; a rescan makes it exact."""
+    """100,000 creates that overflow the hand-off (or the kernel queue); a rescan makes it exact."""
     svc = make_service(store, STORAGE_EVENT_QUEUE_SIZE="1000")
     svc.start()
     try:
@@ -368,7 +371,10 @@ def test_a_burst_that_overflows_ends_exact(store: Path) -> None:
             "        fd=os.open(os.path.join(p,'f%d'%i),os.O_WRONLY|os.O_CREAT,0o644)\n"
             "        os.write(fd,b'x'); os.close(fd)\n"
         )
-        subprocess.run([sys.executable, "-c", writer, str(models_of(store))], check=True)
+        # The reader keeps up with a writer on this disk now: stall the updater for the burst so the
+        # 1,000-event hand-off (or the kernel queue) really overflows.
+        with svc.lock:
+            subprocess.run([sys.executable, "-c", writer, str(models_of(store))], check=True)
         assert_exact(svc, timeout=60)
         snap = svc.snapshot()
         assert snap.tiers["raw"] == (100_000, 100_000, 1)
