@@ -260,7 +260,7 @@ FIELDS: tuple[Field, ...] = (
         "STORAGE_SETTLE_SECONDS",
         0.25,
         _number(0, 10),
-        "Re-stat a new directory's entries after this delay",
+        "Scan a directory moved within the tree again after this delay",
     ),
     Field("exporter.queue_size", "STORAGE_EVENT_QUEUE_SIZE", 100000, _integer(1000), "Event hand-off bound"),
     Field(
