@@ -591,7 +591,7 @@ def _answer(answer: Answer) -> JSONResponse:
 class StorageApi:
     """Everything the /storage/* routes need, injected so tests can build one over a real service."""
 
-    snapshot: Callable[[int], Snapshot]  # a snapshot listing only the N largest models
+    snapshot: Callable[[], Snapshot]
     reconcile: Callable[[str], ReconcileResult]
     is_alive: Callable[[], bool]
     filesystem: Callable[[], FsUsage | None]
@@ -654,7 +654,7 @@ class StorageApi:
 
     def _info(self, top: int) -> dict[str, Any]:
         return info_document(
-            self.snapshot(top),
+            self.snapshot(),
             capacity_bytes=self.capacity_bytes,
             filesystem=self.filesystem(),
             cleanup=self.cleanup_state(),

@@ -55,7 +55,7 @@ LANDING_LINKS = (
 def storage_api(service: ExporterService, settings: Settings, config_file: str | None) -> StorageApi:
     state_file = settings.cleanup_state_file
     return StorageApi(
-        snapshot=service.snapshot_largest,
+        snapshot=service.snapshot,
         reconcile=service.reconcile,
         is_alive=service.is_alive,
         filesystem=lambda: filesystem_usage(service.root),

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -149,11 +149,6 @@ class ExporterService:
         """A consistent copy; `models=False` skips the per-model list (O(models) allocations)."""
         with self.lock:
             return self._snapshot_locked(models)
-
-    def snapshot_largest(self, count: int) -> Snapshot:
-        """A snapshot whose model list holds only the `count` largest models (for /storage/info)."""
-        snap, largest = self.read_index(lambda tree: tree.largest_models(count))
-        return replace(snap, models=largest)
 
     def read_index(self, fn: Callable[[Tree], T]) -> tuple[Snapshot, T]:
         """A snapshot without the model list, and `fn` run on the live tree under the same lock."""

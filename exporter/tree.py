@@ -9,7 +9,6 @@ path goes, as `du -b` would count it.
 
 from __future__ import annotations
 
-import heapq
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -264,11 +263,6 @@ class Tree:
 
     def model_stats(self) -> list[ModelStat]:
         return [ModelStat(tier, model, b.bytes, b.files, b.changed) for (tier, model), b in self.models.items()]
-
-    def largest_models(self, count: int) -> list[ModelStat]:
-        """The `count` largest models, ties by tier then name, without building every ModelStat."""
-        top = heapq.nsmallest(count, self.models.items(), key=lambda item: (-item[1].bytes, item[0]))
-        return [ModelStat(tier, model, b.bytes, b.files, b.changed) for (tier, model), b in top]
 
     # ----- mutations -----
 

@@ -209,14 +209,3 @@ def test_hard_links_in_a_small_namespace(ops: list[tuple]) -> None:  # type: ign
     for op in ops:
         apply(tree, ref, op)
         check(tree, ref, per_model=False)
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.dictionaries(st.sampled_from(["a", "b", "c", "d", "e"]), st.integers(0, 50), max_size=5), st.integers(1, 6))
-def test_largest_models_are_the_top_of_a_full_sort(sizes: dict[str, int], count: int) -> None:
-    tree = Tree(Layout())
-    for name, size in sizes.items():
-        tree.set_file(("raw", name, "w"), FileInfo(size, 1.0))
-        tree.set_file(("quantized", name, "w"), FileInfo(size // 2, 1.0))
-    expected = sorted(tree.model_stats(), key=lambda s: (-s.bytes, s.tier, s.model))[:count]
-    assert tree.largest_models(count) == expected
