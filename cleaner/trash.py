@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cleaner.journal import fsync_dir, remove_tree
+from cleaner.walk import snapshot
 
 RUN_META = ".run.json"
 TIER_NAMES = ("raw", "quantized", "repository")
@@ -54,25 +54,8 @@ class TrashEntry:
 
 def tree_size(path: Path) -> tuple[int, int]:
     """(bytes, files) with du -b semantics: regular files' sizes, each inode once, no symlink followed."""
-    seen: set[tuple[int, int]] = set()
-    total = files = 0
-    stack = [path]
-    while stack:
-        current = stack.pop()
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISDIR(st.st_mode):
-            try:
-                stack.extend(Path(entry.path) for entry in os.scandir(current))
-            except FileNotFoundError:
-                continue
-        elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
-            files += 1
-    return total, files
+    walked = snapshot(path)
+    return walked.bytes, walked.files
 
 
 # ---- per-run metadata ------------------------------------------------------------------------
