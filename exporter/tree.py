@@ -189,14 +189,6 @@ class DirNode:
             yield node
             stack.extend(node.dirs.values())
 
-    def count(self) -> tuple[int, int]:
-        """(directories, file names) in this subtree."""
-        dirs = files = 0
-        for node in self.walk():
-            dirs += 1
-            files += len(node.files)
-        return dirs, files
-
 
 class _Inode:
     __slots__ = ("refs", "size")
