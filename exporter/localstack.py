@@ -345,10 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not _wait_ready(component, stack.start(component), stop):
                 return 0 if stop.is_set() else 1
         lines = [f"  {c.name:<13} {c.show_url}" for c in plan.components]
-        print("localstack: running (Ctrl-C stops all):\n" + "\n".join(lines), flush=True)
         hint = cleaner_hint(plan, Path(sys.executable).parent, settings["cleaner.prometheus.url"])
         if hint:
-            print(f"  try the cleaner: {hint}", flush=True)
+            lines.append(f"  try the cleaner: {hint}")
+        # One write, so whoever sees "running" sees the whole block, the cleaner hint included.
+        print("localstack: running (Ctrl-C stops all):\n" + "\n".join(lines), flush=True)
         while not stop.wait(0.5):
             exited = stack.exited()
             if exited:
