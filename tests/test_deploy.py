@@ -385,6 +385,15 @@ def test_units_run_the_installed_scripts_as_a_dedicated_user() -> None:
     assert "--actor timer run" in cleaner["ExecStart"][0]
 
 
+def test_units_keep_proc_whole_for_the_watch_limit_and_the_in_use_check() -> None:
+    # ProcSubset=pid hides /proc/sys (no watch limit, so its alert could never fire) and
+    # ProtectProc=invisible hides other users' processes from the cleaner's in-use check.
+    for name in ("model-storage-exporter.service", "model-storage-cleaner.service"):
+        values = unit(name)
+        assert "ProcSubset" not in values, name
+        assert values.get("ProtectProc", ["default"]) == ["default"], name
+
+
 def test_units_may_write_only_the_storage_path_of_the_env_example() -> None:
     base = env_file(SYSTEMD / "model-storage.env.example")["STORAGE_BASE_PATH"]
     for name in ("model-storage-exporter.service", "model-storage-cleaner.service"):
