@@ -151,6 +151,16 @@ def test_units_match_what_the_query_measures() -> None:
             assert unit == "bytes", panel["title"]
 
 
+def test_no_panel_adds_up_ratios_across_instances() -> None:
+    # With several hosts selected, a sum of per-host shares or usage ratios exceeds 100%: aggregate
+    # the bytes and let the panel (or a division after the sum) make the ratio.
+    for _, target in targets():
+        aggregation = r"\b(sum|avg)\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\("
+        for call in re.finditer(aggregation, target["expr"]):
+            inner = target["expr"][call.end() :].split(")", 1)[0]
+            assert not re.search(r":(ratio|share)\b", inner), target["expr"]
+
+
 def test_every_range_uses_rate_interval() -> None:
     exprs = [t["expr"] for _, t in targets()] + [a["expr"] for a in DASHBOARD["annotations"]["list"]]
     for expr in exprs:
@@ -196,7 +206,6 @@ def test_dashboard_shows_what_the_spec_and_the_issue_ask_for() -> None:
     shown = {name for _, t in targets() for name, _ in metric_selectors(t["expr"])}
     wanted = {
         "model_storage_bytes",  # usage trends per tier
-        "instance_tier:model_storage_bytes:share",  # distribution
         "model_storage_model_bytes",  # largest models
         "instance:model_storage_usage:ratio",  # capacity gauge
         "instance:model_storage_filesystem_usage:ratio",  # filesystem gauge
