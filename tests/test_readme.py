@@ -77,3 +77,38 @@ def test_every_cleaner_command_in_the_readme_exists() -> None:
     assert {"plan", "run", "restore", "purge", "trash", "policies", "audit"} <= set(used)
     for command in set(used):
         assert command in subcommands, command
+
+
+def github_anchors(markdown: str) -> list[str]:
+    """The anchors GitHub gives the headings, in order: lower case, punctuation dropped, spaces to
+    hyphens, and a -1, -2, ... suffix on repeats (so a second "Performance" is #performance-1)."""
+    seen: dict[str, int] = {}
+    anchors = []
+    in_code = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        heading = re.match(r"^#{1,6} (.+)$", line)
+        if in_code or not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.append(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def test_github_anchor_rule_numbers_repeated_headings() -> None:
+    assert github_anchors("# A b\n## `x` (y)\n### A b\n```\n# not a heading\n```\n") == ["a-b", "x-y", "a-b-1"]
+
+
+def test_every_internal_link_and_runbook_url_names_a_heading_once() -> None:
+    anchors = github_anchors(README)
+    links = set(re.findall(r"\]\(#([^)]+)\)", README))
+    for path in (ROOT / "rules").glob("*.yml"):
+        links |= set(re.findall(r"README\.md#([\w-]+)", path.read_text()))
+    assert links
+    for link in links:
+        assert link in anchors, link
+        # A repeated heading makes the plain anchor point at the first of them, maybe not the intended one.
+        assert f"{link}-1" not in anchors, link
