@@ -547,8 +547,46 @@ def _check_coherence(settings: Settings) -> None:
             f"config: cleaner.usage_query={settings['cleaner.usage_query'][:60]!r}: "
             "expected a PromQL template containing $window"
         )
+    _check_apart_from_models(settings)
+
+
+def _shown_key(settings: Settings, key: str) -> str:
+    """The name the user set a value under: its env var when it came from the environment."""
+    return FIELDS_BY_KEY[key].env if settings.sources.get(key) == "env" else key
+
+
+def overlap(path: Path, models: Path) -> str | None:
+    """How `path` overlaps the models path ("is", "is inside", "contains"), or None. Pure."""
+    if path == models:
+        return "is"
+    if models in path.parents:
+        return "is inside"
+    if path in models.parents:
+        return "contains"
+    return None
+
+
+def _check_apart_from_models(settings: Settings) -> None:
+    """The cleaner's own areas must not overlap the models: anything there is read as theirs or as models.
+
+    A trash or archive that contains the models path lists live models as trash entries and purge
+    deletes them; one inside it is scanned and planned as models. The state directory and the
+    audit log only must not lie inside it (a state path above the models changes nothing).
+    """
     models = settings.models_path.resolve()
-    for key, path in (("cleaner.trash.path", settings.trash_path), ("storage.state_path", settings.state_path)):
-        resolved = path.resolve()
-        if resolved == models or models in resolved.parents:
-            raise ConfigError(f"config: {key}={str(path)!r}: expected a path outside the models path")
+    areas = (
+        ("cleaner.trash.path", settings.trash_path, True),
+        ("cleaner.backup.path", settings.backup_path, True),
+        ("storage.state_path", settings.state_path, False),
+        ("storage.audit_log", settings.audit_log_path, False),
+    )
+    for key, path, must_not_contain in areas:
+        how = overlap(path.resolve(), models)
+        if how is None or (how == "contains" and not must_not_contain):
+            continue
+        expected = "a path outside the models path" + (" and not containing it" if must_not_contain else "")
+        where = "" if settings.sources.get(key) in ("env", "file") else " (derived from storage.base_path)"
+        raise ConfigError(
+            f"config: {_shown_key(settings, key)}={str(path)!r}{where} {how} the models path {str(models)!r}: "
+            f"expected {expected}"
+        )

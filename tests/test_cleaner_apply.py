@@ -639,3 +639,20 @@ def test_run_with_prometheus_down_exits_4_but_leaves_a_failed_state_to_alert_on(
     assert state is not None and not state.success and state.exit_code == 4 and state.error
     assert (store / "models/raw/m/w").exists()
     assert verify_audit(settings.audit_log_path).ok
+
+
+# ---- the cleaner's areas never overlap the models ------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["purge", "--all"], ["trash"], ["run", "--plan", "x"]])
+def test_a_trash_path_containing_the_models_is_refused_and_no_model_is_touched(store: Path, command: list[str]) -> None:
+    before = three_models(store)
+    env = exporter_env(store / "models", store, STORAGE_TRASH_PATH=str(store))
+
+    done = run_cleaner(command, env)
+
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"STORAGE_TRASH_PATH={str(store)!r} contains the models path" in line
+    for key, manifest in before.items():
+        assert tree_manifest(store / "models" / key) == manifest

@@ -68,6 +68,47 @@ def test_bad_values_give_one_line_naming_the_key(env: dict[str, str], needle: st
     assert caught.value.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"STORAGE_TRASH_PATH": "/s"}, "STORAGE_TRASH_PATH='/s' contains the models path '/s/models'"),
+        ({"STORAGE_TRASH_PATH": "/"}, "STORAGE_TRASH_PATH='/' contains the models path"),
+        ({"STORAGE_TRASH_PATH": "/s/models"}, "STORAGE_TRASH_PATH='/s/models' is the models path"),
+        ({"STORAGE_TRASH_PATH": "/s/models/raw/t"}, "STORAGE_TRASH_PATH='/s/models/raw/t' is inside"),
+        ({"STORAGE_BACKUP_PATH": "/s"}, "STORAGE_BACKUP_PATH='/s' contains the models path"),
+        ({"STORAGE_BACKUP_PATH": "/s/models/b"}, "STORAGE_BACKUP_PATH='/s/models/b' is inside"),
+        ({"STORAGE_STATE_PATH": "/s/models"}, "STORAGE_STATE_PATH='/s/models' is the models path"),
+        ({"STORAGE_AUDIT_LOG": "/s/models/raw/audit.log"}, "STORAGE_AUDIT_LOG='/s/models/raw/audit.log' is inside"),
+        ({"STORAGE_MODELS_PATH": "/s"}, "cleaner.trash.path='/s/trash' (derived from storage.base_path) is inside"),
+        (
+            {"STORAGE_MODELS_PATH": "/s/trash/m"},
+            "cleaner.trash.path='/s/trash' (derived from storage.base_path) contains",
+        ),
+    ],
+)
+def test_trash_backup_state_and_audit_paths_must_not_overlap_the_models_path(env: dict[str, str], needle: str) -> None:
+    # A trash containing the models path would list live models as trash entries, and purge them.
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"STORAGE_BASE_PATH": "/s", **env})
+    line = caught.value.one_line()
+    assert needle in line, line
+    assert "expected a path outside the models path" in line and "\n" not in line
+    assert caught.value.exit_code == 2
+
+
+def test_a_state_path_above_the_models_path_is_allowed() -> None:
+    # The state directory holds only the cleaner's own files under fixed names: it may contain the models.
+    settings = load_settings(env={"STORAGE_BASE_PATH": "/s", "STORAGE_STATE_PATH": "/s"})
+    assert settings.state_path == Path("/s")
+
+
+def test_overlapping_paths_are_refused_from_the_config_file_under_their_yaml_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text("storage:\n  base_path: /s\ncleaner:\n  trash:\n    path: /s\n")
+    with pytest.raises(ConfigError, match=r"cleaner.trash.path='/s' contains the models path"):
+        load_settings(config, env={})
+
+
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "missing.yml", env={})
