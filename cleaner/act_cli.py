@@ -153,7 +153,8 @@ def _run_locked(
     journal = Journal(settings.state_path, run_id, command="run")
     ctx = apply.Context.from_settings(settings, run_id=run_id, actor=actor, now=now)
     result = apply.apply_evictions(plan.evictions, ctx, journal, audit)
-    purged = apply.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=False)
+    purge = apply.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=False, keep_run=run_id)
+    purged = purge.entries
     journal.close()
     exit_code = apply.exit_code_for(result)
     error = f"{len(result.failed)} eviction(s) failed" if result.failed else None
@@ -186,6 +187,7 @@ def _run_locked(
         "purged": [{"run_id": e.run_id, "tier": e.tier, "model": e.model, "bytes": e.bytes} for e in purged],
         "trash_path": str(settings.trash_path / run_id),
         "trash_bytes": trash_total,
+        "warnings": purge.warnings,
         "exit_code": exit_code,
     }
     return report, exit_code
@@ -232,6 +234,8 @@ def _run_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  FAILED  {item['tier']}/{item['model']}: {item['error']}")
     for item in report["purged"]:
         lines.append(f"  purged from trash {item['tier']}/{item['model']} of run {item['run_id']}")
+    for warning in report["warnings"]:
+        lines.append(f"  warning: {warning}")
     if report["done"] and report["mode"] != "none":
         lines.append(f"undo with: model-storage-cleaner restore {report['run_id']}")
     return lines
@@ -279,7 +283,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     with CleanerLock(lock_path(settings.state_path)):
         apply.recover(settings, audit, actor=actor, now=now)
         journal = Journal(settings.state_path, new_plan_id(now), command="purge")
-        purged = apply.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=args.all)
+        purged = apply.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=args.all).entries
         journal.close()
         _refresh_trash_bytes(settings)
     data = {

@@ -22,6 +22,9 @@ from shared.audit import AuditLog
 from shared.config import GB, Settings
 from shared.errors import PreconditionError
 from shared.layout import Layout
+from shared.logs import get_logger
+
+log = get_logger("cleaner.apply")
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,19 +346,53 @@ def restore_entries(
 # ---- purge -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Purged:
+    entries: list[trash.TrashEntry]
+    warnings: list[str]
+
+
 def purge_trash(
-    settings: Settings, journal: jr.Journal, audit: AuditLog, *, actor: str, now: float, purge_all: bool
-) -> list[trash.TrashEntry]:
-    """Delete expired trash entries, then the oldest while over the cap (everything with purge_all)."""
+    settings: Settings,
+    journal: jr.Journal,
+    audit: AuditLog,
+    *,
+    actor: str,
+    now: float,
+    purge_all: bool,
+    keep_run: str | None = None,
+) -> Purged:
+    """Delete expired trash entries, then the oldest while over the cap (everything with purge_all).
+
+    `keep_run`'s entries are never deleted: the purge that ends a run must not take back what that
+    run just evicted, or a run evicting more than the cap would leave nothing to restore.
+    """
     root = settings.trash_path
     entries = trash.list_entries(root)
+    cap = trash_cap_bytes(settings)
     chosen = trash.select_for_purge(
         entries,
         now,
         settings["cleaner.trash.retention_days"],
-        trash_cap_bytes(settings),
+        cap,
         purge_all=purge_all,
+        keep_runs=frozenset() if keep_run is None else frozenset({keep_run}),
     )
+    warnings: list[str] = []
+    over = None if keep_run is None else trash.over_cap_warning(entries, keep_run, cap)
+    if over is not None and keep_run is not None:
+        warnings.append(over)
+        run_bytes = sum(e.bytes for e in entries if e.run_id == keep_run)
+        log.warning("trash.cap_exceeded", run_id=keep_run, run_bytes=run_bytes, cap_bytes=cap)
+        audit.append(
+            "purge",
+            actor=actor,
+            target=keep_run,
+            result="skipped",
+            bytes=run_bytes,
+            error=over,
+            details={"run_id": keep_run, "reason": "current_run_over_cap", "cap_bytes": cap},
+        )
     for entry in chosen:
         meta = {"run_id": entry.run_id, "tier": entry.tier, "model": entry.model, "root": str(root)}
         try:
@@ -375,7 +412,7 @@ def purge_trash(
         )
     for run_id in sorted({e.run_id for e in chosen}):
         trash.remove_run_if_empty(root, run_id)
-    return chosen
+    return Purged(chosen, warnings)
 
 
 def trash_cap_bytes(settings: Settings) -> int:

@@ -179,17 +179,40 @@ def is_expired(entry: TrashEntry, now: float, retention_days: float) -> bool:
 
 
 def select_for_purge(
-    entries: Sequence[TrashEntry], now: float, retention_days: float, max_bytes: int, *, purge_all: bool = False
+    entries: Sequence[TrashEntry],
+    now: float,
+    retention_days: float,
+    max_bytes: int,
+    *,
+    purge_all: bool = False,
+    keep_runs: frozenset[str] = frozenset(),
 ) -> list[TrashEntry]:
-    """Expired entries, then the oldest others while the trash is still above its cap."""
+    """Expired entries, then the oldest others while the trash is still above its cap.
+
+    Entries of `keep_runs` (the run that is ending) are never chosen but still count towards the
+    cap: a run that evicts more than the cap must leave what it evicted restorable, so older runs
+    go first and then the trash stays over its cap until the next purge.
+    """
+    candidates = [e for e in entries if e.run_id not in keep_runs]
     if purge_all:
-        return list(entries)
-    chosen = [e for e in entries if is_expired(e, now, retention_days)]
-    rest = sorted((e for e in entries if not is_expired(e, now, retention_days)), key=lambda e: e.moved_at)
-    remaining = sum(e.bytes for e in rest)
+        return candidates
+    chosen = [e for e in candidates if is_expired(e, now, retention_days)]
+    rest = sorted((e for e in candidates if not is_expired(e, now, retention_days)), key=lambda e: e.moved_at)
+    remaining = sum(e.bytes for e in entries) - sum(e.bytes for e in chosen)
     for entry in rest:
         if remaining <= max_bytes:
             break
         chosen.append(entry)
         remaining -= entry.bytes
     return chosen
+
+
+def over_cap_warning(entries: Sequence[TrashEntry], run_id: str, max_bytes: int) -> str | None:
+    """Why the trash stays over its cap after the end-of-run purge: this run alone exceeds it. Pure."""
+    run_bytes = sum(e.bytes for e in entries if e.run_id == run_id)
+    if run_bytes <= max_bytes:
+        return None
+    return (
+        f"run {run_id} alone put {run_bytes} bytes in the trash, over its cap of {max_bytes} bytes "
+        "(STORAGE_TRASH_MAX_GB); kept so it can be restored, purged by a later purge"
+    )

@@ -158,6 +158,17 @@ def _dir_name(key: str, value: Any) -> str:
     return text
 
 
+def _trash_limit(key: str, value: Any) -> float:
+    """Trash retention and cap: 0 would purge each evicted model at once, a silent backup mode `none`."""
+    try:
+        number: float = _number(0, strict_min=True)(key, value)
+    except ConfigError as err:
+        raise ConfigError(
+            err.message, hint="to delete evicted models directly, choose STORAGE_BACKUP_MODE=none explicitly"
+        ) from None
+    return number
+
+
 _LISTEN = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:\s]+):(?P<port>\d{1,5})$")
 
 
@@ -378,8 +389,8 @@ FIELDS: tuple[Field, ...] = (
     Field("cleaner.backup.mode", "STORAGE_BACKUP_MODE", "trash", _choice(BACKUP_MODES), "trash|archive|none"),
     Field("cleaner.backup.path", "STORAGE_BACKUP_PATH", None, _optional_path, "Archive copies"),
     Field("cleaner.trash.path", "STORAGE_TRASH_PATH", None, _optional_path, "Trash (default BASE/trash)"),
-    Field("cleaner.trash.retention_days", "STORAGE_TRASH_RETENTION_DAYS", 7.0, _number(0), "Trash retention"),
-    Field("cleaner.trash.max_gb", "STORAGE_TRASH_MAX_GB", 50.0, _number(0), "Trash cap, oldest purged first"),
+    Field("cleaner.trash.retention_days", "STORAGE_TRASH_RETENTION_DAYS", 7.0, _trash_limit, "Trash retention"),
+    Field("cleaner.trash.max_gb", "STORAGE_TRASH_MAX_GB", 50.0, _trash_limit, "Trash cap, oldest purged first"),
 )
 
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}

@@ -452,6 +452,47 @@ def test_purge_selection_takes_expired_entries_then_oldest_beyond_the_cap() -> N
     assert trash.select_for_purge([mid], now, 3, max_bytes=1000) == [mid]  # exactly at expiry
 
 
+def test_purge_selection_never_takes_the_kept_run_but_counts_it_towards_the_cap() -> None:
+    now = 100 * DAY
+    expired, older, current = entry("a", now - 8 * DAY, 10), entry("b", now - DAY, 30), entry("c", now, 100)
+    everything = [expired, older, current]
+    assert trash.select_for_purge(everything, now, 7, max_bytes=50, keep_runs=frozenset({"c"})) == [expired, older]
+    assert trash.select_for_purge(everything, now, 7, max_bytes=130, keep_runs=frozenset({"c"})) == [expired]
+    assert trash.select_for_purge(everything, now, 7, 0, purge_all=True, keep_runs=frozenset({"c"})) == [
+        expired,
+        older,
+    ]
+    assert trash.over_cap_warning(everything, "c", 99) is not None
+    assert trash.over_cap_warning(everything, "c", 100) is None
+
+
+def test_a_run_evicting_more_than_the_trash_cap_keeps_all_it_evicted_restorable(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store, STORAGE_TRASH_MAX_GB=str(150 / 1e9))
+    make_model(store / "models", "raw", "earlier", {"w": b"e" * 100})
+    _, first = run(settings, plan_for(settings, [("raw", "earlier")]), capsys)
+    before = {name: make_model(store / "models", "raw", name, {"w": name.encode() * 100}) for name in ("a", "b")}
+    manifests = {name: tree_manifest(path) for name, path in before.items()}
+
+    code, report = run(settings, plan_for(settings, [("raw", "a"), ("raw", "b")]), capsys)
+
+    assert code == 0
+    assert [(p["run_id"], p["model"]) for p in report["purged"]] == [(first["run_id"], "earlier")]
+    assert [e.model for e in trash.list_entries(settings.trash_path)] == ["a", "b"]
+    assert report["trash_bytes"] == 200
+    (warning,) = report["warnings"]
+    assert report["run_id"] in warning and "over its cap of 150 bytes" in warning
+    records = [json.loads(line) for line in settings.audit_log_path.read_text().splitlines()]
+    (skipped,) = [r for r in records if r["operation"] == "purge" and r["result"] == "skipped"]
+    assert skipped["target"] == report["run_id"] and skipped["bytes"] == 200
+    assert skipped["details"]["reason"] == "current_run_over_cap"
+    args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
+    assert act_cli.cmd_restore(settings, args) == 0
+    for name, manifest in manifests.items():
+        assert tree_manifest(store / "models/raw" / name) == manifest
+
+
 def test_purge_respects_retention_on_real_trash(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = settings_for(store)
     make_model(store / "models", "raw", "a", {"w": b"1" * 10})
@@ -462,10 +503,10 @@ def test_purge_respects_retention_on_real_trash(store: Path, capsys: pytest.Capt
     audit = AuditLog(settings.audit_log_path)
 
     journal = Journal(settings.state_path, "purge-test", command="purge")
-    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 6.9 * DAY, purge_all=False)
+    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 6.9 * DAY, purge_all=False).entries
     assert purged == []
     assert len(trash.list_entries(settings.trash_path)) == 2
-    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 7.1 * DAY, purge_all=False)
+    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 7.1 * DAY, purge_all=False).entries
     journal.close()
     assert sorted(e.model for e in purged) == ["a", "b"]
     assert not (store / "trash" / first["run_id"]).exists() and not (store / "trash" / second["run_id"]).exists()

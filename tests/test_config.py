@@ -56,6 +56,10 @@ def test_config_file_from_env_variable(tmp_path: Path) -> None:
         ({"STORAGE_PROMETHEUS_MATCHERS": "instance=a"}, "label matchers"),
         ({"STORAGE_USAGE_QUERY": "sum(up)"}, "$window"),
         ({"STORAGE_TLS_CERT_FILE": "/c.pem"}, "both or neither"),
+        ({"STORAGE_TRASH_RETENTION_DAYS": "0"}, "STORAGE_TRASH_RETENTION_DAYS='0': expected a number > 0"),
+        ({"STORAGE_TRASH_MAX_GB": "0"}, "STORAGE_TRASH_MAX_GB='0': expected a number > 0"),
+        ({"STORAGE_TRASH_MAX_GB": "-3"}, "choose STORAGE_BACKUP_MODE=none explicitly"),
+        ({"STORAGE_TRASH_RETENTION_DAYS": "0"}, "to delete evicted models directly"),
         ({"STORAGE_BASE_PATH": "/s", "STORAGE_TRASH_PATH": "/s/models/trash"}, "outside the models path"),
     ],
 )
