@@ -121,7 +121,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             code = err.exit_code if isinstance(err, StorageError) else 1
             message = err.one_line() if isinstance(err, StorageError) else f"{type(err).__name__}: {err}"
             if isinstance(err, Exception):
-                _write_state(settings, run_id, now, code, message, apply.ApplyResult(), ())
+                _write_state(settings, run_id, code, message, apply.ApplyResult(), ())
                 audit.append("run", actor=actor, target=run_id, result="failure", error=message)
             raise
     _print(report, args.json, _run_lines(report))
@@ -158,7 +158,7 @@ def _run_locked(
     journal.close()
     exit_code = apply.exit_code_for(result)
     error = f"{len(result.failed)} eviction(s) failed" if result.failed else None
-    trash_total = _write_state(settings, run_id, now, exit_code, error, result, plan.kept)
+    trash_total = _write_state(settings, run_id, exit_code, error, result, plan.kept)
     audit.append(
         "run",
         actor=actor,
@@ -196,7 +196,6 @@ def _run_locked(
 def _write_state(
     settings: Settings,
     run_id: str,
-    now: float,
     exit_code: int,
     error: str | None,
     result: apply.ApplyResult,
@@ -206,7 +205,9 @@ def _write_state(
     total = apply.trash_bytes(settings)
     state = next_state(
         read_cleanup_state(settings.cleanup_state_file),
-        timestamp=now,
+        # When the run finished, not `now` (its start): the "cleaner has not succeeded for N hours"
+        # alert measures from here, and a long run would otherwise look older than it is.
+        timestamp=time.time(),
         run_id=run_id,
         exit_code=exit_code,
         error=error,

@@ -136,11 +136,16 @@ def kept_reason_label(reason: str) -> str | None:
 
 
 def skipped_counts(kept: Sequence[Kept], skipped: Sequence[Skipped]) -> dict[str, int]:
-    """This run's skipped models by reason: those the plan held back plus those verification did."""
+    """This run's skipped models by reason: those the plan held back plus those verification did.
+
+    Every protected model counts, although the planner keeps them before any policy looks (policy
+    None); other kept models count only when a policy wanted them, or every model too young or too
+    busy to evict would be a "skip".
+    """
     counts: Counter[str] = Counter()
     for item in kept:
         label = kept_reason_label(item.reason)
-        if item.policy is not None and label is not None:
+        if label is not None and (item.policy is not None or label == "protected"):
             counts[label] += 1
     for skip in skipped:
         counts[skip.reason] += 1

@@ -16,7 +16,7 @@ STATE_SCHEMA_VERSION = 1
 class CleanupState:
     """The last run. The evicted_* counters are cumulative across runs; `skipped` is this run's only."""
 
-    timestamp: float
+    timestamp: float  # when the run finished (Unix seconds); served as the last-run timestamp
     success: bool
     run_id: str
     exit_code: int

@@ -662,6 +662,55 @@ def test_state_file_is_replaced_atomically_and_unreadable_state_reads_as_none(tm
     assert read_cleanup_state(path) is None
 
 
+def test_every_protected_model_the_plan_kept_counts_as_skipped_protected() -> None:
+    from cleaner.plan import ModelFacts
+    from cleaner.policies import Coverage, PolicyView, decide
+
+    now = 1_800_000_000.0
+    old = now - 60 * DAY
+    facts = [
+        ModelFacts("raw", "by-glob", 10, 1, old),
+        ModelFacts("raw", "by-marker", 10, 1, old, hold="protected: .keep marker in the model directory"),
+        ModelFacts("raw", "evicted", 10, 1, old),
+        ModelFacts("raw", "young", 10, 1, now - 60),
+    ]
+    view = PolicyView(policies=("age",), protect=("raw/by-glob",), allow_large=True)
+    decision = decide(facts, Coverage(7 * DAY, 7 * DAY, 0), view, now)
+    assert {k.model: k.policy for k in decision.kept if k.reason.startswith("protected")} == {
+        "by-glob": None,
+        "by-marker": None,
+    }
+    assert apply.skipped_counts(decision.kept, []) == {"protected": 2}
+
+
+def test_the_state_file_counts_protected_models_of_the_plan(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "a", {"w": b"x"})
+    kept = (
+        Kept("raw", "p", 7, "protected: matches protect glob 'raw/p'", None),
+        Kept("raw", "young", 1, "grace: changed 1h ago", None),
+    )
+    run(settings, plan_for(settings, [("raw", "a")], kept=kept), capsys)
+    state = read_cleanup_state(settings.cleanup_state_file)
+    assert state is not None and state.skipped == {"protected": 1}
+
+
+def test_the_state_timestamp_is_when_the_run_finished(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_for(store)
+    for name in ("a", "b"):
+        make_model(store / "models", "raw", name, {"w": os.urandom(1000)})
+    plan_id = plan_for(settings, [("raw", "a"), ("raw", "b")])
+    started = time.time()
+
+    run(settings, plan_id, capsys)
+
+    state = read_cleanup_state(settings.cleanup_state_file)
+    records = [json.loads(line) for line in settings.audit_log_path.read_text().splitlines()]
+    last_step = max(r["time"] for r in records if r["operation"] != "run")
+    assert state is not None and started < state.timestamp <= time.time()
+    assert state.timestamp >= last_step  # after the last move was audited, not when the run began
+
+
 def test_kept_reasons_map_to_skip_labels() -> None:
     assert apply.kept_reason_label("protected: .keep marker in the model directory") == "protected"
     assert apply.kept_reason_label("unchanged for 40d, but usage unknown: no usage series") == "unknown_usage"
