@@ -18,6 +18,7 @@ from cleaner.plan import save_plan
 from cleaner.planner import build
 from cleaner.policies import explain, find_models, validate
 from cleaner.report import dumps, policies_document, render_explain, render_plan, render_policies
+from shared.audit import AuditLog
 from shared.config import Settings, load_settings
 from shared.errors import ConfigError, StorageError
 from shared.logs import configure_logging
@@ -44,6 +45,21 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
                 hint="name it as TIER/MODEL or MODEL",
             )
     path = save_plan(plan, settings.state_path)
+    # Every action is audited, a preview too: who looked at what would go, and when.
+    AuditLog(settings.audit_log_path).append(
+        "plan",
+        actor=str(getattr(args, "actor", None) or "cli"),
+        target=plan.plan_id,
+        bytes=plan.bytes_to_free,
+        details={
+            "plan_id": plan.plan_id,
+            "bytes_to_free": plan.bytes_to_free,
+            "evictions": len(plan.evictions),
+            "kept": len(plan.kept),
+            "dry_run": True,
+            "command": "run --dry-run" if getattr(args, "dry_run", False) else "plan",
+        },
+    )
     if args.explain:
         now = plan.created_at
         explanations = [explain(f, planned.coverage, planned.view, now, plan) for f in matches]

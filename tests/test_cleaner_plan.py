@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from shared.audit import verify_audit
 from tests.support import (
     Proc,
     free_port,
@@ -306,6 +307,25 @@ def test_plan_prints_a_table_and_saves_the_same_plan_read_only(stack: Stack) -> 
     assert stat.S_IMODE(saved.stat().st_mode) == 0o444
     document = json.loads(saved.read_text())
     assert document["plan_id"] == plan_id and len(document["evictions"]) == 5
+
+
+def test_plan_and_dry_run_are_each_audited_with_actor_plan_id_and_bytes(stack: Stack, tmp_path: Path) -> None:
+    audit_log = tmp_path / "audit.log"
+    env = stack.env(STORAGE_AUDIT_LOG=str(audit_log), **age_settings(stack))
+    before = tree_snapshot(stack.models)
+
+    plan = json.loads(run_cleaner(["--actor", "ops", "plan", "--json"], env, check=True).stdout)
+    dry = json.loads(run_cleaner(["run", "--dry-run", "--json"], env, check=True).stdout)
+
+    records = [json.loads(line) for line in audit_log.read_text().splitlines()]
+    assert [(r["operation"], r["actor"], r["target"], r["bytes"], r["result"]) for r in records] == [
+        ("plan", "ops", plan["plan_id"], plan["bytes_to_free"], "success"),
+        ("plan", "cli", dry["plan_id"], dry["bytes_to_free"], "success"),
+    ]
+    assert records[0]["details"]["command"] == "plan" and records[1]["details"]["command"] == "run --dry-run"
+    assert records[0]["details"]["bytes_to_free"] == plan["bytes_to_free"] > 0
+    assert verify_audit(audit_log).ok
+    assert tree_snapshot(stack.models) == before
 
 
 def test_explain_says_why_one_model_is_kept_or_evicted(stack: Stack) -> None:
