@@ -16,7 +16,7 @@ import fcntl
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ CHANGED = "changed_since_plan"
 IN_USE = "in_use"
 PROTECTED = "protected"
 UNSUPPORTED = "unsupported_type"
+CHECK_FAILED = "check_failed"  # a check could not be made (an I/O error): never read as "passed"
 TIME_TOLERANCE_SECONDS = 1e-3  # timestamps went through float text and Prometheus
 
 _LOCK_DEVICE = re.compile(r"^([0-9a-fA-F]+):([0-9a-fA-F]+):(\d+)$")
@@ -220,8 +221,43 @@ def verify_model(
     protect: Sequence[str] = (),
     own_pid: int | None = None,
     proc_root: Path = Path("/proc"),
+    walk: Callable[[Path], Snapshot] = snapshot,
 ) -> Verdict:
-    """All checks, cheapest first. When ok, the model's flock is held in `lock_fd`."""
+    """All checks, cheapest first. When ok, the model's flock is held in `lock_fd`.
+
+    Never raises OSError: a check that cannot be made (a directory we may not read, one replaced by
+    a file mid-walk, a path too long, an I/O error) skips this model with `check_failed`, and the
+    run goes on with the next one.
+    """
+    try:
+        return _verify_model(
+            models_path, layout, tier, model, planned_bytes, planned_last_changed, protect, own_pid, proc_root, walk
+        )
+    except OSError as err:
+        where = f" {_shorten(os.fsdecode(err.filename))}" if err.filename else ""
+        reason = err.strerror or type(err).__name__
+        return Verdict(
+            False, CHECK_FAILED, f"could not check{where}: {reason}", model_location(models_path, layout, tier, model)
+        )
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    """A path for a one-line reason: a path too long for the kernel is too long for a report too."""
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
+
+
+def _verify_model(
+    models_path: Path,
+    layout: Layout,
+    tier: str,
+    model: str,
+    planned_bytes: int,
+    planned_last_changed: float,
+    protect: Sequence[str],
+    own_pid: int | None,
+    proc_root: Path,
+    walk: Callable[[Path], Snapshot],
+) -> Verdict:
     own_pid = os.getpid() if own_pid is None else own_pid
     path = model_location(models_path, layout, tier, model)
     if path is None:
@@ -261,7 +297,7 @@ def verify_model(
         except BlockingIOError:
             verdict.reason, verdict.detail = IN_USE, f"another process holds a flock on {path}"
             return verdict
-        now = snapshot(path)
+        now = walk(path)
         verdict.snapshot = now
         why = changed_since(now, planned_bytes, planned_last_changed)
         if why:

@@ -746,3 +746,73 @@ def test_a_trash_path_containing_the_models_is_refused_and_no_model_is_touched(s
     assert f"STORAGE_TRASH_PATH={str(store)!r} contains the models path" in line
     for key, manifest in before.items():
         assert tree_manifest(store / "models" / key) == manifest
+
+
+# ---- a check that cannot be made skips one model, never the run ---------------------------------
+
+
+def nest_beyond_path_max(root: Path, depth: int = 18) -> None:
+    """Directories nested (through fds) until their full path exceeds PATH_MAX: a walk by path then
+    fails with ENAMETOOLONG, for root too, as a real I/O error would."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d" * 250, dir_fd=fd)
+            child = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def test_a_model_whose_walk_fails_is_skipped_and_the_run_goes_on(
+    store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "fine", {"w": b"f" * 10})
+    broken = make_model(store / "models", "raw", "broken", {"w": b"b" * 10})
+    nest_beyond_path_max(broken)
+    plan_id = plan_for(settings, [("raw", "fine")])
+    plan = load_plan(plan_id, settings.state_path)
+    walkable = Eviction("raw", "broken", 10, 1, time.time(), 40 * DAY, None, "age", "test")
+    save_plan(Plan(plan.plan_id + "-b", plan.created_at, (walkable, *plan.evictions), (), 20), settings.state_path)
+
+    code, report = run(settings, plan.plan_id + "-b", capsys)
+
+    assert code == 0
+    assert [d["model"] for d in report["done"]] == ["fine"]
+    (skip,) = report["skipped"]
+    assert skip["model"] == "broken" and skip["reason"] == "check_failed"
+    assert "File name too long" in skip["detail"] and len(skip["detail"]) < 300
+    assert (broken / "w").read_bytes() == b"b" * 10
+    state = read_cleanup_state(settings.cleanup_state_file)
+    assert state is not None and state.success and state.skipped == {"check_failed": 1}
+    records = [json.loads(line) for line in settings.audit_log_path.read_text().splitlines()]
+    assert [r["details"]["reason"] for r in records if r["operation"] == "skip"] == ["check_failed"]
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), NotADirectoryError(20, "Not a directory")])
+def test_an_error_walking_a_model_is_a_failed_check_and_releases_its_lock(store: Path, error: OSError) -> None:
+    import fcntl
+
+    model = make_model(store / "models", "raw", "m", {"w": b"1"})
+
+    def failing_walk(path: Path) -> verify.Snapshot:
+        raise error
+
+    verdict = verify.verify_model(
+        models_path=store / "models",
+        layout=settings_for(store).layout,
+        tier="raw",
+        model="m",
+        planned_bytes=1,
+        planned_last_changed=time.time(),
+        walk=failing_walk,
+    )
+    assert not verdict.ok and verdict.reason == verify.CHECK_FAILED and error.strerror in verdict.detail
+    assert verdict.lock_fd is None
+    fd = os.open(model, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the model's flock was released
+    finally:
+        os.close(fd)
