@@ -265,9 +265,21 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
 # ---- journaled operations --------------------------------------------------------------------
 
 
-def partial_path(dst: Path) -> Path:
-    """Where a copy is built before it is verified: beside `dst`, hidden, so listings skip it."""
-    return dst.parent / f".{dst.name}.partial"
+PARTIAL_TAG = "model-storage-cleaner"
+
+
+def partial_path(dst: Path, op_id: str) -> Path:
+    """Where a copy is built before it is verified: beside `dst`, hidden, so listings skip it.
+
+    The name carries the project and the operation id, so it is unmistakably this operation's own:
+    a `.<model>.partial` beside a model may be a downloader's file, and is never touched.
+    """
+    return dst.parent / f".{dst.name}.{PARTIAL_TAG}-{op_id}.partial"
+
+
+def _not_created_by_us(err: BaseException, partial: Path) -> bool:
+    """The copy could not start because `partial` already existed: whatever is there is not ours."""
+    return isinstance(err, FileExistsError) and err.filename == os.fspath(partial)
 
 
 class TransferError(Exception):
@@ -288,7 +300,7 @@ def transfer(
 
     `after_copy` is a test hook called on the unverified copy (e.g. to corrupt it).
     """
-    partial = partial_path(dst)
+    partial = partial_path(dst, journal.op_id)
     seq = journal.intent(
         "transfer", src=str(src), dst=str(dst), partial=str(partial), purpose=purpose, meta=meta, copy=force_copy
     )
@@ -308,14 +320,15 @@ def transfer(
             crash_point(f"{purpose}_done_written")
             return "renamed"
     try:
-        remove_tree(partial)  # a leftover of an older attempt is never a model
+        # copy_tree creates `partial` exclusively (mkdir, O_EXCL): if it exists, it fails untouched.
         expected = copy_tree(src, partial)
         if after_copy is not None:
             after_copy(partial)
         check_copy(expected, partial)
         fsync_dir(partial.parent)
     except (OSError, CopyMismatchError) as err:
-        remove_tree(partial)
+        if not _not_created_by_us(err, partial):
+            remove_tree(partial)
         message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         journal.mark(seq, "failed", error=message)
         raise TransferError(f"cannot copy {src} to {dst}: {message}; the original is untouched") from None

@@ -816,3 +816,42 @@ def test_an_error_walking_a_model_is_a_failed_check_and_releases_its_lock(store:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the model's flock was released
     finally:
         os.close(fd)
+
+
+# ---- the copy's temporary name is the cleaner's own ----------------------------------------------
+
+
+def test_a_restore_across_filesystems_leaves_a_downloaders_partial_file_alone(
+    store: Path, other_fs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = settings_for(store, STORAGE_TRASH_PATH=str(other_fs / "trash"))
+    before = three_models(store)
+    _, report = run(settings, plan_for(settings, [("raw", "llama")]), capsys)
+    assert report["done"][0]["how"] == "copied"
+    downloader = store / "models/raw/.llama.partial"  # e.g. a download of the same name, in progress
+    downloader.write_bytes(b"half a download")
+
+    args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
+    assert act_cli.cmd_restore(settings, args) == 0
+
+    assert tree_manifest(store / "models/raw/llama") == before["raw/llama"]
+    assert downloader.read_bytes() == b"half a download"
+    assert sorted(p.name for p in (store / "models/raw").iterdir()) == [".llama.partial", "llama"]
+
+
+def test_a_copy_never_removes_a_file_already_at_its_temporary_name(store: Path, other_fs: Path) -> None:
+    from cleaner import journal as jr
+
+    src = make_model(store / "models", "raw", "m", {"w": b"model"})
+    dst = other_fs / "m"
+    squatter = jr.partial_path(dst, "op-1")
+    assert "model-storage-cleaner" in squatter.name and "op-1" in squatter.name
+    squatter.write_bytes(b"not ours")
+    journal = Journal(store / "state", "op-1", command="run")
+
+    with pytest.raises(jr.TransferError, match="File exists"):
+        jr.transfer(journal, src, dst, purpose="evict", meta={}, force_copy=True)
+    journal.close()
+
+    assert squatter.read_bytes() == b"not ours"
+    assert (src / "w").read_bytes() == b"model" and not dst.exists()
