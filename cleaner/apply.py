@@ -116,6 +116,8 @@ class ApplyResult:
 
 # ---- pure helpers ----------------------------------------------------------------------------
 
+CHANGED_DURING_COPY = "changed_during_copy"
+
 _KEPT_REASONS = (
     ("protected", "protected"),
     ("usage unknown", "unknown_usage"),
@@ -241,6 +243,21 @@ def apply_evictions(
         try:
             jr.crash_point("evict_verified")
             done = _evict_one(eviction, verdict.path, ctx, journal, after_copy)
+        except jr.SourceChangedError as err:
+            # A writer was at work during the copy: the check doing its job, as a skip, not a failure.
+            skip = Skipped(
+                eviction.tier, eviction.model, eviction.bytes, eviction.policy, CHANGED_DURING_COPY, _error_text(err)
+            )
+            result.skipped.append(skip)
+            audit.append(
+                "skip",
+                actor=ctx.actor,
+                target=key,
+                result="skipped",
+                bytes=eviction.bytes,
+                details={"run_id": ctx.run_id, "reason": skip.reason, "detail": skip.detail},
+            )
+            continue
         except (OSError, jr.TransferError, jr.CopyMismatchError) as err:
             failure = Failed(eviction.tier, eviction.model, eviction.bytes, eviction.policy, _error_text(err))
             result.failed.append(failure)
@@ -463,8 +480,8 @@ def recover(settings: Settings, audit: AuditLog, *, actor: str, now: float) -> l
             "recover",
             actor=actor,
             target=key,
-            result="failure" if item.outcome == "lost" else "success",
-            error=item.detail if item.outcome == "lost" else None,
+            result={"lost": "failure", "kept_both": "skipped"}.get(item.outcome, "success"),
+            error=item.detail if item.outcome in ("lost", "kept_both") else None,
             details={
                 "op_id": item.op_id,
                 "step": item.purpose,

@@ -2,9 +2,11 @@
 
 Every changing step is recorded (JSON line, fsync'd) before it happens and after it completes. A
 move is an atomic `rename` (RENAME_NOREPLACE, so it never replaces anything); across filesystems,
-or where a verified copy is wanted, it is copy -> verify -> `copied` -> rename into place ->
-`deleting` -> delete the source -> `done`. Recovery rolls a step back when its source is still
-whole and forward once the copy was verified, so a model is always whole in one place.
+or where a verified copy is wanted, it is copy -> verify -> re-check the source is unchanged ->
+`copied` -> rename into place -> `deleting` -> delete the source -> `done`. Recovery rolls a step
+back when its source is still whole and forward once the copy was verified (and the source is
+still what was copied), so a model is always whole in one place, and what a writer added to a
+model during its copy is never deleted.
 """
 
 from __future__ import annotations
@@ -29,17 +31,23 @@ _crash_counts: dict[str, int] = {}
 
 
 def crash_point(step: str) -> None:
-    """Test hook: STORAGE_CLEANER_CRASH_AT=<step>:<n>[:STOP] kills (or stops) us the n-th time here."""
-    spec = os.environ.get(CRASH_ENV)
-    if not spec:
+    """Test hook: STORAGE_CLEANER_CRASH_AT=<step>:<n>[:STOP] kills (or stops) us the n-th time here.
+
+    Several specs may be given, comma-separated, e.g. stop mid-copy so a test can change the
+    source, then be killed later on the path that handles that change.
+    """
+    specs = os.environ.get(CRASH_ENV)
+    if not specs:
         return
-    name, _, rest = spec.partition(":")
-    if name != step:
+    for spec in specs.split(","):
+        name, _, rest = spec.strip().partition(":")
+        if name != step:
+            continue
+        count_text, _, how = rest.partition(":")
+        _crash_counts[step] = _crash_counts.get(step, 0) + 1
+        if _crash_counts[step] == int(count_text or "1"):
+            os.kill(os.getpid(), signal.SIGSTOP if how.upper() == "STOP" else signal.SIGKILL)
         return
-    count_text, _, how = rest.partition(":")
-    _crash_counts[step] = _crash_counts.get(step, 0) + 1
-    if _crash_counts[step] == int(count_text or "1"):
-        os.kill(os.getpid(), signal.SIGSTOP if how.upper() == "STOP" else signal.SIGKILL)
 
 
 # ---- file-system primitives ------------------------------------------------------------------
@@ -126,6 +134,58 @@ def tree_manifest(root: Path) -> Manifest:
     return manifest
 
 
+StatManifest = dict[str, tuple[str, int, int, int, str]]  # rel -> (kind, size, mtime_ns, inode, link target)
+
+
+def _stat_entry(path: Path, st: os.stat_result) -> tuple[str, int, int, int, str]:
+    if stat.S_ISDIR(st.st_mode):
+        return ("dir", 0, st.st_mtime_ns, st.st_ino, "")
+    if stat.S_ISREG(st.st_mode):
+        return ("file", st.st_size, st.st_mtime_ns, st.st_ino, "")
+    if stat.S_ISLNK(st.st_mode):
+        return ("symlink", 0, st.st_mtime_ns, st.st_ino, os.readlink(path))
+    return ("special", 0, st.st_mtime_ns, st.st_ino, "")
+
+
+def stat_manifest(root: Path) -> StatManifest:
+    """Every entry under `root` (lstat, no symlink followed) with kind, size, mtime and inode; no reads."""
+    manifest: StatManifest = {}
+
+    def visit(path: Path, rel: str) -> None:
+        st = os.lstat(path)
+        manifest[rel] = _stat_entry(path, st)
+        if stat.S_ISDIR(st.st_mode):
+            for entry in os.scandir(path):
+                visit(Path(entry.path), f"{rel}/{entry.name}" if rel else entry.name)
+
+    visit(root, "")
+    return manifest
+
+
+def source_change(copied: StatManifest, now: StatManifest) -> str | None:
+    """How the source differs now from what was copied (file set, kinds, sizes, mtimes), or None. Pure."""
+    for rel in sorted(set(copied) | set(now)):
+        name = rel or "."
+        before, after = copied.get(rel), now.get(rel)
+        if before == after:
+            continue
+        if before is None:
+            return f"{name} appeared"
+        if after is None:
+            return f"{name} disappeared"
+        if before[0] != after[0] or before[3] != after[3] or before[4] != after[4]:
+            return f"{name} was replaced"
+        if before[1] != after[1]:
+            return f"{name} is {after[1]} bytes, {before[1]} were copied"
+        return f"{name} was modified"
+    return None
+
+
+def stat_digest(manifest: StatManifest) -> str:
+    """A short fingerprint of a stat manifest, kept in the journal so recovery can re-check the source."""
+    return hashlib.sha256(json.dumps(sorted(manifest.items())).encode()).hexdigest()
+
+
 def _copy_file(src: Path, dst: Path, st: os.stat_result) -> tuple[int, str]:
     digest = hashlib.sha256()
     size = 0
@@ -147,12 +207,18 @@ def _copy_file(src: Path, dst: Path, st: os.stat_result) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def copy_tree(src: Path, dst: Path) -> Manifest:
-    """Copy `src` (a dir or a file) to the new path `dst`; returns the manifest of what was read."""
+def copy_tree(src: Path, dst: Path) -> tuple[Manifest, StatManifest]:
+    """Copy `src` (a dir or a file) to the new path `dst`.
+
+    Returns the manifest of what was read and the source's stat manifest as it was copied, to tell
+    later whether a writer changed the source meanwhile.
+    """
     manifest: Manifest = {}
+    seen: StatManifest = {}
 
     def visit(source: Path, target: Path, rel: str) -> None:
         st = os.lstat(source)
+        seen[rel] = _stat_entry(source, st)
         if stat.S_ISDIR(st.st_mode):
             os.mkdir(target, 0o700)
             manifest[rel] = ("dir", 0, "")
@@ -172,7 +238,7 @@ def copy_tree(src: Path, dst: Path) -> Manifest:
             raise CopyMismatchError(f"{source}: not a file, directory or symlink; will not copy it")
 
     visit(src, dst, "")
-    return manifest
+    return manifest, seen
 
 
 def check_copy(expected: Manifest, copy: Path) -> None:
@@ -286,6 +352,10 @@ class TransferError(Exception):
     """A transfer could not be made; the source is untouched and the journal says `failed`."""
 
 
+class SourceChangedError(TransferError):
+    """The source changed while it was copied: the copy was discarded and the source kept."""
+
+
 def transfer(
     journal: Journal,
     src: Path,
@@ -321,18 +391,29 @@ def transfer(
             return "renamed"
     try:
         # copy_tree creates `partial` exclusively (mkdir, O_EXCL): if it exists, it fails untouched.
-        expected = copy_tree(src, partial)
+        expected, seen = copy_tree(src, partial)
         if after_copy is not None:
             after_copy(partial)
         check_copy(expected, partial)
         fsync_dir(partial.parent)
+        # The copy is verified against what was read; a writer may have added to or changed the
+        # source meanwhile, and deleting the source would then lose what it wrote.
+        changed = source_change(seen, stat_manifest(src))
+        if changed is not None:
+            raise SourceChangedError(f"{src} changed during the copy: {changed}; the original was kept")
+    except SourceChangedError as err:
+        crash_point(f"{purpose}_source_changed")
+        remove_tree(partial)
+        journal.mark(seq, "failed", error=str(err), reason="source_changed")
+        raise
     except (OSError, CopyMismatchError) as err:
         if not _not_created_by_us(err, partial):
             remove_tree(partial)
         message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         journal.mark(seq, "failed", error=message)
         raise TransferError(f"cannot copy {src} to {dst}: {message}; the original is untouched") from None
-    journal.mark(seq, "copied")
+    # Recovery re-checks the source against this before it deletes the source on our behalf.
+    journal.mark(seq, "copied", source_stat=stat_digest(seen))
     crash_point(f"{purpose}_copied_written")
     try:
         rename_noreplace(partial, dst)
@@ -343,6 +424,7 @@ def transfer(
         journal.mark(seq, "failed", error=err.strerror or str(err))
         raise TransferError(f"cannot move the copy into {dst}: {err.strerror or err}") from None
     fsync_dir(dst.parent)
+    crash_point(f"{purpose}_copy_placed")
     journal.mark(seq, "deleting")
     crash_point(f"{purpose}_deleting_written")
     remove_tree(src, step=f"{purpose}_source_deleting")
@@ -370,7 +452,7 @@ class Recovered:
     op_id: str
     action: str  # transfer | delete
     purpose: str
-    outcome: str  # completed | rolled_back | lost
+    outcome: str  # completed | rolled_back | kept_both | lost
     meta: dict[str, Any] = field(default_factory=dict)
     src: str = ""
     dst: str = ""
@@ -395,7 +477,18 @@ def unfinished(records: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], 
             yield intent, states[seq]
 
 
-def _recover_transfer(intent: dict[str, Any], states: list[str]) -> tuple[str, str]:
+def _changed_since_copy(src: Path, source_stat: str | None) -> str | None:
+    """Why the source no longer matches what was copied, or None (no record: a journal of an older version)."""
+    if source_stat is None or not os.path.lexists(src):
+        return None  # a missing source leaves the copy the only one: it must go into place
+    try:
+        now = stat_manifest(src)
+    except OSError as err:
+        return f"it cannot be walked ({err.strerror or err})"
+    return None if stat_digest(now) == source_stat else "its files, sizes or mtimes differ from the copy"
+
+
+def _recover_transfer(intent: dict[str, Any], states: list[str], source_stat: str | None = None) -> tuple[str, str]:
     src, dst, partial = Path(intent["src"]), Path(intent["dst"]), Path(intent["partial"])
     if "deleting" in states:
         remove_tree(src)
@@ -406,10 +499,18 @@ def _recover_transfer(intent: dict[str, Any], states: list[str]) -> tuple[str, s
     if "copied" in states:
         if not os.path.lexists(partial) and not os.path.lexists(dst):
             return "rolled_back", "no copy found; the source was kept"
+        if os.path.lexists(partial) and os.path.lexists(dst):
+            remove_tree(partial)
+            return "rolled_back", f"{dst} is occupied; the verified copy was discarded"
+        # A writer may have changed the source between the crash and now: never delete it then.
+        changed = _changed_since_copy(src, source_stat)
+        if changed is not None and os.path.lexists(partial):
+            remove_tree(partial)
+            return "rolled_back", f"{src} changed after it was copied ({changed}); the copy was discarded"
+        if changed is not None:
+            # The copy is already at `dst` and may be in use there: neither side is ours to delete.
+            return "kept_both", f"{src} changed after it was copied ({changed}); both it and {dst} were kept"
         if os.path.lexists(partial):
-            if os.path.lexists(dst):
-                remove_tree(partial)
-                return "rolled_back", f"{dst} is occupied; the verified copy was discarded"
             rename_noreplace(partial, dst)
             fsync_dir(dst.parent)
         remove_tree(src)
@@ -432,12 +533,13 @@ def recover(state_path: Path) -> list[Recovered]:
     for path in sorted(directory.glob("*.jsonl")):
         records = read_journal(path)
         op_id = path.stem
+        source_stats = {r.get("seq"): r.get("source_stat") for r in records if r.get("op") == "copied"}
         for intent, states in unfinished(records):
             action = str(intent.get("action"))
             meta = dict(intent.get("meta") or {})
             purpose = str(intent.get("purpose", ""))
             if action == "transfer":
-                outcome, detail = _recover_transfer(intent, states)
+                outcome, detail = _recover_transfer(intent, states, source_stats.get(intent.get("seq")))
                 results.append(
                     Recovered(op_id, action, purpose, outcome, meta, str(intent["src"]), str(intent["dst"]), detail)
                 )

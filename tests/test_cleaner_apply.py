@@ -628,6 +628,60 @@ def test_archive_mode_catches_a_corrupted_copy_and_deletes_nothing(store: Path, 
     assert apply.exit_code_for(result) == 3
 
 
+@pytest.mark.parametrize("change", ["append", "new_file", "rewrite"])
+def test_archive_mode_keeps_a_source_changed_during_the_copy_and_skips_it(
+    store: Path, other_fs: Path, change: str
+) -> None:
+    settings = settings_for(store, STORAGE_BACKUP_MODE="archive", STORAGE_BACKUP_PATH=str(other_fs / "backup"))
+    before = three_models(store)["raw/llama"]
+    model = store / "models/raw/llama"
+    snap = verify.snapshot(model)
+    eviction = Eviction("raw", "llama", snap.bytes, snap.files, snap.newest_change, 0, None, "age", "test")
+
+    def writer_at_work(_copy: Path) -> None:  # runs once the copy is made, before it is checked
+        if change == "append":
+            with open(model / "config.json", "ab") as handle:
+                handle.write(b" ")
+        elif change == "new_file":
+            (model / "weights/extra.safetensors").write_bytes(b"new shard")
+        else:
+            later = time.time() + 5
+            os.utime(model / "config.json", (later, later))
+
+    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=time.time())
+    journal = Journal(settings.state_path, "r1", command="run")
+    result = apply.apply_evictions(
+        [eviction], ctx, journal, AuditLog(settings.audit_log_path), after_copy=writer_at_work
+    )
+    journal.close()
+
+    assert result.done == [] and result.failed == [] and apply.exit_code_for(result) == 0
+    (skip,) = result.skipped
+    assert skip.reason == "changed_during_copy" and "changed during the copy" in skip.detail
+    after = tree_manifest(model)  # the original, with what the writer did, is all still there
+    expected = dict(before)
+    if change == "append":
+        expected["config.json"] = tree_manifest(model / "config.json")[""]
+    elif change == "new_file":
+        expected["weights/extra.safetensors"] = tree_manifest(model / "weights/extra.safetensors")[""]
+    assert after == expected
+    assert list(other_fs.rglob("*llama*")) == []  # no copy, no partial copy left behind
+    records = [json.loads(line) for line in settings.audit_log_path.read_text().splitlines()]
+    assert [(r["operation"], r["details"]["reason"]) for r in records] == [("skip", "changed_during_copy")]
+
+
+def test_source_change_names_what_differs() -> None:
+    from cleaner.journal import source_change
+
+    copied = {"": ("dir", 0, 1, 10, ""), "w": ("file", 5, 2, 11, "")}
+    assert source_change(copied, dict(copied)) is None
+    assert source_change(copied, {**copied, "x": ("file", 1, 3, 12, "")}) == "x appeared"
+    assert source_change(copied, {"": copied[""]}) == "w disappeared"
+    assert source_change(copied, {**copied, "w": ("file", 9, 4, 11, "")}) == "w is 9 bytes, 5 were copied"
+    assert source_change(copied, {**copied, "w": ("file", 5, 4, 11, "")}) == "w was modified"
+    assert source_change(copied, {**copied, "w": ("file", 5, 2, 99, "")}) == "w was replaced"
+
+
 def test_copy_check_compares_every_file(tmp_path: Path) -> None:
     make_model(tmp_path, "a", "m", {"x": b"1", "d/y": b"22"})
     expected = tree_manifest(tmp_path / "a/m")

@@ -8,6 +8,7 @@ partial copy may be left, and `restore` must bring back every byte.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -135,12 +136,14 @@ RUN_STEPS = [
     ("exdev", "evict_intent_written:2"),
     ("exdev", "copying:2"),
     ("exdev", "evict_copied_written:1"),
+    ("exdev", "evict_copy_placed:2"),
     ("exdev", "evict_deleting_written:2"),
     ("exdev", "evict_source_deleting:1"),
     ("exdev", "evict_source_deleting:2"),
     ("exdev", "evict_done_written:3"),
     ("archive", "copying:4"),
     ("archive", "evict_copied_written:2"),
+    ("archive", "evict_copy_placed:1"),
     ("archive", "evict_source_deleting:3"),
     ("archive", "evict_metadata_written:1"),
 ]
@@ -175,6 +178,7 @@ RESTORE_STEPS = [
     ("exdev", "restore_intent_written:2"),
     ("exdev", "copying:1"),
     ("exdev", "restore_copied_written:1"),
+    ("exdev", "restore_copy_placed:1"),
     ("exdev", "restore_deleting_written:2"),
     ("exdev", "restore_source_deleting:1"),
     ("exdev", "restore_done_written:3"),
@@ -245,3 +249,118 @@ def test_two_concurrent_runs_second_exits_4_naming_the_first_and_changes_nothing
     for key, manifest in before.items():
         (place,) = places_of(store, env, key)
         assert "trash" in place.parts and tree_manifest(place) == manifest
+
+
+# ---- a writer changing a model while it is copied ------------------------------------------------
+
+
+def write_to(model: Path) -> Manifest:
+    """What a downloader or a fine-tuning job might do: append to a file and add a shard."""
+    with open(model / "config.json", "ab") as handle:
+        handle.write(b"\n")
+    (model / "weights/c.safetensors").write_bytes(os.urandom(5_000))
+    return tree_manifest(model)
+
+
+def start_stopped_mid_copy(env: dict[str, str], plan_id: str, crash_at: str) -> subprocess.Popen[str]:
+    """A real `run` stopped (SIGSTOP) after copying the first file of the first model."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cleaner", "run", "--json", "--plan", plan_id],
+        env={**env, "STORAGE_CLEANER_CRASH_AT": crash_at},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_until(lambda: process_state(proc.pid) == "T", timeout=30, what="cleaner stopped mid-copy")
+    return proc
+
+
+def no_partials_and_empty_journal(store: Path, env: dict[str, str]) -> None:
+    for root in (store / "models", *areas(env)):
+        if root.is_dir():
+            assert not [p for p in root.rglob("*") if p.name.endswith(".partial")]
+    journal = load_settings(env=env).state_path / "journal"
+    assert not journal.is_dir() or not list(journal.iterdir())
+    assert verify_audit(store / "audit.log").ok
+
+
+@pytest.mark.parametrize("mode", ["exdev", "archive"])
+def test_a_model_written_to_during_its_copy_is_kept_and_skipped(
+    store: Path, request: pytest.FixtureRequest, mode: str
+) -> None:
+    other = request.getfixturevalue("other_fs") if mode == "exdev" else None
+    env = env_for(store, mode, other)
+    before = populate(store)
+    proc = start_stopped_mid_copy(env, save_test_plan(env), "copying:1:STOP")
+    try:
+        changed = write_to(store / "models/raw/llama")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert [(s["tier"], s["model"], s["reason"]) for s in report["skipped"]] == [
+        ("raw", "llama", "changed_during_copy")
+    ]
+    assert places_of(store, env, "raw/llama") == [store / "models/raw/llama"]
+    assert tree_manifest(store / "models/raw/llama") == changed
+    for key in KEYS[1:]:
+        (place,) = places_of(store, env, key)
+        assert store / "models" not in place.parents and tree_manifest(place) == before[key]
+    no_partials_and_empty_journal(store, env)
+
+
+def test_killed_while_discarding_the_copy_of_a_changed_model_keeps_the_model(store: Path, other_fs: Path) -> None:
+    env = env_for(store, "exdev", other_fs)
+    before = populate(store)
+    proc = start_stopped_mid_copy(env, save_test_plan(env), "copying:1:STOP,evict_source_changed:1")
+    try:
+        changed = write_to(store / "models/raw/llama")
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+    run_cleaner(["purge"], env, check=True)
+
+    assert places_of(store, env, "raw/llama") == [store / "models/raw/llama"]
+    assert tree_manifest(store / "models/raw/llama") == changed
+    for key in KEYS[1:]:
+        assert tree_manifest(store / "models" / key) == before[key]
+    no_partials_and_empty_journal(store, env)
+
+
+@pytest.mark.parametrize(
+    ("mode", "at", "outcome"),
+    [
+        ("exdev", "evict_copied_written:1", "rolled_back"),
+        ("archive", "evict_copied_written:1", "rolled_back"),
+        ("exdev", "evict_copy_placed:1", "kept_both"),
+    ],
+)
+def test_recovery_never_deletes_a_source_changed_after_it_was_copied(
+    store: Path, request: pytest.FixtureRequest, mode: str, at: str, outcome: str
+) -> None:
+    other = request.getfixturevalue("other_fs") if mode == "exdev" else None
+    env = env_for(store, mode, other)
+    before = populate(store)
+    crash(["run", "--plan", save_test_plan(env)], env, at)
+    changed = write_to(store / "models/raw/llama")  # between the crash and the next cleaner
+
+    run_cleaner(["purge"], env, check=True)
+
+    places = places_of(store, env, "raw/llama")
+    assert places[0] == store / "models/raw/llama" and tree_manifest(places[0]) == changed
+    if outcome == "kept_both":
+        # The verified copy was already in place: neither it nor the changed model is deleted.
+        assert len(places) == 2 and tree_manifest(places[1]) == before["raw/llama"]
+    else:
+        assert len(places) == 1
+    records = [json.loads(line) for line in (store / "audit.log").read_text().splitlines()]
+    (recovered,) = [r for r in records if r["operation"] == "recover"]
+    assert (
+        recovered["details"]["outcome"] == outcome and "changed after it was copied" in recovered["details"]["detail"]
+    )
+    no_partials_and_empty_journal(store, env)
