@@ -241,13 +241,13 @@ class InotifyReader:
     def translate(self, raw: Iterable[tuple[int, int, int, bytes]]) -> list[RawEvent]:
         """One chunk of kernel events to hints: one per path between moves, moves paired by cookie."""
         out: list[RawEvent] = []
-        touched: dict[str, bool] = {}  # path -> deleted (its parent changes too)
+        touched: dict[str, str] = {}  # path -> created | deleted (the parent changes too) | modified
         moved_from: dict[int, tuple[str, bool]] = {}  # cookie -> (path, is_dir)
         paths = self._paths
         fsdecode = os.fsdecode
 
         def flush() -> None:
-            out.extend(RawEvent("deleted" if deleted else "modified", path) for path, deleted in touched.items())
+            out.extend(RawEvent(kind, path) for path, kind in touched.items())
             touched.clear()
 
         for wd, mask, cookie, name in raw:
@@ -277,12 +277,14 @@ class InotifyReader:
                         self._move_tree(source[0], path)
                     out.append(RawEvent("moved", source[0], path))
                 continue
-            if mask & _IN_CREATE and mask & _IN_ISDIR:
-                self._watch_tree(path)
             if mask & _IN_DELETE:
-                touched[path] = True
+                touched[path] = "deleted"
+            elif mask & _IN_CREATE:
+                if mask & _IN_ISDIR:
+                    self._watch_tree(path)
+                touched[path] = "created"
             elif path not in touched:
-                touched[path] = False
+                touched[path] = "modified"
         flush()
         # A move whose other half never came in this chunk left the tree: a delete.
         for path, is_dir in moved_from.values():

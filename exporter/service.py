@@ -305,6 +305,7 @@ class ExporterService:
         fresh = Tree(self.settings.layout)
         if outcome.node is not None:
             fresh.graft((), outcome.node)
+            self.updater.restamp(fresh)
         # Events seen during the scan are replayed on the fresh tree: they are stat-based, so
         # replaying one that the scan already saw changes nothing.
         for start in range(0, len(replay), BATCH_LIMIT):

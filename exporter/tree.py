@@ -256,6 +256,17 @@ class Tree:
     def model_stats(self) -> list[ModelStat]:
         return [ModelStat(tier, model, b.bytes, b.files, b.changed) for (tier, model), b in self.models.items()]
 
+    def single_file_models(self, parts: Parts = ()) -> list[Parts]:
+        """Paths of the files directly in the tier directories at or below `parts` (each is a model)."""
+        found: list[Parts] = []
+        for dir_name in self.layout.tier_dirs:
+            if parts and parts != (dir_name,):
+                continue
+            node = self.root.dirs.get(dir_name)
+            if node is not None:
+                found.extend((dir_name, name) for name in node.files)
+        return found
+
     # ----- mutations -----
 
     def set_file(self, parts: Parts, info: FileInfo) -> None:
@@ -342,6 +353,14 @@ class Tree:
         bucket = self._bucket_for_path(parts)
         if bucket is not None:
             bucket.touch(changed)
+
+    def set_model_changed(self, parts: Parts, changed: float) -> None:
+        """A single-file model's time, from its own lstat: set, not raised, as a scan can only
+        give it the tier directory's newest time (see `_count_in`)."""
+        bucket = self._bucket_for_path(parts)
+        if bucket is not None and bucket.changed != changed:
+            bucket.changed = changed
+            bucket.version += 1
 
     # ----- internals -----
 
@@ -438,7 +457,9 @@ class Tree:
         hard = node.hard or {}
         node.own_bytes = node.own_files = 0
         if node.bucket is None:
-            # Files of a tier directory: each is a model of its own.
+            # Files of a tier directory: each is a model of its own. A scan keeps one newest time per
+            # directory, not per file, so this is the directory's: never older than the file's, and
+            # the caller sets the file's own right after (`set_model_changed`).
             for name, size in node.files.items():
                 bucket = self._new_model((*where, name))
                 bucket.touch(node.changed)

@@ -21,7 +21,7 @@ from exporter.tree import DirNode, Parts, Tree
 class RawEvent:
     """What the index needs of a filesystem event; plain values, easy to build in a test."""
 
-    kind: str  # created | modified | deleted | moved (only the last two act differently)
+    kind: str  # created | modified | deleted | moved (created and deleted also re-stat the parent)
     src: str
     dst: str = ""
 
@@ -75,8 +75,9 @@ class IndexUpdater:
             if src is None:
                 continue
             dirty[src] = None
-            if event.kind == "deleted" and src:
-                # The parent's mtime/ctime moved: it is the model's newest change now.
+            if event.kind != "modified" and src:
+                # A create or delete moves the parent's mtime, later than the entry's own ctime (they
+                # are separate clock reads): it is the model's newest change now.
                 dirty[src[:-1]] = None
         stats += self._flush(tree, dirty)
         return stats
@@ -121,6 +122,18 @@ class IndexUpdater:
             self.refresh_missing(tree, parts)
         else:
             tree.graft(parts, result.node)
+            if len(parts) <= 1:
+                self.restamp(tree, parts)
+
+    def restamp(self, tree: Tree, parts: Parts = ()) -> None:
+        """Give single-file models under `parts` their own times: one lstat each, O(models)."""
+        for model in tree.single_file_models(parts):
+            try:
+                st = os.lstat(self.path(model))
+            except OSError:
+                continue  # gone or unreadable since the scan: its event follows
+            if stat.S_ISREG(st.st_mode):
+                tree.set_model_changed(model, stat_changed(st))
 
     def refresh_missing(self, tree: Tree, parts: Parts) -> None:
         try:

@@ -14,10 +14,17 @@ from shared.layout import Layout
 class Truth:
     tiers: dict[str, list[int]] = field(default_factory=dict)  # tier -> [bytes, files, models]
     models: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # -> [bytes, files, changed]
+    # The path whose mtime or ctime is the model's `changed`: what a timestamp mismatch names.
+    newest: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
 def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
-    """du -b semantics: regular files' st_size, each inode once, symlinks not followed."""
+    """du -b semantics: regular files' st_size, each inode once, symlinks not followed.
+
+    A model's `changed` is the newest mtime or ctime of its own entry and of every regular file and
+    directory inside it, as floats exactly as `os.lstat` gives them: the index must equal it, not
+    merely not be older.
+    """
     layout = layout or Layout()
     truth = Truth({t: [0, 0, 0] for t in (*layout.tiers, "other")})
     seen: set[tuple[int, int]] = set()
@@ -40,7 +47,10 @@ def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
                 truth.models.setdefault((tier, model), [0, 0, 0.0])
             if model is not None:
                 entry = truth.models.setdefault((tier, model), [0, 0, 0.0])
-                entry[2] = max(entry[2], st.st_mtime, st.st_ctime)
+                stamp = max(st.st_mtime, st.st_ctime)
+                if stamp > entry[2]:
+                    entry[2] = stamp
+                    truth.newest[(tier, model)] = str(full)
             if not is_file:
                 continue
             key = (st.st_dev, st.st_ino)

@@ -60,8 +60,10 @@ def differences(svc: ExporterService) -> list[str]:
             continue
         if (stat.bytes, stat.files) != (nbytes, nfiles):
             problems.append(f"{key}: index {(stat.bytes, stat.files)} truth {(nbytes, nfiles)}")
-        if stat.changed + 1e-6 < changed:
-            problems.append(f"{key}: last change {stat.changed} older than truth {changed}")
+        if stat.changed != changed:
+            # Exactly: a newer time would keep a model from ageing, an older one could get it evicted.
+            newest = truth.newest.get(key, "?")
+            problems.append(f"{key}: last change {stat.changed!r}, truth {changed!r} (from {newest})")
     return problems
 
 
@@ -244,6 +246,44 @@ def test_single_file_models_and_the_other_tier(service: ExporterService, store: 
     snap = service.snapshot()
     assert snap.tiers["raw"] == (123, 1, 1)
     assert snap.tiers["other"] == (11, 2, 0)
+
+
+def test_a_create_is_as_new_as_the_directory_it_changed(service: ExporterService, store: Path) -> None:
+    """Creating an entry moves its directory's mtime, a separate clock read from the new entry's own
+    ctime. With multigrain timestamps (Linux 6.13+) a directory whose times were read within the
+    current clock tick gets a fine-grained, later mtime: the model's last change is the directory's."""
+    model = models_of(store) / "quantized" / "m"
+    model.mkdir()
+    assert_exact(service)
+    for i in range(5):
+        os.lstat(model)  # as the index or a reader may have just done
+        (model / f"empty{i}").touch()  # no write after the create: nothing newer than the dir
+        os.lstat(model)
+        (model / f"sub{i}").mkdir()
+        assert_exact(service)
+
+
+def test_single_file_models_keep_their_own_time_after_a_full_scan(store: Path) -> None:
+    """A scan keeps one newest time per directory; a file in a tier dir must not get its tier's."""
+    models = models_of(store)
+    (models / "raw" / "old.gguf").write_bytes(b"o" * 10)
+    os.utime(models / "raw" / "old.gguf", (1_000_000_000, 1_000_000_000))
+    (models / "raw" / "newer").mkdir()
+    (models / "raw" / "newer" / "w").write_bytes(b"n")
+    # The tier directory's newest time is far later than old.gguf's own (a time in 2033).
+    os.utime(models / "raw", (2_000_000_000, 2_000_000_000))
+    svc = make_service(store)
+    svc.start()
+    try:
+        wait_until(svc.ready.is_set, timeout=10, what="initial scan")
+        assert_exact(svc)
+        truth = os.lstat(models / "raw" / "old.gguf")
+        stat = next(s for s in svc.snapshot().models if s.model == "old.gguf")
+        assert stat.changed == max(truth.st_mtime, truth.st_ctime) < 2_000_000_000
+        svc.reconcile("test")
+        assert_exact(svc)
+    finally:
+        svc.stop()
 
 
 def test_copied_models_are_as_new_as_their_ctime(service: ExporterService, store: Path, tmp_path: Path) -> None:
