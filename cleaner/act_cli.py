@@ -4,7 +4,8 @@ Every changing command takes the cleaner lock, first recovers what a killed clea
 half-done, journals each step and audits each action. Exit codes: 0 done (skips included: a
 model failing a check is the check doing its job), 1 unexpected error or a broken audit chain,
 2 bad usage, 3 some eviction failed on an error (what was done is restorable), 4 precondition
-failed and nothing was touched (lock held, Prometheus unreachable, restore target occupied).
+failed and nothing was touched (lock held, Prometheus unreachable, restore target occupied, the
+models path or a planned model's tier directory read-only or not writable).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cleaner import apply, trash
 from cleaner.journal import Journal, crash_point
 from cleaner.lock import CleanerLock, lock_path
 from cleaner.plan import Plan, load_plan, new_plan_id, save_plan
+from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state
 from shared.config import Settings
@@ -113,9 +115,12 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     audit = AuditLog(settings.audit_log_path)
     run_id = new_plan_id(now)
     with CleanerLock(lock_path(settings.state_path)):
-        apply.recover(settings, audit, actor=actor, now=now)
-        crash_point("run_started")
         try:
+            # Before recovery too: on a read-only models path even finishing a killed run's step
+            # could only copy, never remove. The failure is still written down for the alerts.
+            require_writable([settings.models_path])
+            apply.recover(settings, audit, actor=actor, now=now)
+            crash_point("run_started")
             report, exit_code = _run_locked(settings, args, audit, run_id=run_id, actor=actor, now=now)
         except BaseException as err:
             code = err.exit_code if isinstance(err, StorageError) else 1
@@ -141,8 +146,18 @@ def _run_locked(
             actor=actor,
             target=plan.plan_id,
             bytes=plan.bytes_to_free,
-            details={"evictions": len(plan.evictions), "kept": len(plan.kept), "run_id": run_id},
+            details={
+                "plan_id": plan.plan_id,
+                "bytes_to_free": plan.bytes_to_free,
+                "evictions": len(plan.evictions),
+                "kept": len(plan.kept),
+                "dry_run": False,
+                "command": "run",
+                "run_id": run_id,
+            },
         )
+    # Every tier directory and model the plan would change must be changeable, or none is touched.
+    require_writable(places_to_check(settings.models_path, settings.layout, plan.evictions))
     audit.append(
         "run_started",
         actor=actor,

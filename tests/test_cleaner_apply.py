@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -909,3 +910,90 @@ def test_a_copy_never_removes_a_file_already_at_its_temporary_name(store: Path, 
 
     assert squatter.read_bytes() == b"not ours"
     assert (src / "w").read_bytes() == b"model" and not dst.exists()
+
+
+# ---- a read-only models path stops a run before anything moves -------------------------------------
+
+
+def test_a_read_only_or_unwritable_place_is_a_problem_and_names_the_path() -> None:
+    from cleaner.writable import Place, places_to_check, probe, problem
+
+    ok, ro, denied = (
+        Place(Path("/m"), False, True),
+        Place(Path("/m/raw"), True, True),
+        Place(Path("/m/q"), False, False),
+    )
+    assert problem([ok]) is None and problem([]) is None
+    assert problem([ok, ro, denied]) == "/m/raw is on a read-only mount"
+    assert problem([ok, denied]) == "/m/q is not writable by this user"
+    layout = settings_for(Path("/s")).layout
+    evictions = [
+        Eviction("raw", "a", 1, 1, 0.0, 0.0, None, "age", ""),
+        Eviction("raw", "b", 1, 1, 0.0, 0.0, None, "age", ""),
+    ]
+    assert places_to_check(Path("/m"), layout, evictions) == [
+        Path("/m"),
+        Path("/m/raw"),
+        Path("/m/raw/a"),
+        Path("/m/raw/b"),
+    ]
+
+    flags = os.statvfs_result((4096, 4096, 1, 1, 1, 1, 1, 1, os.ST_RDONLY, 255))
+    place = probe(Path("/m"), statvfs=lambda _path: flags, access=lambda _path, _mode: True)
+    assert place == Place(Path("/m"), True, True)
+
+
+@contextlib.contextmanager
+def read_only_bind(path: Path) -> Iterator[Path]:
+    """`path` bind-mounted read-only onto itself (as the exporter's container sees the models), then unmounted."""
+    if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot bind-mount here (needs root and mount rights)")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], capture_output=True, text=True)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {remount.stderr.strip()}")
+        assert os.statvfs(path).f_flag & os.ST_RDONLY
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def three_models_manifest(models: Path) -> dict[str, Any]:
+    return {key: tree_manifest(models / key) for key in ("raw/llama", "quantized/llama-q4", "repository/bert")}
+
+
+def test_a_run_on_a_read_only_models_path_exits_4_and_moves_nothing(store: Path, other_fs: Path) -> None:
+    # The trash on another filesystem is the compose case: renames give EXDEV and the copy fallback
+    # would fill the trash with copies it can never delete the originals of.
+    models = store / "models"
+    before = three_models(store)
+    env = exporter_env(models, store, STORAGE_TRASH_PATH=str(other_fs / "trash"))
+    plan_id = plan_for(load_settings(env=env), [("raw", "llama"), ("repository", "bert")])
+
+    with read_only_bind(models):
+        done = run_cleaner(["run", "--plan", plan_id], env)
+
+    assert done.returncode == 4, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert f"{models} is on a read-only mount" in line and "nothing was changed" in line
+    assert three_models_manifest(models) == before
+    assert not (other_fs / "trash").exists()
+    state = read_cleanup_state(store / "state/last-run.json")
+    assert state is not None and not state.success and state.exit_code == 4
+    records = [json.loads(line) for line in (store / "audit.log").read_text().splitlines()]
+    assert [(r["operation"], r["result"]) for r in records] == [("run", "failure")]
+
+
+def test_a_read_only_tier_directory_of_a_planned_model_exits_4_before_any_move(store: Path) -> None:
+    models = store / "models"
+    before = three_models(store)
+    env = exporter_env(models, store)
+    plan_id = plan_for(load_settings(env=env), [("raw", "llama"), ("repository", "bert")])
+
+    with read_only_bind(models / "repository"):
+        done = run_cleaner(["run", "--plan", plan_id], env)
+
+    assert done.returncode == 4, done.stderr
+    assert f"{models / 'repository'} is on a read-only mount" in done.stderr
+    assert three_models_manifest(models) == before  # raw/llama, planned first, was not moved either
+    assert not (store / "trash").exists()

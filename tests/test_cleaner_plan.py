@@ -328,6 +328,16 @@ def test_plan_and_dry_run_are_each_audited_with_actor_plan_id_and_bytes(stack: S
     assert tree_snapshot(stack.models) == before
 
 
+def test_plan_and_dry_run_work_on_a_read_only_models_path(stack: Stack) -> None:
+    from tests.test_cleaner_apply import read_only_bind
+
+    env = stack.env(**age_settings(stack))
+    with read_only_bind(stack.models):
+        plan = json.loads(run_cleaner(["plan", "--json"], env, check=True).stdout)
+        dry = json.loads(run_cleaner(["run", "--dry-run", "--json"], env, check=True).stdout)
+    assert set(evictions(plan)) == set(evictions(dry)) == AGE_EVICTIONS, brief(plan)
+
+
 def test_explain_says_why_one_model_is_kept_or_evicted(stack: Stack) -> None:
     env = stack.env(**age_settings(stack))
     text = run_cleaner(["plan", "--explain", "repository/busy"], env, check=True).stdout

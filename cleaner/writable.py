@@ -1,0 +1,70 @@
+"""Whether a run may change the models path: a read-only or unwritable one stops it before anything moves.
+
+Without this check, a rename out of a read-only mount fails with EXDEV (as renames between mounts
+do), the copy fallback copies the whole model into the trash, and deleting the original then
+fails: disk use doubles and nothing is freed. This is how the exporter's container sees the models
+(mounted read-only), so a cleanup the API starts there must refuse, not half-act.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cleaner.plan import Eviction
+from shared.errors import PreconditionError
+from shared.layout import Layout
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """What the run needs to know about one directory it would change."""
+
+    path: Path
+    read_only: bool  # on a filesystem mounted read-only (statvfs ST_RDONLY)
+    writable: bool  # this user may add and remove entries (access W_OK | X_OK)
+
+
+def problem(places: Sequence[Place]) -> str | None:
+    """Why the run cannot change these places, or None when it can. Pure."""
+    for place in places:
+        if place.read_only:
+            return f"{place.path} is on a read-only mount"
+        if not place.writable:
+            return f"{place.path} is not writable by this user"
+    return None
+
+
+def places_to_check(models_path: Path, layout: Layout, evictions: Sequence[Eviction]) -> list[Path]:
+    """The models path first, then each tier directory and model the plan would change, once each. Pure."""
+    paths = [models_path]
+    for eviction in evictions:
+        tier_dir = models_path / layout.dir_for_tier(eviction.tier)
+        paths += [tier_dir, tier_dir / eviction.model]
+    return list(dict.fromkeys(paths))
+
+
+def probe(
+    path: Path,
+    statvfs: Callable[[Path], os.statvfs_result] = os.statvfs,
+    access: Callable[[Path, int], bool] = os.access,
+) -> Place | None:
+    """The facts about one path; None when it does not exist (then there is nothing to change there)."""
+    try:
+        flags = statvfs(path).f_flag
+    except FileNotFoundError:
+        return None
+    return Place(path, bool(flags & os.ST_RDONLY), access(path, os.W_OK | os.X_OK))
+
+
+def require_writable(paths: Sequence[Path], probe_path: Callable[[Path], Place | None] = probe) -> None:
+    """Raise PreconditionError (exit 4) when the run could not finish what it starts in these places."""
+    places = [place for place in map(probe_path, paths) if place is not None]
+    why = problem(places)
+    if why is not None:
+        raise PreconditionError(
+            f"cannot run: {why}, so an evicted model could not be removed from it; nothing was changed",
+            hint="run the cleaner where the models path is mounted read-write; plan and run --dry-run work read-only",
+        )
