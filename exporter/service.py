@@ -30,6 +30,9 @@ BATCH_LIMIT = 50_000
 # Events applied per hold of the index lock: about 10 ms of lstat work.
 APPLY_SLICE = 500
 SWITCH_INTERVAL = 0.001
+# Hard-link checks (IndexUpdater.resolve_links) walk the index: at most one per this many seconds,
+# and never more than a tenth of the updater's time.
+LINK_PASS_INTERVAL = 0.5
 T = TypeVar("T")
 
 
@@ -90,6 +93,7 @@ class ExporterService:
         self._reader: InotifyReader | None = None
         self._thread: threading.Thread | None = None
         self._settle: list[tuple[float, Parts]] = []
+        self._next_link_pass = 0.0
         self._rescan_requests: queue.Queue[tuple[str, queue.Queue[ReconcileResult]]] = queue.Queue()
 
     # ----- lifecycle -----
@@ -223,11 +227,26 @@ class ExporterService:
                 self._full_scan("poll" if self.polling else "reconcile")
                 next_reconcile = time.monotonic() + interval
                 continue
-            wait = min(0.5, next_reconcile - now, self._settle[0][0] - now if self._settle else 0.5)
+            links = self.updater.links_pending(self.tree)
+            wait = min(
+                0.5,
+                next_reconcile - now,
+                self._settle[0][0] - now if self._settle else 0.5,
+                self._next_link_pass - now if links else 0.5,
+            )
             batch = self.events.get(max(wait, 0.0), window, BATCH_LIMIT)
             if batch:
                 self._apply(self.tree, batch)
             self._run_due_settles()
+            if self.updater.links_pending(self.tree) and time.monotonic() >= self._next_link_pass:
+                self._resolve_links()
+
+    def _resolve_links(self) -> None:
+        started = time.monotonic()
+        stats = self.updater.resolve_links(self.tree, self.lock)
+        seconds = time.monotonic() - started
+        self._next_link_pass = time.monotonic() + max(LINK_PASS_INTERVAL, 10 * seconds)
+        log.debug("links.resolved", lstat_calls=stats, duration_seconds=round(seconds, 4))
 
     def _fall_back_to_polling(self) -> None:
         assert self._reader is not None
@@ -305,6 +324,8 @@ class ExporterService:
         fresh = Tree(self.settings.layout)
         if outcome.node is not None:
             fresh.graft((), outcome.node)
+            # A full scan saw every link in the tree: nothing to check, bar what the replay brings.
+            fresh.take_suspects()
             self.updater.restamp(fresh)
         # Events seen during the scan are replayed on the fresh tree: they are stat-based, so
         # replaying one that the scan already saw changes nothing.

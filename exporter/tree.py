@@ -5,12 +5,17 @@ into one `Bucket` per model (or the `other` bucket), so an event costs O(1) and 
 O(models). Subtree moves re-point buckets per directory, never per file. A hard-linked inode
 counts once in the whole tree: it is owned by one of its paths and handed to another when that
 path goes, as `du -b` would count it.
+
+The index only knows a file is hard-linked from an lstat that saw st_nlink > 1. A link made to a
+file indexed while it had one link leaves that file counted as plain (link() tells only the inode,
+not its directory): `suspects` and `find_links` let the updater find such files again (see
+IndexUpdater.resolve_links) without keeping an inode number per file.
 """
 
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -219,6 +224,10 @@ class Tree:
         # (tier, model) -> bucket; a bucket exists exactly while its model's entry exists.
         self.models: dict[tuple[str, str], Bucket] = {}
         self._inodes: dict[InodeKey, _Inode] = {}
+        # Inodes whose set of links changed without a fresh lstat of the inode (a link grafted in by a
+        # scan, a link removed): their other links' times, and whether the index knows every link,
+        # are to be checked. Filled here, drained by the updater.
+        self.suspects: dict[InodeKey, None] = {}
         # Bumped whenever a model appears or disappears (renderers rebuild their order then).
         self.generation = 0
         # Directories indexed, the root included: one inotify watch each.
@@ -256,6 +265,48 @@ class Tree:
     def model_stats(self) -> list[ModelStat]:
         return [ModelStat(tier, model, b.bytes, b.files, b.changed) for (tier, model), b in self.models.items()]
 
+    def link_count(self, inode: InodeKey) -> int:
+        """How many paths the index knows this inode by (0: not known as hard-linked)."""
+        entry = self._inodes.get(inode)
+        return len(entry.refs) if entry is not None else 0
+
+    def inode_size(self, inode: InodeKey) -> int | None:
+        entry = self._inodes.get(inode)
+        return entry.size if entry is not None else None
+
+    def take_suspects(self) -> list[InodeKey]:
+        suspects = list(self.suspects)
+        self.suspects.clear()
+        return suspects
+
+    def find_links(self, inodes: Iterable[InodeKey]) -> tuple[dict[InodeKey, Parts], list[tuple[Parts, int]]]:
+        """One walk of the directories, no I/O: for each known inode the path of one of its links,
+        and every plain file whose size is one of theirs (where a link the index took for a plain
+        file must be). Costs O(directories) plus a C-level pass over each directory's sizes."""
+        wanted: dict[int, list[tuple[str, InodeKey]]] = {}
+        sizes: set[int] = set()
+        for inode in inodes:
+            entry = self._inodes.get(inode)
+            if entry is None:
+                continue
+            node, name = entry.refs[0]
+            wanted.setdefault(id(node), []).append((name, inode))
+            sizes.add(entry.size)
+        known: dict[InodeKey, Parts] = {}
+        plain: list[tuple[Parts, int]] = []
+        stack: list[tuple[DirNode, Parts]] = [(self.root, ())]
+        while stack and (wanted or sizes):
+            node, where = stack.pop()
+            for name, inode in wanted.pop(id(node), ()):
+                known[inode] = (*where, name)
+            if sizes and not sizes.isdisjoint(node.files.sizes):
+                hard = node.hard or {}
+                plain.extend(
+                    ((*where, name), size) for name, size in node.files.items() if size in sizes and name not in hard
+                )
+            stack.extend((child, (*where, name)) for name, child in node.dirs.items())
+        return known, plain
+
     def single_file_models(self, parts: Parts = ()) -> list[Parts]:
         """Paths of the files directly in the tier directories at or below `parts` (each is a model)."""
         found: list[Parts] = []
@@ -284,6 +335,12 @@ class Tree:
                 parent.own_bytes += delta
                 bucket.add(delta, 0)
                 bucket.touch(info.changed)
+                return
+            if old_inode is not None and old_inode == info.inode:
+                # The same inode, changed through this link: size and times are every link's.
+                entry = self._inodes[old_inode]
+                self._resize(entry, info.size)
+                self._touch_links(entry, info.changed)
                 return
             self._drop(parent, parts, name)
         self._attach_file(parent, parts, info)
@@ -431,7 +488,7 @@ class Tree:
         if parent.hard is None:
             parent.hard = {}
         parent.hard[name] = info.inode
-        self._link(info.inode, info.size, parent, name)
+        self._link(info.inode, info.size, parent, name, info.changed)
 
     def _attach_dir(self, parent: DirNode, parts: Parts, node: DirNode) -> None:
         """Hang `node` (possibly a scanned subtree) at `parts` and count it in its buckets."""
@@ -477,7 +534,7 @@ class Tree:
             node.bucket.add(plain_bytes, node.own_files)
             node.bucket.touch(node.changed)
         for name, inode in hard.items():
-            self._link(inode, node.files[name], node, name)
+            self._link(inode, node.files[name], node, name, None)
 
     def _detach_dir(self, parent: DirNode, parts: Parts, name: str) -> DirNode:
         """Take a subtree out of the index and subtract it; it can be attached again (a move)."""
@@ -526,17 +583,18 @@ class Tree:
         if parent.bucket is None:
             self._end_model(parts)
 
-    def _link(self, inode: InodeKey, size: int, node: DirNode, name: str) -> None:
+    def _link(self, inode: InodeKey, size: int, node: DirNode, name: str, changed: float | None) -> None:
+        """Count a path of a hard-linked inode; `changed` is None when no lstat of it came with it (a scan)."""
         entry = self._inodes.get(inode)
         if entry is None:
             entry = self._inodes[inode] = _Inode(size)
-        elif size != entry.size and entry.refs:
-            # The inode was rewritten through another link: correct the owner's count.
-            owner, owner_name = entry.refs[0]
-            delta = size - entry.size
-            owner.own_bytes += delta
-            self._owner_bucket(owner, owner_name).add(delta, 0)
-        entry.size = size
+        else:
+            self._resize(entry, size)
+            if changed is not None:
+                # link() moved the inode's ctime, which every link shares: their models changed too.
+                self._touch_links(entry, changed)
+        if changed is None:
+            self.suspects[inode] = None
         entry.refs.append((node, name))
         if len(entry.refs) == 1:
             node.own_bytes += size
@@ -552,8 +610,29 @@ class Tree:
             node.own_files -= 1
             self._file_bucket(node, parts).add(-entry.size, -1)
             self._reown(entry)
-        if not entry.refs:
+        if entry.refs:
+            # unlink() and rename() move the inode's ctime: the remaining links' models changed too.
+            self.suspects[inode] = None
+        else:
             del self._inodes[inode]
+
+    def _resize(self, entry: _Inode, size: int) -> None:
+        """The inode was rewritten (through any link): correct the owner's count and every link's table."""
+        if size == entry.size:
+            return
+        if entry.refs:
+            owner, owner_name = entry.refs[0]
+            delta = size - entry.size
+            owner.own_bytes += delta
+            self._owner_bucket(owner, owner_name).add(delta, 0)
+        for ref_node, ref_name in entry.refs:
+            # Tables hold each link's size too: a subtree moved later is re-counted from them.
+            ref_node.files[ref_name] = size
+        entry.size = size
+
+    def _touch_links(self, entry: _Inode, changed: float) -> None:
+        for ref_node, ref_name in entry.refs:
+            self._owner_bucket(ref_node, ref_name).touch(changed)
 
     def _reown(self, entry: _Inode) -> None:
         if not entry.refs:

@@ -11,10 +11,16 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from exporter.scan import file_info, scan_local, stat_changed
-from exporter.tree import DirNode, Parts, Tree
+from exporter.tree import DirNode, InodeKey, Parts, Tree
+
+# Inodes remembered as searched (with their link count then), so a file whose other links are outside
+# the tree is not searched for again on each of its events; past this many the memory starts over.
+SEARCHED_LIMIT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,9 @@ class IndexUpdater:
         self._prefix = self.root + "/" if self.root != "/" else "/"
         self._on_error = on_error
         self._on_moved_dir = on_moved_dir
+        # Inodes an lstat saw with more links than the index knows: a link may be counted as plain.
+        self._wanted: dict[InodeKey, None] = {}
+        self._searched: dict[InodeKey, int] = {}
 
     def parts(self, path: str) -> Parts | None:
         """Path components relative to the models path, or None when outside it."""
@@ -101,7 +110,11 @@ class IndexUpdater:
             self._on_error("stat", full, err.strerror or str(err))
             return
         if stat.S_ISREG(st.st_mode):
-            tree.set_file(parts, file_info(st))
+            info = file_info(st)
+            tree.set_file(parts, info)
+            inode = info.inode
+            if inode is not None and tree.link_count(inode) < st.st_nlink and self._searched.get(inode) != st.st_nlink:
+                self._wanted[inode] = None
         elif stat.S_ISDIR(st.st_mode):
             known = tree.lookup(parts)
             if isinstance(known, DirNode):
@@ -134,6 +147,71 @@ class IndexUpdater:
                 continue  # gone or unreadable since the scan: its event follows
             if stat.S_ISREG(st.st_mode):
                 tree.set_model_changed(model, stat_changed(st))
+
+    def links_pending(self, tree: Tree) -> bool:
+        """Whether `resolve_links` has work: hard links the index may count twice or date wrongly."""
+        if tree.suspects:
+            self._wanted.update(dict.fromkeys(tree.take_suspects()))
+        return bool(self._wanted)
+
+    def resolve_links(self, tree: Tree, lock: AbstractContextManager[Any]) -> int:
+        """Make the index agree with the filesystem about the hard-linked inodes in question.
+
+        link() reports only the new name: the old one, indexed as a plain file while it had one link,
+        would stay counted as well. For each inode: lstat one link the index knows (its times are
+        every link's, its st_nlink says how many there are); when the index knows fewer, lstat the
+        plain files of the same size, where the others must be if they are in the tree. One walk of
+        the index plus those lstats, instead of a rescan of every file. Runs on the updater thread,
+        the index's only writer, so the walk and the lstats need not hold `lock`; changes do.
+        Returns the number of lstat calls.
+        """
+        self.links_pending(tree)
+        wanted, self._wanted = self._wanted, {}
+        known, plain = tree.find_links(wanted)
+        stats = 0
+        seen: list[tuple[Parts, os.stat_result]] = []
+        for parts in known.values():
+            stats += 1
+            try:
+                seen.append((parts, os.lstat(self.path(parts))))
+            except OSError:
+                continue  # gone: its event follows
+        missing: dict[InodeKey, int] = {}
+        with lock:
+            for parts, st in seen:
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # replaced: its event follows
+                info = file_info(st)
+                tree.set_file(parts, info)
+                inode = info.inode
+                if (
+                    inode is not None
+                    and tree.link_count(inode) < st.st_nlink
+                    and self._searched.get(inode) != st.st_nlink
+                ):
+                    missing[inode] = st.st_nlink
+        if not missing:
+            return stats
+        sizes = {tree.inode_size(inode) for inode in missing}
+        found: list[tuple[Parts, os.stat_result]] = []
+        for parts, size in plain:
+            if size not in sizes:
+                continue
+            stats += 1
+            try:
+                st = os.lstat(self.path(parts))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in missing and stat.S_ISREG(st.st_mode):
+                found.append((parts, st))
+        with lock:
+            for parts, st in found:
+                tree.set_file(parts, file_info(st))
+        if len(self._searched) + len(missing) > SEARCHED_LIMIT:
+            self._searched.clear()
+        # Links still missing are outside the tree (or their own events are on the way): not again.
+        self._searched.update(missing)
+        return stats
 
     def refresh_missing(self, tree: Tree, parts: Parts) -> None:
         try:

@@ -2,20 +2,48 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.layout import Layout
 
+ModelKey = tuple[str, str]
+Place = tuple[str, str | None]  # (tier, model); model None for the `other` tier
+
 
 @dataclass
 class Truth:
     tiers: dict[str, list[int]] = field(default_factory=dict)  # tier -> [bytes, files, models]
-    models: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # -> [bytes, files, changed]
+    models: dict[ModelKey, list[float]] = field(default_factory=dict)  # -> [bytes, files, changed]
     # The path whose mtime or ctime is the model's `changed`: what a timestamp mismatch names.
-    newest: dict[tuple[str, str], str] = field(default_factory=dict)
+    newest: dict[ModelKey, str] = field(default_factory=dict)
+    # Hard-linked inodes with paths in more than one model (or tier): (size, the places they are in).
+    # du -b counts each once, at whichever path it meets first; so may the index. Not in the totals
+    # above: `attributions` adds them every possible way.
+    shared: list[tuple[int, list[Place]]] = field(default_factory=list)
+
+    def attributions(self, limit: int = 4096) -> Iterator[tuple[dict[str, list[int]], dict[ModelKey, list[float]]]]:
+        """(tiers, models) with each shared inode counted once, at each combination of its places."""
+        for choice in itertools.islice(itertools.product(*(places for _, places in self.shared)), limit):
+            tiers = {tier: list(values) for tier, values in self.tiers.items()}
+            models = {key: list(values) for key, values in self.models.items()}
+            for (size, _), (tier, model) in zip(self.shared, choice, strict=True):
+                _add(tiers, models, tier, model, size)
+            yield tiers, models
+
+
+def _add(
+    tiers: dict[str, list[int]], models: dict[ModelKey, list[float]], tier: str, model: str | None, size: int
+) -> None:
+    tiers[tier][0] += size
+    tiers[tier][1] += 1
+    if model is not None:
+        models[(tier, model)][0] += size
+        models[(tier, model)][1] += 1
 
 
 def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
@@ -27,7 +55,7 @@ def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
     """
     layout = layout or Layout()
     truth = Truth({t: [0, 0, 0] for t in (*layout.tiers, "other")})
-    seen: set[tuple[int, int]] = set()
+    links: dict[tuple[int, int], tuple[int, dict[Place, None]]] = {}
     for dirpath, dirnames, filenames in os.walk(models_path):
         rel = Path(dirpath).relative_to(models_path).parts
         for name in [*dirnames, *filenames]:
@@ -53,14 +81,13 @@ def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
                     truth.newest[(tier, model)] = str(full)
             if not is_file:
                 continue
-            key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1:
-                if key in seen:
-                    continue
-                seen.add(key)
-            truth.tiers[tier][0] += st.st_size
-            truth.tiers[tier][1] += 1
-            if model is not None:
-                truth.models[(tier, model)][0] += st.st_size
-                truth.models[(tier, model)][1] += 1
+                links.setdefault((st.st_dev, st.st_ino), (st.st_size, {}))[1][(tier, model)] = None
+                continue
+            _add(truth.tiers, truth.models, tier, model, st.st_size)
+    for size, places in links.values():
+        if len(places) == 1:
+            _add(truth.tiers, truth.models, *next(iter(places)), size)
+        else:
+            truth.shared.append((size, list(places)))
     return truth

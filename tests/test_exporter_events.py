@@ -47,20 +47,31 @@ def differences(svc: ExporterService) -> list[str]:
     """What the index says that an independent walk does not (empty when exact)."""
     truth = walk_truth(Path(svc.root), svc.settings.layout)
     snap = svc.snapshot()
-    problems = []
-    for tier, values in truth.tiers.items():
-        if tuple(values) != snap.tiers[tier]:
-            problems.append(f"tier {tier}: index {snap.tiers[tier]} truth {tuple(values)}")
     index_models = {(s.tier, s.model): s for s in snap.models}
+    problems = []
     if set(index_models) != set(truth.models):
         problems.append(f"models differ: {sorted(set(index_models) ^ set(truth.models))[:5]}")
-    for key, (nbytes, nfiles, changed) in truth.models.items():
+    counts: list[str] | None = None
+    # A hard link shared by two models counts in one of them, either may be right: one must match.
+    for tiers, models in truth.attributions():
+        mismatches = [
+            f"tier {tier}: index {snap.tiers[tier]} truth {tuple(values)}"
+            for tier, values in tiers.items()
+            if tuple(values) != snap.tiers[tier]
+        ]
+        for key, (nbytes, nfiles, _) in models.items():
+            stat = index_models.get(key)
+            if stat is not None and (stat.bytes, stat.files) != (nbytes, nfiles):
+                mismatches.append(f"{key}: index {(stat.bytes, stat.files)} truth {(nbytes, nfiles)}")
+        if not mismatches:
+            counts = []
+            break
+        if counts is None:
+            counts = mismatches
+    problems += counts or []
+    for key, (_, _, changed) in truth.models.items():
         stat = index_models.get(key)
-        if stat is None:
-            continue
-        if (stat.bytes, stat.files) != (nbytes, nfiles):
-            problems.append(f"{key}: index {(stat.bytes, stat.files)} truth {(nbytes, nfiles)}")
-        if stat.changed != changed:
+        if stat is not None and stat.changed != changed:
             # Exactly: a newer time would keep a model from ageing, an older one could get it evicted.
             newest = truth.newest.get(key, "?")
             problems.append(f"{key}: last change {stat.changed!r}, truth {changed!r} (from {newest})")
@@ -223,6 +234,73 @@ def test_hard_links_count_once_and_symlinks_never(service: ExporterService, stor
     (model / "blobs" / "abc").unlink()
     assert_exact(service)
     assert service.snapshot().tiers["raw"] == (4096, 1, 1)
+
+
+def total(svc: ExporterService) -> tuple[int, int]:
+    tiers = svc.snapshot().tiers.values()
+    return sum(t[0] for t in tiers), sum(t[1] for t in tiers)
+
+
+def test_a_link_to_an_already_indexed_file_counts_once(service: ExporterService, store: Path) -> None:
+    """link() tells only the new name's directory: the first name, indexed while it had one link,
+    must still be found to be the same inode."""
+    model = models_of(store) / "raw" / "m"
+    model.mkdir()
+    (model / "a").write_bytes(b"a" * 1000)
+    assert_exact(service)
+    assert service.snapshot().tiers["raw"] == (1000, 1, 1)
+    os.link(model / "a", model / "b")  # after `a` is indexed: not in the same batch
+    assert_exact(service)
+    assert service.snapshot().tiers["raw"] == (1000, 1, 1)
+    (model / "a").unlink()
+    assert_exact(service)
+    assert service.snapshot().tiers["raw"] == (1000, 1, 1)
+
+
+def test_a_link_from_another_tier_counts_once_and_takes_over(service: ExporterService, store: Path) -> None:
+    models = models_of(store)
+    (models / "raw" / "m").mkdir()
+    (models / "raw" / "m" / "a").write_bytes(b"a" * 1000)
+    (models / "quantized" / "q").mkdir()
+    (models / "raw" / "single.gguf").write_bytes(b"s" * 77)
+    assert_exact(service)
+    os.link(models / "raw" / "m" / "a", models / "quantized" / "q" / "w")
+    os.link(models / "raw" / "single.gguf", models / "repository" / "single.gguf")
+    # Counts once in all; and raw/m's last change is a's ctime, which link() moved without an event.
+    assert_exact(service)
+    assert total(service) == (1077, 2)
+    with open(models / "quantized" / "q" / "w", "ab") as handle:  # written through the new name
+        handle.write(b"w" * 500)
+    assert_exact(service)
+    assert total(service) == (1577, 2)
+    (models / "quantized" / "q" / "w").unlink()  # a's ctime moves again; raw/m must see it
+    assert_exact(service)
+    assert service.snapshot().tiers["quantized"] == (0, 0, 1)
+    assert total(service) == (1577, 2)
+    (models / "raw" / "single.gguf").unlink()
+    assert_exact(service)
+    assert service.snapshot().tiers["repository"] == (77, 1, 1)
+
+
+def test_a_copy_made_of_links_counts_once(service: ExporterService, store: Path) -> None:
+    """`cp -al` makes a new directory full of links to indexed files: its scan meets them first."""
+    source = models_of(store) / "raw" / "base"
+    (source / "sub").mkdir(parents=True)
+    for i in range(20):
+        (source / "sub" / f"shard{i}").write_bytes(b"x" * (100 + i))
+    assert_exact(service)
+    subprocess.run(["cp", "-al", str(source), str(models_of(store) / "quantized" / "linked")], check=True)
+    assert_exact(service)
+    assert total(service) == (sum(range(100, 120)), 20)
+
+
+def test_a_file_linked_from_outside_counts_once(service: ExporterService, store: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside-blob"
+    outside.write_bytes(b"o" * 300)
+    (models_of(store) / "raw" / "m").mkdir()
+    os.link(outside, models_of(store) / "raw" / "m" / "w")
+    assert_exact(service)
+    assert service.snapshot().tiers["raw"] == (300, 1, 1)
 
 
 def test_odd_names_do_not_break_anything(service: ExporterService, store: Path) -> None:

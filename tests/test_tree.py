@@ -209,3 +209,56 @@ def test_hard_links_in_a_small_namespace(ops: list[tuple]) -> None:  # type: ign
     for op in ops:
         apply(tree, ref, op)
         check(tree, ref, per_model=False)
+
+
+def test_a_rewrite_through_one_link_is_every_links_size_and_time() -> None:
+    tree = Tree(Layout())
+    tree.set_file(("raw", "m1", "w"), FileInfo(1000, 1.0, (1, 9)))
+    tree.set_file(("quantized", "m2", "w"), FileInfo(1000, 1.0, (1, 9)))
+    tree.set_file(("quantized", "m2", "w"), FileInfo(2000, 5.0, (1, 9)))
+    assert sum(v[0] for v in tree.tier_totals().values()) == 2000
+    assert tree.models[("raw", "m1")].changed == tree.models[("quantized", "m2")].changed == 5.0
+    # A move re-counts m1 from its table: it must hold the new size, not the one m1 was indexed with.
+    assert tree.move(("raw", "m1"), ("repository", "m1"))
+    assert sum(v[0] for v in tree.tier_totals().values()) == 2000
+
+
+def test_links_the_index_cannot_know_about_are_found_by_size() -> None:
+    tree = Tree(Layout())
+    tree.set_file(("raw", "m", "a"), FileInfo(1000, 1.0))  # indexed while it had one link
+    tree.set_file(("raw", "m", "same-size"), FileInfo(1000, 1.0))
+    tree.set_file(("raw", "m", "other-size"), FileInfo(5, 1.0))
+    tree.set_file(("quantized", "q", "b"), FileInfo(1000, 2.0, (1, 9)))  # its new link
+    assert tree.link_count((1, 9)) == 1
+    known, plain = tree.find_links([(1, 9)])
+    assert known == {(1, 9): ("quantized", "q", "b")}
+    assert sorted(plain) == [(("raw", "m", "a"), 1000), (("raw", "m", "same-size"), 1000)]
+    # What the updater does once an lstat shows `a` is that inode: counted once, at one of the two.
+    tree.set_file(("raw", "m", "a"), FileInfo(1000, 2.0, (1, 9)))
+    assert tree.link_count((1, 9)) == 2
+    assert sum(v[0] for v in tree.tier_totals().values()) == 2005
+
+
+def test_links_changed_without_an_lstat_of_the_inode_are_suspects() -> None:
+    tree = Tree(Layout())
+    node = DirNode()
+    node.add_file("w", FileInfo(10, 1.0, (1, 9)))
+    tree.graft(("raw", "m"), node)  # a scan: the inode's other links are not known
+    assert tree.take_suspects() == [(1, 9)]
+    tree.set_file(("raw", "n", "w"), FileInfo(10, 2.0, (1, 9)))  # an lstat: the caller checks st_nlink
+    assert tree.take_suspects() == []
+    tree.remove(("raw", "n", "w"))  # the other link's ctime moved
+    assert tree.take_suspects() == [(1, 9)]
+
+
+def test_single_file_models_take_their_own_time() -> None:
+    tree = Tree(Layout())
+    tier = DirNode(50.0)  # scanned: one newest time for the directory and its files
+    tier.add_file("old.gguf", FileInfo(1, 3.0))
+    tier.add_file("new.gguf", FileInfo(1, 50.0))
+    tree.graft(("raw",), tier)
+    assert sorted(tree.single_file_models()) == [("raw", "new.gguf"), ("raw", "old.gguf")]
+    assert tree.single_file_models(("quantized",)) == []
+    tree.set_model_changed(("raw", "old.gguf"), 3.0)
+    assert tree.models[("raw", "old.gguf")].changed == 3.0
+    assert tree.models[("raw", "new.gguf")].changed == 50.0
