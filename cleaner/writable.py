@@ -51,10 +51,16 @@ def probe(
     statvfs: Callable[[Path], os.statvfs_result] = os.statvfs,
     access: Callable[[Path, int], bool] = os.access,
 ) -> Place | None:
-    """The facts about one path; None when it does not exist (then there is nothing to change there)."""
+    """The facts about one path; None when there is nothing to judge here.
+
+    A missing path changes nothing, and a symlink is never followed: verification skips a model
+    that is one, so the filesystem it points to must not stop the whole run.
+    """
+    if os.path.islink(path):
+        return None
     try:
         flags = statvfs(path).f_flag
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return Place(path, bool(flags & os.ST_RDONLY), access(path, os.W_OK | os.X_OK))
 

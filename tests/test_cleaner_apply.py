@@ -941,6 +941,29 @@ def test_a_read_only_or_unwritable_place_is_a_problem_and_names_the_path() -> No
     flags = os.statvfs_result((4096, 4096, 1, 1, 1, 1, 1, 1, os.ST_RDONLY, 255))
     place = probe(Path("/m"), statvfs=lambda _path: flags, access=lambda _path, _mode: True)
     assert place == Place(Path("/m"), True, True)
+    assert probe(Path("/no/such/model")) is None
+
+
+def test_a_planned_model_that_is_a_symlink_to_a_read_only_place_does_not_stop_the_run(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outside = tmp_path / "elsewhere"
+    (outside / "m").mkdir(parents=True)
+    (outside / "m/w").write_bytes(b"not ours")
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "a", {"w": b"a"})
+    plan_id = plan_for(settings, [("raw", "a")])
+    plan = load_plan(plan_id, settings.state_path)
+    (store / "models/raw/link").symlink_to(outside / "m")
+    link = Eviction("raw", "link", 8, 1, time.time(), 40 * DAY, None, "age", "test")
+    save_plan(Plan(plan_id + "-l", plan.created_at, (link, *plan.evictions), (), 9), settings.state_path)
+
+    with read_only_bind(outside):
+        code, report = run(settings, plan_id + "-l", capsys)
+
+    assert code == 0 and [d["model"] for d in report["done"]] == ["a"]
+    assert [(s["model"], s["reason"]) for s in report["skipped"]] == [("link", "outside_models_path")]
+    assert (outside / "m/w").read_bytes() == b"not ours"
 
 
 @contextlib.contextmanager
