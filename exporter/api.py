@@ -522,11 +522,15 @@ OPENAPI: dict[str, Any] = {
         "/readyz": {
             "get": {
                 "operationId": "getReady",
-                "summary": "Readiness: the initial scan is done",
+                "summary": "Readiness: the initial scan is done and the index is kept current",
                 "security": [{}],
                 "responses": {
                     "200": _json("Ready", _ref("Status")),
-                    "503": _json("Still scanning", _ref("Status")),
+                    "503": _json(
+                        "Still scanning (`scanning`), or the index can no longer be kept current "
+                        "(`updater stopped`, `watcher stopped`)",
+                        _ref("Status"),
+                    ),
                 },
             }
         },

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 import uvicorn
+from starlette.routing import BaseRoute
 
 from exporter.api import StorageApi, docs_routes
 from exporter.auth import TokenBook
@@ -71,6 +72,17 @@ def storage_api(service: ExporterService, settings: Settings, config_file: str |
     )
 
 
+def exporter_routes(service: ExporterService, settings: Settings, api: StorageApi) -> list[BaseRoute]:
+    """Everything the exporter serves: `/`, `/metrics`, `/healthz`, `/readyz`, the storage API and its docs."""
+    routes = metrics_routes(
+        build_renderer(service, settings),
+        readiness=service.readiness,
+        is_alive=service.is_alive,
+        extra_links=LANDING_LINKS,
+    )
+    return routes + api.routes() + docs_routes()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.version:
@@ -94,16 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         service.stop()
         return err.exit_code
     host, port = settings["exporter.listen"]
-    routes = metrics_routes(
-        build_renderer(service, settings),
-        is_ready=service.ready.is_set,
-        is_alive=service.is_alive,
-        extra_links=LANDING_LINKS,
-    )
-    routes += api.routes() + docs_routes()
     tls = settings["exporter.tls_cert_file"] is not None
     config = uvicorn.Config(
-        build_app(routes),
+        build_app(exporter_routes(service, settings, api)),
         host=host,
         port=port,
         log_config=None,

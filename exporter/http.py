@@ -25,7 +25,7 @@ LANDING = """<!doctype html>
 
 def metrics_routes(
     render_metrics: Callable[[], bytes],
-    is_ready: Callable[[], bool],
+    readiness: Callable[[], str],
     is_alive: Callable[[], bool],
     extra_links: str = "",
 ) -> list[BaseRoute]:
@@ -34,9 +34,9 @@ def metrics_routes(
         return Response(render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     def readyz(_request: Request) -> Response:
-        if is_ready():
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "scanning"}, status_code=503)
+        status = readiness()
+        # 503 until the initial scan is done, and again if the index can no longer be kept current.
+        return JSONResponse({"status": status}, status_code=200 if status == "ready" else 503)
 
     def healthz(_request: Request) -> Response:
         if is_alive():

@@ -125,11 +125,17 @@ class InotifyReader:
         self._map_lock = threading.Lock()  # the maps: the reader's, and `rewatch` from the updater
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.failed = False  # a watch could not be added (ENOSPC): the service polls instead
+        # Events can no longer be trusted (a watch could not be added, the read failed): the service
+        # polls instead. `failure` says why.
+        self.failed = False
+        self.failure = ""
 
     @property
     def watches(self) -> int:
         return len(self._paths)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self.failed
 
     def start(self) -> None:
         """Watch every directory under the root (raises OSError when not even that works), then read."""
@@ -184,8 +190,7 @@ class InotifyReader:
             except OSError as err:
                 if strict:
                     raise
-                self.failed = True
-                self._on_watch_error(path, err)
+                self._fail(path, err, "cannot add inotify watches for new directories")
                 return
             try:
                 with os.scandir(path) as entries:
@@ -221,16 +226,33 @@ class InotifyReader:
 
     # ----- reading -----
 
+    def _fail(self, path: str, err: OSError, why: str) -> None:
+        """From here on events are missed: report it and let the service poll instead."""
+        if self._stop.is_set():
+            return  # stopping: the descriptor was closed on purpose
+        self.failure = f"{why}: {err.strerror or err}"
+        self.failed = True
+        self._on_watch_error(path, err)
+
     def _run(self) -> None:
+        try:
+            self._read()
+        except Exception as err:
+            # A bug in translating must not leave the index silently stale either.
+            self._fail(self.root, OSError(errno.EIO, f"{type(err).__name__}: {err}"), "inotify reader failed")
+
+    def _read(self) -> None:
         while not self._stop.is_set():
             try:
                 events = self._fd.read_events(event_buffer_size=READ_BUFFER)
-            except OSError as err:  # the descriptor was closed under us
-                if not self._stop.is_set():
-                    self._on_watch_error(self.root, err)
+            except OSError as err:
+                self._fail(self.root, err, "inotify read failed")
                 return
             if not events:
-                continue
+                # watchdog reads a closed or invalid descriptor (EBADF) as no events, at once and
+                # forever: unless we are stopping, nothing will ever come again.
+                self._fail(self.root, OSError(errno.EBADF, "inotify descriptor closed"), "inotify read failed")
+                return
             with self._map_lock:
                 hints = self.translate((e.wd, e.mask, e.cookie, e.name) for e in events)
             if hints and not self._handoff.put(hints):

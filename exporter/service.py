@@ -147,6 +147,21 @@ class ExporterService:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def readiness(self) -> str:
+        """ "ready" once the initial scan is done while the index can still be kept current: the
+        updater runs, and so does the inotify reader unless polling has taken over. Otherwise why not."""
+        if not self.ready.is_set():
+            return "scanning"
+        if not self.is_alive():
+            return "updater stopped"
+        reader = self._reader
+        if not self.polling and (reader is None or not reader.is_alive()):
+            return "watcher stopped"
+        return "ready"
+
+    def is_ready(self) -> bool:
+        return self.readiness() == "ready"
+
     # ----- what readers see -----
 
     def snapshot(self, *, models: bool = True) -> Snapshot:
@@ -166,7 +181,7 @@ class ExporterService:
             tiers=self.tree.tier_totals(),
             models=self.tree.model_stats() if models else [],
             generation=self.tree.generation,
-            ready=self.ready.is_set(),
+            ready=self.is_ready(),
             polling=self.polling,
             events_total=c.events,
             overflows_total=c.overflows,
@@ -194,10 +209,10 @@ class ExporterService:
             self.ready.set()
             log.info("exporter.ready", path=self.root)
             self._loop()
-        except Exception as err:  # one bad event never kills the daemon silently
+        except Exception as err:  # never silently: the error is counted and /healthz, /readyz say 503
             log.exception("updater.crashed", error=str(err))
-            self._record_error("updater", self.root, str(err))
-            raise
+            with self.lock:
+                self._record_error("updater", self.root, str(err))
 
     def _interval(self) -> float:
         if self.polling:
@@ -249,12 +264,14 @@ class ExporterService:
         log.debug("links.resolved", lstat_calls=stats, duration_seconds=round(seconds, 4))
 
     def _fall_back_to_polling(self) -> None:
-        assert self._reader is not None
-        self._reader.stop()
-        self._reader = None
+        reader = self._reader
+        assert reader is not None
         with self.lock:
+            # Polling first, then the reader goes: readiness never sees neither.
             self.polling = True
-            self.polling_reason = "cannot add inotify watches for new directories"
+            self.polling_reason = reader.failure or "inotify reader stopped"
+        reader.stop()
+        self._reader = None
         log.warning("watch.polling", path=self.root, reason=self.polling_reason)
 
     def _apply(self, tree: Tree, batch: list[RawEvent], *, count: bool = True) -> None:
@@ -358,7 +375,7 @@ class ExporterService:
         self.overflow.raise_(reason)
 
     def _on_watch_error(self, path: str, err: OSError) -> None:
-        # Runs on the reader thread; the updater sees `reader.failed` and switches to polling.
+        # Runs on the reader thread, which then sets `failed`; the updater sees it and polls.
         with self.lock:
             self._record_error("watch", path, err.strerror or str(err))
 

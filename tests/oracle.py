@@ -9,7 +9,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exporter.service import ExporterService
 from shared.layout import Layout
+from tests.support import wait_until
 
 ModelKey = tuple[str, str]
 Place = tuple[str, str | None]  # (tier, model); model None for the `other` tier
@@ -91,3 +93,51 @@ def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
         else:
             truth.shared.append((size, list(places)))
     return truth
+
+
+def differences(svc: ExporterService) -> list[str]:
+    """What the index says that an independent walk does not (empty when exact)."""
+    truth = walk_truth(Path(svc.root), svc.settings.layout)
+    snap = svc.snapshot()
+    index_models = {(s.tier, s.model): s for s in snap.models}
+    problems = []
+    if set(index_models) != set(truth.models):
+        problems.append(f"models differ: {sorted(set(index_models) ^ set(truth.models))[:5]}")
+    counts: list[str] | None = None
+    # A hard link shared by two models counts in one of them, either may be right: one must match.
+    for tiers, models in truth.attributions():
+        mismatches = [
+            f"tier {tier}: index {snap.tiers[tier]} truth {tuple(values)}"
+            for tier, values in tiers.items()
+            if tuple(values) != snap.tiers[tier]
+        ]
+        for key, (nbytes, nfiles, _) in models.items():
+            stat = index_models.get(key)
+            if stat is not None and (stat.bytes, stat.files) != (nbytes, nfiles):
+                mismatches.append(f"{key}: index {(stat.bytes, stat.files)} truth {(nbytes, nfiles)}")
+        if not mismatches:
+            counts = []
+            break
+        if counts is None:
+            counts = mismatches
+    problems += counts or []
+    for key, (_, _, changed) in truth.models.items():
+        stat = index_models.get(key)
+        if stat is not None and stat.changed != changed:
+            # Exactly: a newer time would keep a model from ageing, an older one could get it evicted.
+            newest = truth.newest.get(key, "?")
+            problems.append(f"{key}: last change {stat.changed!r}, truth {changed!r} (from {newest})")
+    return problems
+
+
+def assert_exact(svc: ExporterService, timeout: float = 5.0) -> None:
+    last: list[str] = []
+
+    def exact() -> bool:
+        last[:] = differences(svc)
+        return not last
+
+    try:
+        wait_until(exact, timeout=timeout, what="gauges equal a fresh walk")
+    except AssertionError:
+        raise AssertionError("; ".join(last[:10])) from None

@@ -21,9 +21,12 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from exporter.service import ExporterService
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +50,22 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
                 message += f" (last error: {last_error!r})"
             raise AssertionError(message)
         time.sleep(interval)
+
+
+def make_service(base: Path, **env: str) -> ExporterService:
+    """An in-process exporter service on `base`/models, not started, with short windows for tests."""
+    from exporter.service import ExporterService
+    from shared.config import load_settings
+
+    values = {
+        "STORAGE_BASE_PATH": str(base),
+        "STORAGE_SCAN_WORKERS": "1",
+        "STORAGE_COALESCE_WINDOW_SECONDS": "0.05",
+        "STORAGE_SETTLE_SECONDS": "0.2",
+        "STORAGE_LOG_FORMAT": "json",
+        **env,
+    }
+    return ExporterService(load_settings(env=values))
 
 
 def free_port() -> int:

@@ -17,21 +17,8 @@ from watchdog.observers.inotify_c import InotifyConstants
 from exporter.inotify import MASK, Handoff
 from exporter.service import ExporterService
 from exporter.watcher import RawEvent
-from shared.config import load_settings
-from tests.oracle import walk_truth
-from tests.support import wait_until
-
-
-def make_service(base: Path, **env: str) -> ExporterService:
-    values = {
-        "STORAGE_BASE_PATH": str(base),
-        "STORAGE_SCAN_WORKERS": "1",
-        "STORAGE_COALESCE_WINDOW_SECONDS": "0.05",
-        "STORAGE_SETTLE_SECONDS": "0.2",
-        "STORAGE_LOG_FORMAT": "json",
-        **env,
-    }
-    return ExporterService(load_settings(env=values))
+from tests.oracle import assert_exact
+from tests.support import make_service, wait_until
 
 
 @pytest.fixture
@@ -41,54 +28,6 @@ def service(store: Path) -> Iterator[ExporterService]:
     wait_until(svc.ready.is_set, timeout=10, what="initial scan")
     yield svc
     svc.stop()
-
-
-def differences(svc: ExporterService) -> list[str]:
-    """What the index says that an independent walk does not (empty when exact)."""
-    truth = walk_truth(Path(svc.root), svc.settings.layout)
-    snap = svc.snapshot()
-    index_models = {(s.tier, s.model): s for s in snap.models}
-    problems = []
-    if set(index_models) != set(truth.models):
-        problems.append(f"models differ: {sorted(set(index_models) ^ set(truth.models))[:5]}")
-    counts: list[str] | None = None
-    # A hard link shared by two models counts in one of them, either may be right: one must match.
-    for tiers, models in truth.attributions():
-        mismatches = [
-            f"tier {tier}: index {snap.tiers[tier]} truth {tuple(values)}"
-            for tier, values in tiers.items()
-            if tuple(values) != snap.tiers[tier]
-        ]
-        for key, (nbytes, nfiles, _) in models.items():
-            stat = index_models.get(key)
-            if stat is not None and (stat.bytes, stat.files) != (nbytes, nfiles):
-                mismatches.append(f"{key}: index {(stat.bytes, stat.files)} truth {(nbytes, nfiles)}")
-        if not mismatches:
-            counts = []
-            break
-        if counts is None:
-            counts = mismatches
-    problems += counts or []
-    for key, (_, _, changed) in truth.models.items():
-        stat = index_models.get(key)
-        if stat is not None and stat.changed != changed:
-            # Exactly: a newer time would keep a model from ageing, an older one could get it evicted.
-            newest = truth.newest.get(key, "?")
-            problems.append(f"{key}: last change {stat.changed!r}, truth {changed!r} (from {newest})")
-    return problems
-
-
-def assert_exact(svc: ExporterService, timeout: float = 5.0) -> None:
-    last: list[str] = []
-
-    def exact() -> bool:
-        last[:] = differences(svc)
-        return not last
-
-    try:
-        wait_until(exact, timeout=timeout, what="gauges equal a fresh walk")
-    except AssertionError:
-        raise AssertionError("; ".join(last[:10])) from None
 
 
 def models_of(store: Path) -> Path:
