@@ -1,0 +1,47 @@
+"""A reconcile scan finds drift the events could not show, reports it and corrects the index."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from exporter.exposition import build_renderer
+from tests.oracle import assert_exact, differences
+from tests.support import make_service, parse_metrics, wait_until
+
+
+def test_a_reconcile_finds_reports_and_corrects_drift(store: Path, tmp_path: Path) -> None:
+    # A write through a hard link outside the models path changes a file inside it, and inotify tells
+    # only the watches of the directory it was written through (and of the inode): none of ours.
+    blob = tmp_path / "outside" / "blob"
+    blob.parent.mkdir()
+    blob.write_bytes(b"o" * 1000)
+    model = store / "models" / "raw" / "m"
+    model.mkdir()
+    os.link(blob, model / "w")
+    (model / "config.json").write_bytes(b"c" * 10)
+    svc = make_service(store)
+    svc.start()
+    try:
+        wait_until(svc.ready.is_set, timeout=10, what="initial scan")
+        assert_exact(svc)
+        assert svc.snapshot().tiers["raw"] == (1010, 2, 1)
+        with open(blob, "ab") as handle:
+            handle.write(b"p" * 500)
+        assert differences(svc), "the index cannot have seen that write"
+        assert svc.snapshot().tiers["raw"] == (1010, 2, 1)
+
+        result = svc.reconcile("test")
+
+        assert (result.drift_bytes, result.drift_models, result.files) == (500, 1, 2)
+        assert svc.snapshot().drift_bytes == 500
+        metrics = parse_metrics(build_renderer(svc, svc.settings)().decode())
+        assert metrics[("model_storage_reconcile_drift_bytes", frozenset())] == 500
+        assert metrics[("model_storage_model_bytes", frozenset({("tier", "raw"), ("model", "m")}))] == 1510
+        assert svc.snapshot().tiers["raw"] == (1510, 2, 1)
+        assert_exact(svc)
+        # The next reconcile finds the index exact and says so.
+        assert svc.reconcile("test").drift_bytes == 0
+        assert svc.snapshot().drift_bytes == 0
+    finally:
+        svc.stop()
