@@ -4,7 +4,7 @@ prometheus_client formats every sample on every scrape (about 15 µs a series); 
 that is most of a scrape. Here a model's three lines are formatted once and kept, keyed by the
 bucket object and its `version`, so a scrape re-formats only the models that changed and joins
 the rest. The output follows the text exposition format: HELP and TYPE once per family, label
-values escaped (backslash, double quote, newline) and always valid UTF-8.
+values escaped (backslash, double quote, newline) and always valid UTF-8 (see `label_text`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,23 @@ MODEL_FAMILIES = (
 
 
 def label_text(name: str) -> str:
-    """Names with invalid UTF-8 (kept as surrogates) must still render as valid label values."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """A file name as a label value, which must be valid UTF-8.
+
+    A valid name is itself (the cleaner maps the label back to the path). A name with bytes that
+    are not UTF-8 (kept by os.fsdecode as surrogates) gets each such byte as `\\xNN` and each of
+    its backslashes doubled: two names that differ only in those bytes stay two series (replacing
+    them all with U+FFFD made one, a duplicate), and no two such names can render alike. (A valid
+    name spelled exactly like another name's escaped form would still clash: that takes intent.)
+    """
+    if name.isascii():
+        return name
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        pass
+    raw = name.encode("utf-8", "surrogateescape")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
 
 
 def escape_label_value(value: str) -> str:

@@ -17,7 +17,7 @@ from shared.config import load_settings
 from shared.layout import Layout
 from tests.support import have, parse_metrics
 
-ODD = ['we"ird\nname', "back\\slash", "bad-\udcff-utf8", "ünïcode", "plain"]
+ODD = ['we"ird\nname', "back\\slash", "bad-\udcff-utf8", "bad-\udcfe-utf8", "back\\slash-\udcff", "ünïcode", "plain"]
 
 
 def _samples(body: bytes) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -58,6 +58,33 @@ def test_promtool_accepts_the_cached_output(service: ExporterService) -> None:
     assert check.stdout.strip() == b"" and check.stderr.strip() == b"", check.stdout + check.stderr
 
 
+def test_names_that_differ_only_in_invalid_utf8_are_distinct_series(service: ExporterService) -> None:
+    """os.fsdecode keeps each undecodable byte as a surrogate; replacing them all with U+FFFD made
+    `bad-\xff-utf8` and `bad-\xfe-utf8` one label: duplicate series in one scrape."""
+    for body in (
+        build_renderer(service, service.settings)(),
+        generate_latest(build_registry(service, service.settings)),
+    ):
+        labels = [
+            dict(labels)["model"]
+            for (name, labels) in _samples(body)
+            if name == "model_storage_model_bytes" and dict(labels)["tier"] == "raw"
+        ]
+        assert sorted(labels) == sorted(
+            [
+                'we"ird\nname',
+                "back\\slash",
+                "bad-\\xff-utf8",
+                "bad-\\xfe-utf8",
+                "back\\\\slash-\\xff",
+                "ünïcode",
+                "plain",
+            ]
+        )
+        lines = [line for line in body.decode().splitlines() if line.startswith("model_storage_model_bytes{")]
+        assert len(lines) == len(set(lines)) == len(ODD) + 1
+
+
 def test_only_changed_models_are_reformatted() -> None:
     tree = Tree(Layout())
     for i in range(50):
@@ -89,7 +116,9 @@ def test_deleted_models_vanish_and_swapped_trees_rerender() -> None:
 
 def test_label_escaping_and_values() -> None:
     assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
-    assert escape_label_value("x\udcffy") == "x\ufffdy"
+    # An undecodable byte as `\xff` in the label value (its backslash escaped again in the text).
+    assert escape_label_value("x\udcffy") == "x\\\\xffy"
+    assert escape_label_value("ünï") == "ünï"
     assert format_value(3) == "3"
     assert format_value(1.5) == "1.5"
     assert format_value(2.0) == "2"
