@@ -28,7 +28,7 @@ from exporter.fsinfo import FsUsage
 from exporter.service import ReconcileResult, Snapshot
 from shared.audit import AuditLog
 from shared.cleanup_state import CleanupState
-from shared.logs import get_logger
+from shared.logs import FAILURE, get_logger
 
 log = get_logger("exporter.api")
 
@@ -619,7 +619,7 @@ class StorageApi:
             self.audit.append(operation, actor=caller.name, details=details, **fields)
         except OSError as err:
             # The request's answer stands; a lost audit line is an operational error to see in logs.
-            log.error("api.audit_failed", operation=operation, error=err.strerror or str(err))
+            log.error("api.audit_failed", operation=operation, error=err.strerror or str(err), outcome=FAILURE)
 
     async def _guard(self, request: Request, need: Need) -> tuple[Caller, Response | None]:
         """Authenticate, authorise and refuse bodies: (caller, None) to go on, or the refusal."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.logs import get_logger
+from shared.logs import FAILURE, SUCCESS, get_logger
 
 log = get_logger("exporter.cleanup")
 
@@ -259,7 +259,7 @@ class CleanupRunner:
                 errors="replace",
             )
         except OSError as err:
-            log.error("cleanup.start_failed", command=argv[0], error=err.strerror or str(err))
+            log.error("cleanup.start_failed", command=argv[0], error=err.strerror or str(err), outcome=FAILURE)
             return CleanerResult(tuple(argv), None, start_error=f"{argv[0]}: {err.strerror or err}")
         if context and self._holder is not None:
             self._holder = Holder(
@@ -275,10 +275,22 @@ class CleanupRunner:
         except subprocess.TimeoutExpired:
             stdout, stderr = self._stop(proc)
             seconds = time.monotonic() - started
-            log.error("cleanup.timed_out", pid=proc.pid, seconds=round(seconds, 3), **context)
+            log.error(
+                "cleanup.timed_out",
+                pid=proc.pid,
+                seconds=round(seconds, 3),
+                outcome=FAILURE,
+                error=f"no exit within {timeout:g} s; stopped",
+                **context,
+            )
             return CleanerResult(tuple(argv), None, stdout, stderr, seconds, timed_out=True)
         seconds = time.monotonic() - started
-        log.info("cleanup.finished", pid=proc.pid, exit_code=proc.returncode, seconds=round(seconds, 3), **context)
+        outcome: dict[str, Any] = {"outcome": SUCCESS}
+        if proc.returncode != 0:
+            outcome = {"outcome": FAILURE, "error": last_message(stderr) or f"exit code {proc.returncode}"}
+        log.info(
+            "cleanup.finished", pid=proc.pid, exit_code=proc.returncode, seconds=round(seconds, 3), **outcome, **context
+        )
         return CleanerResult(tuple(argv), proc.returncode, stdout, stderr, seconds)
 
     @staticmethod

@@ -22,7 +22,7 @@ from shared.audit import AuditLog
 from shared.cleanup_state import read_cleanup_state
 from shared.config import Settings, load_settings
 from shared.errors import StorageError
-from shared.logs import configure_logging, get_logger
+from shared.logs import SUCCESS, configure_logging, get_logger
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = uvicorn.Server(config)
     shown_host = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{shown_host}:{port}/metrics"
-    log.info("exporter.serving", url=url, models_path=str(settings.models_path))
+    log.info("exporter.serving", url=url, models_path=str(settings.models_path), outcome=SUCCESS)
     print(f"model-storage-exporter serving {settings.models_path} on {url}", flush=True)
     # uvicorn re-raises the signal it shut down on once it is done; let that land on a
     # no-op so that the index threads are stopped and the exit code is 0.

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from shared.logs import get_logger
+from shared.logs import FAILURE, get_logger
 
 log = get_logger("exporter.http")
 
@@ -64,7 +64,7 @@ def _http_error(_request: Request, exc: Exception) -> Response:
 
 def _unexpected(_request: Request, exc: Exception) -> Response:
     # Never a traceback to the client; the log keeps the details.
-    log.error("http.unexpected_error", error=f"{type(exc).__name__}: {exc}")
+    log.error("http.unexpected_error", error=f"{type(exc).__name__}: {exc}", outcome=FAILURE)
     body = {"error": {"code": "internal", "message": "unexpected error; see the exporter's log"}}
     return JSONResponse(body, status_code=500)
 

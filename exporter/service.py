@@ -22,7 +22,7 @@ from exporter.tree import ModelStat, Parts, Tree
 from exporter.watcher import IndexUpdater, OverflowFlag, RawEvent
 from shared.config import Settings
 from shared.errors import ConfigError
-from shared.logs import get_logger
+from shared.logs import FAILURE, SUCCESS, get_logger
 
 log = get_logger("exporter.service")
 
@@ -117,7 +117,10 @@ class ExporterService:
         if not self.polling:
             self._start_reader()
         if self.polling:
-            log.warning("watch.polling", path=self.root, reason=self.polling_reason)
+            # Chosen (configuration, a network filesystem) or forced on us (no watches left).
+            failed = self._reader is None and bool(self.counters.errors["watch"])
+            outcome = {"outcome": FAILURE, "error": self.polling_reason} if failed else {"outcome": SUCCESS}
+            log.warning("watch.polling", path=self.root, reason=self.polling_reason, **outcome)
         self._thread = threading.Thread(target=self._run, name="index-updater", daemon=True)
         self._thread.start()
 
@@ -132,7 +135,7 @@ class ExporterService:
             self.polling_reason = f"cannot add inotify watches: {err.strerror or err}"
             return
         self._reader = reader
-        log.info("watch.started", path=self.root, watches=reader.watches)
+        log.info("watch.started", path=self.root, watches=reader.watches, outcome=SUCCESS)
 
     def stop(self) -> None:
         self._stop.set()
@@ -142,7 +145,7 @@ class ExporterService:
         self.scanner.close()
         if self._thread is not None:
             self._thread.join(timeout=30)
-            log.info("exporter.stopped")
+            log.info("exporter.stopped", outcome=SUCCESS)
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -207,10 +210,10 @@ class ExporterService:
         try:
             self._full_scan("initial")
             self.ready.set()
-            log.info("exporter.ready", path=self.root)
+            log.info("exporter.ready", path=self.root, outcome=SUCCESS)
             self._loop()
         except Exception as err:  # never silently: the error is counted and /healthz, /readyz say 503
-            log.exception("updater.crashed", error=str(err))
+            log.exception("updater.crashed", error=str(err), outcome=FAILURE)
             with self.lock:
                 self._record_error("updater", self.root, str(err))
 
@@ -261,7 +264,7 @@ class ExporterService:
         stats = self.updater.resolve_links(self.tree, self.lock)
         seconds = time.monotonic() - started
         self._next_link_pass = time.monotonic() + max(LINK_PASS_INTERVAL, 10 * seconds)
-        log.debug("links.resolved", lstat_calls=stats, duration_seconds=round(seconds, 4))
+        log.debug("links.resolved", lstat_calls=stats, duration_seconds=round(seconds, 4), outcome=SUCCESS)
 
     def _fall_back_to_polling(self) -> None:
         reader = self._reader
@@ -272,7 +275,7 @@ class ExporterService:
             self.polling_reason = reader.failure or "inotify reader stopped"
         reader.stop()
         self._reader = None
-        log.warning("watch.polling", path=self.root, reason=self.polling_reason)
+        log.warning("watch.polling", path=self.root, reason=self.polling_reason, outcome=FAILURE, error=reader.failure)
 
     def _apply(self, tree: Tree, batch: list[RawEvent], *, count: bool = True) -> None:
         # A burst drains as one big batch; holding the lock for all of it stalled scrapes for
@@ -334,7 +337,7 @@ class ExporterService:
         outcome = result_box[0]
         if isinstance(outcome, BaseException):
             self._record_error("scan", self.root, str(outcome))
-            log.error("scan.failed", reason=reason, error=str(outcome))
+            log.error("scan.failed", reason=reason, error=str(outcome), outcome=FAILURE)
             return ReconcileResult(time.monotonic() - started, 0, 0, 0, reason)
         for path, why in outcome.errors:
             self._record_error("scan", path, why)
@@ -366,6 +369,7 @@ class ExporterService:
             duration_seconds=round(seconds, 3),
             drift_bytes=drift_bytes if reason != "initial" else 0,
             drift_models=drift_models if reason != "initial" else 0,
+            outcome=SUCCESS,
         )
         return ReconcileResult(seconds, drift_bytes if reason != "initial" else 0, drift_models, outcome.files, reason)
 
@@ -382,11 +386,17 @@ class ExporterService:
     def _note_overflow(self, reasons: list[str]) -> None:
         with self.lock:
             self.counters.overflows += 1
-        log.warning("events.overflowed", reasons=sorted(set(reasons)), count=len(reasons))
+        log.warning(
+            "events.overflowed",
+            reasons=sorted(set(reasons)),
+            count=len(reasons),
+            outcome=FAILURE,
+            error="filesystem events were lost; rescanning",
+        )
 
     def _record_error(self, kind: str, path: str, reason: str) -> None:
         self.counters.errors[kind] += 1
-        log.warning("index.error", kind=kind, path=path, error=reason)
+        log.warning("index.error", kind=kind, path=path, error=reason, outcome=FAILURE)
 
 
 def _drift(old: Tree, new: Tree) -> tuple[int, int]:

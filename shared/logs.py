@@ -1,4 +1,10 @@
-"""Logging set up once per process: structlog, JSON lines off a TTY, a console renderer on one."""
+"""Logging set up once per process: structlog, JSON lines off a TTY, a console renderer on one.
+
+Events are named `area.past_tense`. The event that ends an operation (`scan.finished`,
+`scan.failed`, `index.error`, `cleanup.finished`...) carries `outcome`, SUCCESS or FAILURE, and a
+failure its `error`; events that open an operation or report its progress (`*.started`,
+`*.progress`) carry none. structlog adds the level and the timestamp.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from typing import Any
 import structlog
 
 _SECRET_KEYS = ("token", "password", "authorization", "secret")
+SUCCESS = "success"
+FAILURE = "failure"
 
 
 def _redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
