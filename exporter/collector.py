@@ -145,7 +145,9 @@ class StorageCollector(Collector):
         if limit is not None:
             yield GaugeMetricFamily(m.WATCH_LIMIT, "fs.inotify.max_user_watches.", limit)
         yield GaugeMetricFamily(m.POLLING, "1 when polling instead of inotify (NFS, FUSE, no watches).", snap.polling)
-        yield GaugeMetricFamily(m.READY, "1 once the initial scan is done and the watcher runs.", snap.ready)
+        yield GaugeMetricFamily(
+            m.READY, "1 while /readyz is 200: the initial scan is done and the index is kept current.", snap.ready
+        )
         info = InfoMetricFamily(m.BUILD_INFO, "Exporter build.", labels=["version"])
         info.add_metric([self._version], {})
         yield info
