@@ -244,7 +244,10 @@ def main() -> dict[str, object]:
             full = burst(proc, models, "burst", burst_files, 0.0, poll=True)
             report(
                 f"burst {burst_files:,} files: writer {full['writer_files_per_second']:,}/s, applied "
-                f"{full['files_applied_per_second']:,}/s, exact {full['seconds_from_last_write_to_exact']:.2f} s after "
+                f"{full['files_applied_per_second']:,}/s (ratio applied/writer "
+                f"{full['files_applied_per_second'] / full['writer_files_per_second']:.2f}, writer watched/alone "
+                f"{full['writer_files_per_second'] / alone_rate:.2f}), "
+                f"exact {full['seconds_from_last_write_to_exact']:.2f} s after "
                 f"the last write, overflows {full['overflows']}; /metrics p50 {full['metrics_p50_ms']} ms "
                 f"p99 {full['metrics_p99_ms']} ms, /storage/info p99 {full['info_p99_ms']} ms"
             )
@@ -263,6 +266,8 @@ def main() -> dict[str, object]:
         "models": n_models,
         "filesystem_dir": tmp,
         "writer_alone_files_per_second": alone_rate,
+        "ratio_applied_vs_writer": round(full["files_applied_per_second"] / full["writer_files_per_second"], 3),
+        "ratio_watched_writer_vs_alone": round(full["writer_files_per_second"] / alone_rate, 3),
         "idle_cpu_fraction_of_a_core": round(idle_cpu, 5),
         "burst": full,
         "sustained": steady,
