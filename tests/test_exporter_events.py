@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -438,5 +439,80 @@ def test_a_burst_that_overflows_ends_exact(store: Path) -> None:
         # updater gets round to counting the overflow: wait for the count too, with a deadline.
         wait_until(lambda: svc.snapshot().overflows_total > 0, timeout=10, what="overflow counted")
         assert_exact(svc, timeout=60)
+    finally:
+        svc.stop()
+
+
+INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify")
+
+
+@contextlib.contextmanager
+def inotify_limit(name: str, value: int) -> Iterator[None]:
+    """Lower a kernel inotify limit while the block runs (the service's start), then put it back.
+
+    `max_queued_events` is copied into each inotify instance when it is made, so the service keeps
+    the small queue after the limit is restored; `max_user_watches` is checked as watches are added.
+    """
+    knob = INOTIFY_SYSCTL / name
+    try:
+        before = knob.read_text()
+        knob.write_text(f"{value}\n")
+    except OSError as err:
+        pytest.skip(f"cannot change {knob}: {err}")
+    try:
+        yield
+    finally:
+        knob.write_text(before)
+
+
+def test_a_kernel_queue_overflow_rewatches_rescans_and_ends_exact(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = make_service(store)
+    reasons: list[str] = []
+    raise_ = svc.overflow.raise_
+
+    def spy(reason: str) -> None:
+        reasons.append(reason)
+        raise_(reason)
+
+    monkeypatch.setattr(svc.overflow, "raise_", spy)
+    with inotify_limit("max_queued_events", 16):
+        svc.start()
+    try:
+        wait_until(svc.ready.is_set, timeout=10, what="initial scan")
+        writer = (
+            "import os,sys\n"
+            "root=sys.argv[1]\n"
+            "for d in range(20):\n"
+            "    p=os.path.join(root,'raw','burst','d%d'%d); os.makedirs(p)\n"
+            "    for i in range(250):\n"
+            "        open(os.path.join(p,'f%d'%i),'wb').write(b'x')\n"
+        )
+        subprocess.run([sys.executable, "-c", writer, str(models_of(store))], check=True)
+        wait_until(lambda: "inotify_queue_overflow" in reasons, timeout=10, what="kernel queue overflow seen")
+        assert_exact(svc, timeout=60)
+        assert svc.snapshot().tiers["raw"] == (5000, 5000, 1)
+        wait_until(lambda: svc.snapshot().overflows_total > 0, timeout=10, what="overflow counted")
+        # Directories made while events were lost got their watches back: later writes in them count.
+        for d in (0, 19):
+            (models_of(store) / "raw" / "burst" / f"d{d}" / "late").write_bytes(b"y" * 10)
+        assert_exact(svc, timeout=10)
+        assert svc.snapshot().tiers["raw"] == (5020, 5002, 1)
+    finally:
+        svc.stop()
+
+
+def test_no_watches_left_falls_back_to_polling_and_stays_exact(store: Path) -> None:
+    svc = make_service(store, STORAGE_POLL_INTERVAL_SECONDS="1")
+    with inotify_limit("max_user_watches", 1):
+        svc.start()
+    try:
+        wait_until(svc.ready.is_set, timeout=10, what="initial scan")
+        assert svc.polling and "watches" in (svc.polling_reason or "")
+        assert svc.snapshot().errors_total.get("watch", 0) > 0
+        model = models_of(store) / "quantized" / "m"
+        model.mkdir()
+        (model / "w.bin").write_bytes(b"q" * 77)
+        assert_exact(svc, timeout=10)
+        assert svc.snapshot().tiers["quantized"] == (77, 1, 1)
     finally:
         svc.stop()
