@@ -16,7 +16,7 @@ import queue
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -27,6 +27,7 @@ from starlette.routing import BaseRoute, Route
 from exporter.auth import Caller, Need, TokenBook, authorize
 from exporter.cleanup_runner import Answer, BusyError, CleanupRunner, error_body, interpret_policies, interpret_run
 from exporter.fsinfo import FsUsage
+from exporter.refusals import RefusalThrottle
 from exporter.service import ReconcileResult, Snapshot
 from shared.audit import AuditLog
 from shared.cleanup_state import CleanupState
@@ -670,6 +671,7 @@ class StorageApi:
     runner: CleanupRunner
     audit: AuditLog
     clock: Callable[[], float] = time.time
+    refusals: RefusalThrottle = field(default_factory=lambda: RefusalThrottle(limit=60))
 
     def __post_init__(self) -> None:
         self._collect_lock: asyncio.Lock | None = None
@@ -691,16 +693,30 @@ class StorageApi:
         caller = self.tokens.identify(request.headers.get("authorization"))
         denial = authorize(self.tokens, caller, need)
         if denial is not None:
-            await run_in_threadpool(
-                self._audit,
-                denial.audit_operation,
-                caller,
-                request,
-                target=request.url.path,
-                result="failure",
-                error=denial.message,
-                details={"status": denial.status},
-            )
+            remote = request.client.host if request.client else "unknown"
+            verdict = self.refusals.admit(remote, self.clock())
+            if verdict.write:
+                details: dict[str, Any] = {"status": denial.status}
+                if verdict.left_out:
+                    details["refusals_not_audited"] = verdict.left_out
+                await run_in_threadpool(
+                    self._audit,
+                    denial.audit_operation,
+                    caller,
+                    request,
+                    target=request.url.path,
+                    result="failure",
+                    error=denial.message,
+                    details=details,
+                )
+            elif verdict.first_left_out:
+                log.warning(
+                    "api.refusals_throttled",
+                    remote=remote,
+                    limit_per_minute=self.refusals.limit,
+                    outcome=FAILURE,
+                    error="further refused requests from this address are counted, not audited, this minute",
+                )
             headers = {"WWW-Authenticate": 'Bearer realm="model-storage"'} if denial.status == 401 else None
             return caller, error_response(denial.status, denial.code, denial.message, headers)
         too_big = await _body_too_large(request)

@@ -17,6 +17,7 @@ from exporter.cleanup_runner import CleanupRunner
 from exporter.exposition import build_renderer
 from exporter.fsinfo import filesystem_usage
 from exporter.http import build_app, metrics_routes
+from exporter.refusals import RefusalThrottle
 from exporter.service import ExporterService
 from shared.audit import AuditLog
 from shared.cleanup_state import read_cleanup_state
@@ -69,6 +70,7 @@ def storage_api(service: ExporterService, settings: Settings, config_file: str |
             config_file=config_file,
         ),
         audit=AuditLog(settings.audit_log_path),
+        refusals=RefusalThrottle(limit=settings["api.audit_refusals_per_minute"]),
     )
 
 

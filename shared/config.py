@@ -303,6 +303,13 @@ FIELDS: tuple[Field, ...] = (
     Field("log.level", "STORAGE_LOG_LEVEL", "info", _choice(LOG_LEVELS), "Log level"),
     Field("api.admin_tokens", "STORAGE_ADMIN_TOKEN", None, _tokens, "Admin token(s)", secret=True),
     Field("api.read_tokens", "STORAGE_READ_TOKEN", None, _tokens, "Read token(s)", secret=True),
+    Field(
+        "api.audit_refusals_per_minute",
+        "STORAGE_AUDIT_REFUSALS_PER_MINUTE",
+        60,
+        _integer(0),
+        "Refused API requests audited per caller address and minute (the rest counted); 0 = all",
+    ),
     Field("cleaner.prometheus.url", "STORAGE_PROMETHEUS_URL", "http://127.0.0.1:9090", _string, "Query API"),
     Field(
         "cleaner.prometheus.timeout_seconds",

@@ -581,3 +581,22 @@ def test_info_and_metrics_keep_answering_during_a_collect_and_an_event_burst(sto
     assert collects, "no collect finished"
     # Each collect scans 20 000 files; a scrape must not wait for one.
     assert worst["/metrics"] < 1.0 and worst["/storage/info"] < 1.0, (worst, max(collects))
+
+
+def test_refused_requests_are_audited_up_to_a_limit_per_address_and_counted_beyond(store: Path, logs_dir: Path) -> None:
+    # A client hammering the API with bad tokens must not fill the disk the audit log shares with the models.
+    proc = start_exporter(
+        store / "models", store, logs_dir, STORAGE_ADMIN_TOKEN=ADMIN, STORAGE_AUDIT_REFUSALS_PER_MINUTE="3"
+    )
+    try:
+        for _ in range(8):
+            assert_error(httpx.post(proc.url + "/storage/collect", headers=bearer(WRONG), timeout=10), 401)
+        assert httpx.post(proc.url + "/storage/collect", headers=bearer(ADMIN), timeout=60).status_code == 200
+    finally:
+        assert proc.stop() == 0
+    operations = [e["operation"] for e in audit_lines(store)]
+    assert operations.count("api.auth_failed") == 3
+    assert operations[-1] == "api.collect"  # allowed calls are always audited
+    assert proc.log().count("api.refusals_throttled") == 1
+    assert WRONG not in proc.log() and ADMIN not in proc.log()
+    assert verify_audit(store / "audit.log").ok
