@@ -9,6 +9,7 @@ fails: disk use doubles and nothing is freed. This is how the exporter's contain
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,13 +57,17 @@ def probe(
     A missing path changes nothing, and a symlink is never followed: verification skips a model
     that is one, so the filesystem it points to must not stop the whole run.
     """
-    if os.path.islink(path):
-        return None
     try:
+        mode = os.lstat(path).st_mode
         flags = statvfs(path).f_flag
     except (FileNotFoundError, NotADirectoryError):
         return None
-    return Place(path, bool(flags & os.ST_RDONLY), access(path, os.W_OK | os.X_OK))
+    if stat.S_ISLNK(mode):
+        return None
+    # A file's own mode does not decide whether it can be moved or removed (its directory's does,
+    # checked as the tier directory); a directory's does, as the copying modes empty it.
+    writable = access(path, os.W_OK | os.X_OK) if stat.S_ISDIR(mode) else True
+    return Place(path, bool(flags & os.ST_RDONLY), writable)
 
 
 def require_writable(paths: Sequence[Path], probe_path: Callable[[Path], Place | None] = probe) -> None:

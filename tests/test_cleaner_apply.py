@@ -939,9 +939,26 @@ def test_a_read_only_or_unwritable_place_is_a_problem_and_names_the_path() -> No
     ]
 
     flags = os.statvfs_result((4096, 4096, 1, 1, 1, 1, 1, 1, os.ST_RDONLY, 255))
-    place = probe(Path("/m"), statvfs=lambda _path: flags, access=lambda _path, _mode: True)
-    assert place == Place(Path("/m"), True, True)
+    place = probe(Path("/"), statvfs=lambda _path: flags, access=lambda _path, _mode: True)
+    assert place == Place(Path("/"), True, True)
+    assert probe(Path("/"), statvfs=lambda _path: flags, access=lambda _path, _mode: False) == Place(
+        Path("/"), True, False
+    )
     assert probe(Path("/no/such/model")) is None
+
+
+def test_a_single_file_model_is_evicted_whatever_its_own_mode(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A `.gguf` straight in a tier is a model; its missing execute bit must not read as "not writable".
+    settings = settings_for(store)
+    solo = store / "models/raw/solo.gguf"
+    solo.write_bytes(b"g" * 123)
+    solo.chmod(0o444)
+    plan_id = plan_for(settings, [("raw", "solo.gguf")])
+
+    code, report = run(settings, plan_id, capsys)
+
+    assert code == 0 and [d["model"] for d in report["done"]] == ["solo.gguf"]
+    assert not solo.exists() and (settings.trash_path / report["run_id"] / "raw/solo.gguf").read_bytes() == b"g" * 123
 
 
 def test_a_planned_model_that_is_a_symlink_to_a_read_only_place_does_not_stop_the_run(
