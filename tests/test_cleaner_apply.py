@@ -591,6 +591,31 @@ def test_trash_on_another_filesystem_falls_back_to_copy_verify_delete(
         assert tree_manifest(store / "models" / key) == manifest
 
 
+@pytest.mark.parametrize("how", ["trash_rename", "trash_copy", "archive"])
+def test_a_single_file_model_goes_and_comes_back_in_every_mode(
+    store: Path, other_fs: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    env = {
+        "trash_rename": {},
+        "trash_copy": {"STORAGE_TRASH_PATH": str(other_fs / "trash")},
+        "archive": {"STORAGE_BACKUP_MODE": "archive", "STORAGE_BACKUP_PATH": str(other_fs / "backup")},
+    }[how]
+    settings = settings_for(store, **env)
+    solo = store / "models/quantized/solo.gguf"
+    data = os.urandom(30_000)
+    solo.write_bytes(data)
+
+    code, report = run(settings, plan_for(settings, [("quantized", "solo.gguf")]), capsys)
+
+    assert code == 0 and [d["model"] for d in report["done"]] == ["solo.gguf"], report
+    assert report["done"][0]["how"] == ("renamed" if how == "trash_rename" else "copied")
+    assert not solo.exists()
+    args = argparse.Namespace(run_id=report["run_id"], target="quantized/solo.gguf", json=False, actor="cli")
+    assert act_cli.cmd_restore(settings, args) == 0
+    assert solo.read_bytes() == data
+    assert sorted(p.name for p in solo.parent.iterdir()) == ["solo.gguf"], "no temporary copy left behind"
+
+
 def test_archive_mode_copies_verifies_then_removes_the_original(
     store: Path, other_fs: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
