@@ -21,7 +21,7 @@ from typing import Any
 from cleaner import apply, trash
 from cleaner.journal import Journal, crash_point
 from cleaner.lock import CleanerLock, lock_path
-from cleaner.plan import Plan, load_plan, new_plan_id, save_plan
+from cleaner.plan import Plan, audit_plan, load_plan, new_plan_id, save_plan
 from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state
@@ -141,21 +141,7 @@ def _run_locked(
     else:
         plan = _build_plan(settings, now, args.allow_large)
         save_plan(plan, settings.state_path)
-        audit.append(
-            "plan",
-            actor=actor,
-            target=plan.plan_id,
-            bytes=plan.bytes_to_free,
-            details={
-                "plan_id": plan.plan_id,
-                "bytes_to_free": plan.bytes_to_free,
-                "evictions": len(plan.evictions),
-                "kept": len(plan.kept),
-                "dry_run": False,
-                "command": "run",
-                "run_id": run_id,
-            },
-        )
+        audit_plan(audit, plan, actor=actor, command="run", run_id=run_id)
     # Every tier directory and model the plan would change must be changeable, or none is touched.
     require_writable(places_to_check(settings.models_path, settings.layout, plan.evictions))
     audit.append(

@@ -201,6 +201,18 @@ def _evict_one(
     return Done(eviction.tier, eviction.model, eviction.bytes, eviction.files, eviction.policy, ctx.mode, how, str(dst))
 
 
+def _record_skip(skip: Skipped, key: str, ctx: Context, result: ApplyResult, audit: AuditLog) -> None:
+    result.skipped.append(skip)
+    audit.append(
+        "skip",
+        actor=ctx.actor,
+        target=key,
+        result="skipped",
+        bytes=skip.bytes,
+        details={"run_id": ctx.run_id, "reason": skip.reason, "detail": skip.detail},
+    )
+
+
 def apply_evictions(
     evictions: Sequence[Eviction],
     ctx: Context,
@@ -230,15 +242,7 @@ def apply_evictions(
             skip = Skipped(
                 eviction.tier, eviction.model, eviction.bytes, eviction.policy, verdict.reason, verdict.detail
             )
-            result.skipped.append(skip)
-            audit.append(
-                "skip",
-                actor=ctx.actor,
-                target=key,
-                result="skipped",
-                bytes=eviction.bytes,
-                details={"run_id": ctx.run_id, "reason": verdict.reason, "detail": verdict.detail},
-            )
+            _record_skip(skip, key, ctx, result, audit)
             continue
         try:
             jr.crash_point("evict_verified")
@@ -248,15 +252,7 @@ def apply_evictions(
             skip = Skipped(
                 eviction.tier, eviction.model, eviction.bytes, eviction.policy, CHANGED_DURING_COPY, _error_text(err)
             )
-            result.skipped.append(skip)
-            audit.append(
-                "skip",
-                actor=ctx.actor,
-                target=key,
-                result="skipped",
-                bytes=eviction.bytes,
-                details={"run_id": ctx.run_id, "reason": skip.reason, "detail": skip.detail},
-            )
+            _record_skip(skip, key, ctx, result, audit)
             continue
         except (OSError, jr.TransferError, jr.CopyMismatchError) as err:
             failure = Failed(eviction.tier, eviction.model, eviction.bytes, eviction.policy, _error_text(err))

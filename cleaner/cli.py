@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
-from cleaner.plan import save_plan
+from cleaner.plan import audit_plan, save_plan
 from cleaner.planner import build
 from cleaner.policies import explain, find_models, validate
 from cleaner.report import dumps, policies_document, render_explain, render_plan, render_policies
@@ -45,20 +45,11 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
                 hint="name it as TIER/MODEL or MODEL",
             )
     path = save_plan(plan, settings.state_path)
-    # Every action is audited, a preview too: who looked at what would go, and when.
-    AuditLog(settings.audit_log_path).append(
-        "plan",
+    audit_plan(
+        AuditLog(settings.audit_log_path),
+        plan,
         actor=str(getattr(args, "actor", None) or "cli"),
-        target=plan.plan_id,
-        bytes=plan.bytes_to_free,
-        details={
-            "plan_id": plan.plan_id,
-            "bytes_to_free": plan.bytes_to_free,
-            "evictions": len(plan.evictions),
-            "kept": len(plan.kept),
-            "dry_run": True,
-            "command": "run --dry-run" if getattr(args, "dry_run", False) else "plan",
-        },
+        command="run --dry-run" if getattr(args, "dry_run", False) else "plan",
     )
     if args.explain:
         now = plan.created_at

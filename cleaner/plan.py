@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.audit import AuditLog
 from shared.errors import ConfigError
 
 PLAN_SCHEMA_VERSION = 1
@@ -141,3 +142,18 @@ def load_plan(plan_id: str, state_path: Path) -> Plan:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"plan: cannot read {path}: {err}") from None
     return Plan.from_json(data)
+
+
+def audit_plan(audit: AuditLog, plan: Plan, *, actor: str, command: str, run_id: str | None = None) -> None:
+    """The audit line of a plan made: every action is audited, a preview too (who looked at what would go)."""
+    details: dict[str, object] = {
+        "plan_id": plan.plan_id,
+        "bytes_to_free": plan.bytes_to_free,
+        "evictions": len(plan.evictions),
+        "kept": len(plan.kept),
+        "dry_run": run_id is None,
+        "command": command,
+    }
+    if run_id is not None:
+        details["run_id"] = run_id
+    audit.append("plan", actor=actor, target=plan.plan_id, bytes=plan.bytes_to_free, details=details)
