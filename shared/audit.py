@@ -67,8 +67,28 @@ def build_record(
         "pid": pid,
         "prev_hash": str(previous["hash"]) if previous else GENESIS_HASH,
     }
+    record = _valid_text(record)
     record["hash"] = record_hash(record)
     return record
+
+
+def _valid_text(value: Any) -> Any:
+    """Strings made writable as UTF-8: a file name that is not (`os.fsdecode` keeps its bytes as lone
+    surrogates) shows its undecodable bytes as `\\xNN`, as the exporter's labels do. Pure."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            try:
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:
+                return value.encode("utf-8", "backslashreplace").decode()
+        return value
+    if isinstance(value, dict):
+        return {key: _valid_text(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_valid_text(item) for item in value]
+    return value
 
 
 def _last_line(fd: int) -> tuple[bytes | None, int]:

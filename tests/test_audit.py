@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,17 @@ def test_concurrent_writers_in_several_processes_keep_one_chain(tmp_path: Path) 
     assert result.ok and result.lines == 160, result
     actors = [json.loads(line)["actor"] for line in lines_of(path)]
     assert {a: actors.count(a) for a in set(actors)} == {f"writer{n}": 40 for n in range(4)}
+
+
+def test_file_names_that_are_not_utf8_are_written_escaped_and_keep_the_chain(tmp_path: Path) -> None:
+    # os.fsdecode keeps undecodable bytes as lone surrogates; they cannot be written as UTF-8 as they are.
+    log = AuditLog(tmp_path / "audit.log")
+    name = os.fsdecode(b"weights\xff.bin")
+    log.append("skip", actor="cli", target=f"raw/{name}", error=f"{name} changed", details={"files": [name]})
+    log.append("run", actor="cli")
+    first = json.loads((tmp_path / "audit.log").read_bytes().decode("utf-8").splitlines()[0])
+    assert first["target"] == "raw/weights\\xff.bin" and first["details"]["files"] == ["weights\\xff.bin"]
+    assert verify_audit(tmp_path / "audit.log").ok
 
 
 def test_unknown_result_is_refused(tmp_path: Path) -> None:
