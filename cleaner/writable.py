@@ -39,7 +39,11 @@ def problem(places: Sequence[Place]) -> str | None:
 
 
 def places_to_check(models_path: Path, layout: Layout, evictions: Sequence[Eviction]) -> list[Path]:
-    """The models path first, then each tier directory and model the plan would change, once each. Pure."""
+    """The models path first, then each tier directory and model the plan would change, once each. Pure.
+
+    Only the mount of the models path matters (an eviction changes the tier directory, not it: a
+    root-owned models path over tiers the cleaner's user owns is fine); see `probe`'s `need_write`.
+    """
     paths = [models_path]
     for eviction in evictions:
         tier_dir = models_path / layout.dir_for_tier(eviction.tier)
@@ -51,6 +55,8 @@ def probe(
     path: Path,
     statvfs: Callable[[Path], os.statvfs_result] = os.statvfs,
     access: Callable[[Path, int], bool] = os.access,
+    *,
+    need_write: bool = True,
 ) -> Place | None:
     """The facts about one path; None when there is nothing to judge here.
 
@@ -66,13 +72,17 @@ def probe(
         return None
     # A file's own mode does not decide whether it can be moved or removed (its directory's does,
     # checked as the tier directory); a directory's does, as the copying modes empty it.
-    writable = access(path, os.W_OK | os.X_OK) if stat.S_ISDIR(mode) else True
+    writable = access(path, os.W_OK | os.X_OK) if need_write and stat.S_ISDIR(mode) else True
     return Place(path, bool(flags & os.ST_RDONLY), writable)
 
 
-def require_writable(paths: Sequence[Path], probe_path: Callable[[Path], Place | None] = probe) -> None:
-    """Raise PreconditionError (exit 4) when the run could not finish what it starts in these places."""
-    places = [place for place in map(probe_path, paths) if place is not None]
+def require_writable(paths: Sequence[Path], probe_path: Callable[..., Place | None] = probe) -> None:
+    """Raise PreconditionError (exit 4) when the run could not finish what it starts in these places.
+
+    The first path is the models path: only its mount is judged (see `places_to_check`).
+    """
+    probed = [probe_path(path, need_write=index > 0) for index, path in enumerate(paths)]
+    places = [place for place in probed if place is not None]
     why = problem(places)
     if why is not None:
         raise PreconditionError(

@@ -608,3 +608,11 @@ def _check_apart_from_models(settings: Settings) -> None:
             f"config: {_shown_key(settings, key)}={str(path)!r}{where} {how} the models path {str(models)!r}: "
             f"expected {expected}"
         )
+    # Purge reads every run directory under the trash as trash: archived copies there would be purged.
+    trash, backup = settings.trash_path.resolve(), settings.backup_path.resolve()
+    if settings["cleaner.backup.mode"] == "archive" and overlap(backup, trash) is not None:
+        raise ConfigError(
+            f"config: {_shown_key(settings, 'cleaner.backup.path')}={str(settings.backup_path)!r} "
+            f"{overlap(backup, trash)} the trash path {str(trash)!r}: expected a path apart from the trash, "
+            "which purge empties"
+        )

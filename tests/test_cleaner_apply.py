@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -970,6 +971,19 @@ def test_a_read_only_or_unwritable_place_is_a_problem_and_names_the_path() -> No
         Path("/"), True, False
     )
     assert probe(Path("/no/such/model")) is None
+
+
+def test_only_the_mount_of_the_models_path_matters_not_its_own_permissions(tmp_path: Path) -> None:
+    from cleaner.writable import probe, require_writable
+
+    # A root-owned 0755 models path over tier directories the cleaner's user owns: evictions only
+    # change the tiers, so that layout must not stop a run (as root, access() cannot show it: inject).
+    models = tmp_path / "models"
+    (models / "raw" / "m").mkdir(parents=True)
+    paths = [models, models / "raw", models / "raw" / "m"]
+    require_writable(paths, probe_path=functools.partial(probe, access=lambda path, _mode: path != models))
+    with pytest.raises(PreconditionError, match="raw is not writable"):
+        require_writable(paths, probe_path=functools.partial(probe, access=lambda path, _mode: path.name != "raw"))
 
 
 def test_a_single_file_model_is_evicted_whatever_its_own_mode(store: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -100,6 +100,16 @@ def test_trash_backup_state_and_audit_paths_must_not_overlap_the_models_path(env
     assert caught.value.exit_code == 2
 
 
+@pytest.mark.parametrize("backup", ["/s/trash", "/s/trash/archive", "/s"])
+def test_an_archive_path_overlapping_the_trash_is_refused(backup: str) -> None:
+    # Purge takes every run directory under the trash for trash: archived copies there would go too.
+    env = {"STORAGE_BASE_PATH": "/s", "STORAGE_MODELS_PATH": "/m", "STORAGE_BACKUP_MODE": "archive"}
+    with pytest.raises(ConfigError, match="apart from the trash") as caught:
+        load_settings(env={**env, "STORAGE_BACKUP_PATH": backup})
+    assert caught.value.exit_code == 2 and "STORAGE_BACKUP_PATH" in caught.value.one_line()
+    assert load_settings(env={**env, "STORAGE_BACKUP_PATH": "/s/archive"}).backup_path == Path("/s/archive")
+
+
 def test_a_state_path_above_the_models_path_is_allowed() -> None:
     # The state directory holds only the cleaner's own files under fixed names: it may contain the models.
     settings = load_settings(env={"STORAGE_BASE_PATH": "/s", "STORAGE_STATE_PATH": "/s"})
