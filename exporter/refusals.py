@@ -58,7 +58,8 @@ class RefusalThrottle:
     def _key(self, address: str, now: float) -> str:
         if address in self._windows or len(self._windows) < MAX_ADDRESSES:
             return address
-        expired = [a for a, w in self._windows.items() if now - w.started >= self.window_seconds and not w.left_out]
+        # An ended window's unreported count is dropped with it: it was logged when it began.
+        expired = [a for a, w in self._windows.items() if now - w.started >= self.window_seconds]
         for stale in expired:
             del self._windows[stale]
         return address if len(self._windows) < MAX_ADDRESSES else SHARED

@@ -38,3 +38,12 @@ def test_memory_stays_bounded_whatever_the_number_of_addresses() -> None:
     # Once their windows have ended, old addresses make room for new ones.
     assert throttle.admit("late", 61.0).write
     assert "late" in throttle._windows
+
+
+def test_addresses_that_went_over_the_limit_do_not_keep_new_ones_in_the_shared_bucket() -> None:
+    throttle = RefusalThrottle(limit=1, window_seconds=60)
+    for i in range(MAX_ADDRESSES):
+        throttle.admit(f"addr-{i}", 0.0)
+        throttle.admit(f"addr-{i}", 0.0)  # one over the limit: counted, not audited
+    assert throttle.admit("new", 3600.0).write
+    assert "new" in throttle._windows
