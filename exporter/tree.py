@@ -556,6 +556,9 @@ class Tree:
                     orphaned[inode] = entry  # once per inode, however many links leave
                 if not entry.refs:
                     del self._inodes[inode]
+                else:
+                    # Removing a link moves the inode's ctime: the models of the links left changed.
+                    self.suspects[inode] = None
         if self._is_model_root(parts):
             self._end_model(parts)
         elif node.bucket is None:

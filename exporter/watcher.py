@@ -7,6 +7,7 @@ while events keep arriving (they are applied again to the scanned tree before it
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import threading
@@ -18,9 +19,17 @@ from typing import Any
 from exporter.scan import file_info, scan_local, stat_changed
 from exporter.tree import DirNode, InodeKey, Parts, Tree
 
-# Inodes remembered as searched (with their link count then), so a file whose other links are outside
-# the tree is not searched for again on each of its events; past this many the memory starts over.
+# Inodes remembered as searched, so a file whose other links are outside the tree is not searched
+# for again on each of its events; past this many the memory starts over.
 SEARCHED_LIMIT = 100_000
+# Index changes of a link pass are applied this many at a time, so a scrape never waits long for the lock.
+LINK_SLICE = 500
+
+
+def _link_state(st: os.stat_result) -> tuple[int, int]:
+    """What must change before a searched inode is searched again: its link count, or its ctime
+    (link() moves it; so does reuse of the inode number by a new file)."""
+    return st.st_nlink, st.st_ctime_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +53,7 @@ class IndexUpdater:
         self._on_moved_dir = on_moved_dir
         # Inodes an lstat saw with more links than the index knows: a link may be counted as plain.
         self._wanted: dict[InodeKey, None] = {}
-        self._searched: dict[InodeKey, int] = {}
+        self._searched: dict[InodeKey, tuple[int, int]] = {}
 
     def parts(self, path: str) -> Parts | None:
         """Path components relative to the models path, or None when outside it."""
@@ -113,7 +122,11 @@ class IndexUpdater:
             info = file_info(st)
             tree.set_file(parts, info)
             inode = info.inode
-            if inode is not None and tree.link_count(inode) < st.st_nlink and self._searched.get(inode) != st.st_nlink:
+            if (
+                inode is not None
+                and tree.link_count(inode) < st.st_nlink
+                and self._searched.get(inode) != _link_state(st)
+            ):
                 self._wanted[inode] = None
         elif stat.S_ISDIR(st.st_mode):
             known = tree.lookup(parts)
@@ -176,20 +189,21 @@ class IndexUpdater:
                 seen.append((parts, os.lstat(self.path(parts))))
             except OSError:
                 continue  # gone: its event follows
-        missing: dict[InodeKey, int] = {}
-        with lock:
-            for parts, st in seen:
-                if not stat.S_ISREG(st.st_mode):
-                    continue  # replaced: its event follows
-                info = file_info(st)
-                tree.set_file(parts, info)
-                inode = info.inode
-                if (
-                    inode is not None
-                    and tree.link_count(inode) < st.st_nlink
-                    and self._searched.get(inode) != st.st_nlink
-                ):
-                    missing[inode] = st.st_nlink
+        missing: dict[InodeKey, tuple[int, int]] = {}
+        for start in range(0, len(seen), LINK_SLICE):
+            with lock:
+                for parts, st in seen[start : start + LINK_SLICE]:
+                    if not stat.S_ISREG(st.st_mode):
+                        continue  # replaced: its event follows
+                    info = file_info(st)
+                    tree.set_file(parts, info)
+                    inode = info.inode
+                    if (
+                        inode is not None
+                        and tree.link_count(inode) < st.st_nlink
+                        and self._searched.get(inode) != _link_state(st)
+                    ):
+                        missing[inode] = _link_state(st)
         if not missing:
             return stats
         sizes = {tree.inode_size(inode) for inode in missing}
@@ -204,13 +218,15 @@ class IndexUpdater:
                 continue
             if (st.st_dev, st.st_ino) in missing and stat.S_ISREG(st.st_mode):
                 found.append((parts, st))
-        with lock:
-            for parts, st in found:
-                tree.set_file(parts, file_info(st))
+        for start in range(0, len(found), LINK_SLICE):
+            with lock:
+                for parts, st in found[start : start + LINK_SLICE]:
+                    tree.set_file(parts, file_info(st))
         if len(self._searched) + len(missing) > SEARCHED_LIMIT:
             self._searched.clear()
-        # Links still missing are outside the tree (or their own events are on the way): not again.
-        self._searched.update(missing)
+        # Links still missing are outside the tree (or their own events are on the way): not again,
+        # until the inode's link count or ctime changes.
+        self._searched.update(itertools.islice(missing.items(), SEARCHED_LIMIT))
         return stats
 
     def refresh_missing(self, tree: Tree, parts: Parts) -> None:

@@ -243,6 +243,48 @@ def test_a_file_linked_from_outside_counts_once(service: ExporterService, store:
     assert service.snapshot().tiers["raw"] == (300, 1, 1)
 
 
+def test_a_reused_inode_number_is_searched_again(service: ExporterService, store: Path, tmp_path: Path) -> None:
+    """A file whose other link is outside the tree is searched once; a new file that gets its inode
+    number back (ext4 reuses them at once) and then a link in the tree must be searched anew."""
+    models = models_of(store)
+    (models / "raw" / "a").mkdir()
+    (models / "quantized" / "b").mkdir()
+    for attempt in range(50):
+        outside = tmp_path / f"outside-{attempt}"
+        outside.write_bytes(b"o" * 100)
+        first = models / "raw" / "a" / f"f{attempt}"
+        os.link(outside, first)
+        with open(first, "ab") as handle:  # an event whose lstat shows a link the index cannot find
+            handle.write(b"+")
+        assert_exact(service)
+        inode = os.lstat(first).st_ino
+        first.unlink()
+        outside.unlink()
+        again = models / "raw" / "a" / f"g{attempt}"
+        again.write_bytes(b"n" * 300)
+        if os.lstat(again).st_ino == inode:
+            break
+        again.unlink()
+    else:
+        pytest.skip("this filesystem did not reuse the inode number")
+    assert_exact(service)
+    os.link(again, models / "quantized" / "b" / "d.gguf")  # the same link count the old inode had
+    assert_exact(service)
+    assert total(service) == (300, 1)
+
+
+def test_removing_a_directory_that_holds_a_link_dates_the_other_model(service: ExporterService, store: Path) -> None:
+    models = models_of(store)
+    (models / "raw" / "a" / "sub").mkdir(parents=True)
+    (models / "quantized" / "b").mkdir()
+    (models / "raw" / "a" / "sub" / "f").write_bytes(b"f" * 64)
+    os.link(models / "raw" / "a" / "sub" / "f", models / "quantized" / "b" / "f")
+    assert_exact(service)
+    shutil.rmtree(models / "raw" / "a")  # unlink() moves f's ctime: quantized/b changed
+    assert_exact(service)
+    assert total(service) == (64, 1)
+
+
 def test_odd_names_do_not_break_anything(service: ExporterService, store: Path) -> None:
     tier = os.fsencode(models_of(store) / "raw")
     for name in (b"new\nline", b'quo"te', b"back\\slash", b"bad-\xff-utf8", "ünïcode".encode()):
