@@ -119,14 +119,8 @@ class IndexUpdater:
             self._on_error("stat", full, err.strerror or str(err))
             return
         if stat.S_ISREG(st.st_mode):
-            info = file_info(st)
-            tree.set_file(parts, info)
-            inode = info.inode
-            if (
-                inode is not None
-                and tree.link_count(inode) < st.st_nlink
-                and self._searched.get(inode) != _link_state(st)
-            ):
+            inode = self._set_file(tree, parts, st)
+            if inode is not None:
                 self._wanted[inode] = None
         elif stat.S_ISDIR(st.st_mode):
             known = tree.lookup(parts)
@@ -160,6 +154,16 @@ class IndexUpdater:
                 continue  # gone or unreadable since the scan: its event follows
             if stat.S_ISREG(st.st_mode):
                 tree.set_model_changed(model, stat_changed(st))
+
+    def _set_file(self, tree: Tree, parts: Parts, st: os.stat_result) -> InodeKey | None:
+        """Index a regular file; its inode when the lstat shows links the index does not know of
+        (and it was not searched for in this state already)."""
+        info = file_info(st)
+        tree.set_file(parts, info)
+        inode = info.inode
+        if inode is not None and tree.link_count(inode) < st.st_nlink and self._searched.get(inode) != _link_state(st):
+            return inode
+        return None
 
     def links_pending(self, tree: Tree) -> bool:
         """Whether `resolve_links` has work: hard links the index may count twice or date wrongly."""
@@ -195,14 +199,8 @@ class IndexUpdater:
                 for parts, st in seen[start : start + LINK_SLICE]:
                     if not stat.S_ISREG(st.st_mode):
                         continue  # replaced: its event follows
-                    info = file_info(st)
-                    tree.set_file(parts, info)
-                    inode = info.inode
-                    if (
-                        inode is not None
-                        and tree.link_count(inode) < st.st_nlink
-                        and self._searched.get(inode) != _link_state(st)
-                    ):
+                    inode = self._set_file(tree, parts, st)
+                    if inode is not None:
                         missing[inode] = _link_state(st)
         if not missing:
             return stats

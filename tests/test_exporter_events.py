@@ -250,10 +250,11 @@ def test_a_reused_inode_number_is_searched_again(service: ExporterService, store
     (models / "raw" / "a").mkdir()
     (models / "quantized" / "b").mkdir()
     for attempt in range(50):
-        outside = tmp_path / f"outside-{attempt}"
-        outside.write_bytes(b"o" * 100)
+        # Made in the models' directory, so that ext4 hands its inode to the next file made there.
         first = models / "raw" / "a" / f"f{attempt}"
-        os.link(outside, first)
+        first.write_bytes(b"o" * 100)
+        outside = tmp_path / f"outside-{attempt}"
+        os.link(first, outside)
         with open(first, "ab") as handle:  # an event whose lstat shows a link the index cannot find
             handle.write(b"+")
         assert_exact(service)
