@@ -398,16 +398,16 @@ def purge_trash(
     )
     warnings: list[str] = []
     over = None if keep_run is None else trash.over_cap_warning(entries, keep_run, cap)
-    if over is not None and keep_run is not None:
+    if keep_run is not None and over is not None:
         warnings.append(over)
-        run_bytes = sum(e.bytes for e in entries if e.run_id == keep_run)
-        log.warning("trash.cap_exceeded", run_id=keep_run, run_bytes=run_bytes, cap_bytes=cap)
+        held = trash.run_bytes(entries, keep_run)
+        log.warning("trash.cap_exceeded", run_id=keep_run, run_bytes=held, cap_bytes=cap)
         audit.append(
             "purge",
             actor=actor,
             target=keep_run,
             result="skipped",
-            bytes=run_bytes,
+            bytes=held,
             error=over,
             details={"run_id": keep_run, "reason": "current_run_over_cap", "cap_bytes": cap},
         )

@@ -155,8 +155,10 @@ def stat_manifest(root: Path) -> StatManifest:
         st = os.lstat(path)
         manifest[rel] = _stat_entry(path, st)
         if stat.S_ISDIR(st.st_mode):
-            for entry in os.scandir(path):
-                visit(Path(entry.path), f"{rel}/{entry.name}" if rel else entry.name)
+            with os.scandir(path) as entries:
+                children = [(entry.path, entry.name) for entry in entries]
+            for child, name in children:
+                visit(Path(child), f"{rel}/{name}" if rel else name)
 
     visit(root, "")
     return manifest

@@ -207,12 +207,17 @@ def select_for_purge(
     return chosen
 
 
+def run_bytes(entries: Sequence[TrashEntry], run_id: str) -> int:
+    """What one run holds in the trash. Pure."""
+    return sum(e.bytes for e in entries if e.run_id == run_id)
+
+
 def over_cap_warning(entries: Sequence[TrashEntry], run_id: str, max_bytes: int) -> str | None:
     """Why the trash stays over its cap after the end-of-run purge: this run alone exceeds it. Pure."""
-    run_bytes = sum(e.bytes for e in entries if e.run_id == run_id)
-    if run_bytes <= max_bytes:
+    held = run_bytes(entries, run_id)
+    if held <= max_bytes:
         return None
     return (
-        f"run {run_id} alone put {run_bytes} bytes in the trash, over its cap of {max_bytes} bytes "
+        f"run {run_id} alone put {held} bytes in the trash, over its cap of {max_bytes} bytes "
         "(STORAGE_TRASH_MAX_GB); kept so it can be restored, purged by a later purge"
     )

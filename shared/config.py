@@ -573,19 +573,20 @@ def _shown_key(settings: Settings, key: str) -> str:
     return FIELDS_BY_KEY[key].env if settings.sources.get(key) == "env" else key
 
 
-def overlap(path: Path, models: Path) -> str | None:
-    """How `path` overlaps the models path ("is", "is inside", "contains"), or None. Pure."""
-    if path == models:
+def overlap(path: Path, other: Path) -> str | None:
+    """How `path` overlaps `other` ("is", "is inside", "contains"), or None. Pure."""
+    if path == other:
         return "is"
-    if models in path.parents:
+    if other in path.parents:
         return "is inside"
-    if path in models.parents:
+    if path in other.parents:
         return "contains"
     return None
 
 
 def _check_apart_from_models(settings: Settings) -> None:
-    """The cleaner's own areas must not overlap the models: anything there is read as theirs or as models.
+    """The cleaner's own areas must not overlap the models (anything there is read as theirs or as
+    models), nor the archive the trash (purge would empty it).
 
     A trash or archive that contains the models path lists live models as trash entries and purge
     deletes them; one inside it is scanned and planned as models. The state directory and the
@@ -609,10 +610,10 @@ def _check_apart_from_models(settings: Settings) -> None:
             f"expected {expected}"
         )
     # Purge reads every run directory under the trash as trash: archived copies there would be purged.
-    trash, backup = settings.trash_path.resolve(), settings.backup_path.resolve()
-    if settings["cleaner.backup.mode"] == "archive" and overlap(backup, trash) is not None:
+    trash = settings.trash_path.resolve()
+    how = overlap(settings.backup_path.resolve(), trash)
+    if settings["cleaner.backup.mode"] == "archive" and how is not None:
         raise ConfigError(
             f"config: {_shown_key(settings, 'cleaner.backup.path')}={str(settings.backup_path)!r} "
-            f"{overlap(backup, trash)} the trash path {str(trash)!r}: expected a path apart from the trash, "
-            "which purge empties"
+            f"{how} the trash path {str(trash)!r}: expected a path apart from the trash, which purge empties"
         )
