@@ -55,8 +55,8 @@ def build_renderer(service: ExporterService, settings: Settings) -> Callable[[],
 
     def render() -> bytes:
         with render_lock:
-            snap, model_text = service.read_index(lambda tree: cache.render(tree.models))
-        head = generate_latest(_Families(collector.families(snap, models=False)))
-        return head + model_text
+            snap, chunks = service.read_index(cache.chunks)
+        # One join, outside the index lock: the pieces are immutable bytes.
+        return b"".join((generate_latest(_Families(collector.families(snap, models=False))), *chunks))
 
     return render

@@ -24,31 +24,66 @@ from shared.metric_names import OTHER_TIER
 
 Parts = tuple[str, ...]
 InodeKey = tuple[int, int]
+ModelKey = tuple[str, str]
 
 
 class Bucket:
-    """Running totals for one model (or for everything outside the tiers)."""
+    """Running totals for one model (or for everything outside the tiers).
 
-    __slots__ = ("bytes", "changed", "files", "model", "tier", "version")
+    A bucket adds what it counts to its tier's sums as well (`[bytes, files, models]`, shared by
+    the tier's buckets), so tier totals cost O(tiers), not O(models), per scrape. A model's bucket
+    also notes its key in its tree's `changes` whenever a total moves, so a scrape can re-format
+    just those models (see `Tree.take_changes`).
+    """
 
-    def __init__(self, tier: str, model: str | None) -> None:
+    __slots__ = ("bytes", "changed", "changes", "files", "key", "model", "sums", "tier")
+
+    def __init__(
+        self, tier: str, model: str | None, sums: list[int], changes: dict[ModelKey, None] | None = None
+    ) -> None:
         self.tier = tier
         self.model = model
+        self.key: ModelKey = (tier, model or "")
         self.bytes = 0
         self.files = 0
         self.changed = 0.0
-        # Bumped on every change so renderers can cache a model's lines until it changes.
-        self.version = 0
+        self.sums = sums
+        self.changes = changes
+        if changes is not None:
+            sums[2] += 1
+            changes[self.key] = None
 
     def add(self, nbytes: int, nfiles: int) -> None:
         self.bytes += nbytes
         self.files += nfiles
-        self.version += 1
+        sums = self.sums
+        sums[0] += nbytes
+        sums[1] += nfiles
+        if self.changes is not None:
+            self.changes[self.key] = None
 
     def touch(self, changed: float) -> None:
         if changed > self.changed:
             self.changed = changed
-            self.version += 1
+            if self.changes is not None:
+                self.changes[self.key] = None
+
+    def leave(self) -> None:
+        """The model left the index: take it out of its tier's sums; a stale reference counts nowhere."""
+        sums = self.sums
+        sums[0] -= self.bytes
+        sums[1] -= self.files
+        sums[2] -= 1
+        self.sums = [0, 0, 0]
+        if self.changes is not None:
+            self.changes[self.key] = None
+            self.changes = None
+
+    def set_changed(self, changed: float) -> None:
+        if changed != self.changed:
+            self.changed = changed
+            if self.changes is not None:
+                self.changes[self.key] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,10 +254,16 @@ class Tree:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.root = DirNode()
-        self.other = Bucket(OTHER_TIER, None)
+        self._sums = self._new_sums()
+        self.other = Bucket(OTHER_TIER, None, self._sums[OTHER_TIER])
         self.root.bucket = self.other
         # (tier, model) -> bucket; a bucket exists exactly while its model's entry exists.
-        self.models: dict[tuple[str, str], Bucket] = {}
+        self.models: dict[ModelKey, Bucket] = {}
+        # Models whose totals changed, or that appeared or went, since `take_changes` last ran;
+        # its one reader (the /metrics renderer) is remembered so that any other reader, or the
+        # same one after the whole index was replaced, is told to read every model instead.
+        self.changes: dict[ModelKey, None] = {}
+        self._changes_reader: object | None = None
         self._inodes: dict[InodeKey, _Inode] = {}
         # Inodes whose set of links changed without a fresh lstat of the inode (a link grafted in by a
         # scan, a link removed): their other links' times, and whether the index knows every link,
@@ -252,15 +293,21 @@ class Tree:
 
     def tier_totals(self) -> dict[str, tuple[int, int, int]]:
         """tier -> (bytes, files, models), with `other` included so totals always add up."""
-        totals = {tier: [0, 0, 0] for tier in (*self.layout.tiers, OTHER_TIER)}
-        for (tier, _model), bucket in self.models.items():
-            entry = totals[tier]
-            entry[0] += bucket.bytes
-            entry[1] += bucket.files
-            entry[2] += 1
-        totals[OTHER_TIER][0] += self.other.bytes
-        totals[OTHER_TIER][1] += self.other.files
-        return {tier: (v[0], v[1], v[2]) for tier, v in totals.items()}
+        return {tier: (v[0], v[1], v[2]) for tier, v in self._sums.items()}
+
+    def _new_sums(self) -> dict[str, list[int]]:
+        return {tier: [0, 0, 0] for tier in (*self.layout.tiers, OTHER_TIER)}
+
+    def take_changes(self, reader: object) -> list[ModelKey] | None:
+        """The models changed since `reader` last took them (look each up in `models`: gone if
+        absent), or None when `reader` must read them all: it is new, another reader took changes
+        in between, or the index was replaced."""
+        changed = list(self.changes)
+        self.changes.clear()
+        if self._changes_reader is not reader:
+            self._changes_reader = reader
+            return None
+        return changed
 
     def model_stats(self) -> list[ModelStat]:
         return [ModelStat(tier, model, b.bytes, b.files, b.changed) for (tier, model), b in self.models.items()]
@@ -415,9 +462,8 @@ class Tree:
         """A single-file model's time, from its own lstat: set, not raised, as a scan can only
         give it the tier directory's newest time (see `_count_in`)."""
         bucket = self._bucket_for_path(parts)
-        if bucket is not None and bucket.changed != changed:
-            bucket.changed = changed
-            bucket.version += 1
+        if bucket is not None:
+            bucket.set_changed(changed)
 
     # ----- internals -----
 
@@ -461,7 +507,10 @@ class Tree:
     def _new_model(self, parts: Parts) -> Bucket:
         tier, model = self.layout.classify(parts)
         assert model is not None
-        bucket = Bucket(tier, model)
+        bucket = Bucket(tier, model, self._sums[tier], self.changes)
+        replaced = self.models.get((tier, model))
+        if replaced is not None:  # not expected (its entry was dropped first), but never counted twice
+            replaced.leave()
         self.models[(tier, model)] = bucket
         self.generation += 1
         return bucket
@@ -469,7 +518,9 @@ class Tree:
     def _end_model(self, parts: Parts) -> None:
         tier, model = self.layout.classify(parts)
         assert model is not None
-        if self.models.pop((tier, model), None) is not None:
+        bucket = self.models.pop((tier, model), None)
+        if bucket is not None:
+            bucket.leave()
             self.generation += 1
 
     def _is_model_root(self, parts: Parts) -> bool:
@@ -564,7 +615,9 @@ class Tree:
         elif node.bucket is None:
             tier = self.layout.classify(parts)[0]
             for model_name in (*node.files, *node.dirs):
-                self.models.pop((tier, model_name), None)
+                bucket = self.models.pop((tier, model_name), None)
+                if bucket is not None:
+                    bucket.leave()
             self.generation += 1
         for entry in orphaned.values():
             self._reown(entry)
@@ -655,9 +708,13 @@ class Tree:
 
     def _replace_root(self, node: DirNode) -> None:
         self.root = DirNode(node.changed)
-        self.other = Bucket(OTHER_TIER, None)
+        # Buckets of the old tree keep the old sums and changes: whatever still touches them counts nowhere.
+        self._sums = self._new_sums()
+        self.other = Bucket(OTHER_TIER, None, self._sums[OTHER_TIER])
         self.root.bucket = self.other
         self.models.clear()
+        self.changes = {}
+        self._changes_reader = None  # every model is new or gone: the reader starts over
         self._inodes.clear()
         self.generation += 1
         self.dirs = 1

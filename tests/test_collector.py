@@ -90,12 +90,12 @@ def test_only_changed_models_are_reformatted() -> None:
     for i in range(50):
         tree.set_file(("raw", f"m{i}", "w"), FileInfo(i, 1.0))
     cache = ModelLinesCache()
-    cache.render(tree.models)
+    cache.render(tree)
     assert cache.formatted == 50
-    cache.render(tree.models)
+    cache.render(tree)
     assert cache.formatted == 50
     tree.set_file(("raw", "m7", "w"), FileInfo(700, 2.0))
-    text = cache.render(tree.models).decode()
+    text = cache.render(tree).decode()
     assert cache.formatted == 51
     assert 'model_storage_model_bytes{tier="raw",model="m7"} 700\n' in text
 
@@ -105,13 +105,13 @@ def test_deleted_models_vanish_and_swapped_trees_rerender() -> None:
     tree.set_file(("raw", "a", "w"), FileInfo(1, 1.0))
     tree.set_file(("raw", "b", "w"), FileInfo(2, 1.0))
     cache = ModelLinesCache()
-    cache.render(tree.models)
+    cache.render(tree)
     tree.remove(("raw", "a"))
-    assert 'model="a"' not in cache.render(tree.models).decode()
-    # A reconcile swaps in a fresh tree whose buckets start at version numbers already seen.
+    assert 'model="a"' not in cache.render(tree).decode()
+    # A reconcile swaps in a fresh tree, whose changes this cache never took.
     fresh = Tree(Layout())
     fresh.set_file(("raw", "b", "w"), FileInfo(99, 1.0))
-    assert 'model_storage_model_bytes{tier="raw",model="b"} 99\n' in cache.render(fresh.models).decode()
+    assert 'model_storage_model_bytes{tier="raw",model="b"} 99\n' in cache.render(fresh).decode()
 
 
 def test_label_escaping_and_values() -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import random
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from exporter.render import ModelLinesCache, escape_label_value, format_value
 from exporter.tree import DirNode, FileInfo, Tree
+from shared import metric_names as m
 from shared.layout import Layout
+from shared.metric_names import OTHER_TIER
 
 NAMES = ["raw", "quantized", "repository", "m1", "m2", "a", "b"]
 path_st = st.lists(st.sampled_from(NAMES), min_size=1, max_size=4).map(tuple)
@@ -110,7 +115,18 @@ def apply(tree: Tree, ref: Reference, op: tuple) -> None:  # type: ignore[type-a
         ref.move(op[1], op[2])
 
 
-def check(tree: Tree, ref: Reference, *, per_model: bool) -> None:
+def fresh_lines(tree: Tree) -> set[str]:
+    """The per-model series formatted from scratch, for comparison with the cache."""
+    lines = set()
+    for (tier, model), b in tree.models.items():
+        labels = f'{{tier="{escape_label_value(tier)}",model="{escape_label_value(model)}"}}'
+        lines.add(f"{m.MODEL_BYTES}{labels} {b.bytes}")
+        lines.add(f"{m.MODEL_FILES}{labels} {b.files}")
+        lines.add(f"{m.MODEL_LAST_CHANGED}{labels} {format_value(b.changed)}")
+    return lines
+
+
+def check(tree: Tree, ref: Reference, *, per_model: bool, cache: ModelLinesCache | None = None) -> None:
     layout = tree.layout
     models, tier_models, grand = ref.totals(layout)
     totals = tree.tier_totals()
@@ -120,24 +136,37 @@ def check(tree: Tree, ref: Reference, *, per_model: bool) -> None:
     if per_model:
         assert {k: (b.bytes, b.files) for k, b in tree.models.items()} == models
     assert all(b.bytes >= 0 and b.files >= 0 for b in tree.models.values())
+    # The running tier sums agree with the buckets they are kept from.
+    recount = {tier: [0, 0, 0] for tier in totals}
+    for (tier, _model), bucket in tree.models.items():
+        recount[tier][0] += bucket.bytes
+        recount[tier][1] += bucket.files
+        recount[tier][2] += 1
+    recount[OTHER_TIER][0] += tree.other.bytes
+    recount[OTHER_TIER][1] += tree.other.files
+    assert totals == {tier: tuple(v) for tier, v in recount.items()}
+    if cache is not None:
+        # The cache, fed only the models that changed since the last op, says what a fresh format says.
+        text = cache.render(tree).decode()
+        assert {line for line in text.splitlines() if not line.startswith("#")} == fresh_lines(tree)
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.lists(op_st.filter(lambda op: op[0] != "file" or op[3] is None), max_size=40))
 def test_any_operation_sequence_equals_a_fresh_count(ops: list[tuple]) -> None:  # type: ignore[type-arg]
-    tree, ref = Tree(Layout()), Reference()
+    tree, ref, cache = Tree(Layout()), Reference(), ModelLinesCache()
     for op in ops:
         apply(tree, ref, op)
-        check(tree, ref, per_model=True)
+        check(tree, ref, per_model=True, cache=cache)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(op_st, max_size=40))
 def test_hard_links_count_once_whatever_happens(ops: list[tuple]) -> None:  # type: ignore[type-arg]
-    tree, ref = Tree(Layout()), Reference()
+    tree, ref, cache = Tree(Layout()), Reference(), ModelLinesCache()
     for op in ops:
         apply(tree, ref, op)
-        check(tree, ref, per_model=False)
+        check(tree, ref, per_model=False, cache=cache)
 
 
 def test_graft_of_a_scanned_subtree_counts_its_files() -> None:
@@ -205,10 +234,10 @@ SMALL = st.lists(st.sampled_from(["raw", "m1", "m2"]), min_size=1, max_size=3).m
     )
 )
 def test_hard_links_in_a_small_namespace(ops: list[tuple]) -> None:  # type: ignore[type-arg]
-    tree, ref = Tree(Layout()), Reference()
+    tree, ref, cache = Tree(Layout()), Reference(), ModelLinesCache()
     for op in ops:
         apply(tree, ref, op)
-        check(tree, ref, per_model=False)
+        check(tree, ref, per_model=False, cache=cache)
 
 
 def test_removing_a_directory_with_a_link_asks_for_the_remaining_links_to_be_checked() -> None:
@@ -274,3 +303,46 @@ def test_single_file_models_take_their_own_time() -> None:
     tree.set_model_changed(("raw", "old.gguf"), 3.0)
     assert tree.models[("raw", "old.gguf")].changed == 3.0
     assert tree.models[("raw", "new.gguf")].changed == 50.0
+
+
+def _body_lines(text: bytes) -> list[str]:
+    return [line for line in text.decode().splitlines() if not line.startswith("#")]
+
+
+def test_the_cache_stays_right_across_blocks_and_reused_slots() -> None:
+    """Hundreds of models over several blocks; rounds of rewrites, removals and new models (which
+    take emptied slots), with the cache told only of the models that changed."""
+    rng = random.Random(7)
+    tree, cache = Tree(Layout()), ModelLinesCache()
+    names = [f"m{i:04d}" for i in range(700)]
+    for i, name in enumerate(names):
+        tree.set_file(("raw", name, "w"), FileInfo(i, 1.0))
+    for round_ in range(30):
+        for name in rng.sample(names, 40):
+            tree.set_file(("raw", name, "w"), FileInfo(rng.randrange(10_000), 2.0 + round_))
+        for name in rng.sample(names, 15):
+            tree.remove(("raw", name))
+        for i in range(rng.randrange(25)):
+            tree.set_file(("quantized", f"new-{round_}-{i}", "w"), FileInfo(i, 3.0))
+        lines = _body_lines(cache.render(tree))
+        assert len(lines) == len(set(lines))
+        assert set(lines) == fresh_lines(tree)
+    assert cache.formatted < 700 + 30 * 80  # changed models only, never the whole tree each round
+    # Most models go: the emptied slots outnumber the used ones and the cache lays them out afresh.
+    for name in names[:650]:
+        tree.remove(("raw", name))
+    before = cache.formatted
+    assert set(_body_lines(cache.render(tree))) == fresh_lines(tree)
+    assert cache.formatted - before == len(tree.models)
+
+
+def test_every_cache_stays_right_when_two_take_turns_on_one_tree() -> None:
+    tree = Tree(Layout())
+    for i in range(300):
+        tree.set_file(("raw", f"m{i}", "w"), FileInfo(i, 1.0))
+    first, second = ModelLinesCache(), ModelLinesCache()
+    for round_ in range(5):
+        tree.set_file(("raw", f"m{round_}", "w"), FileInfo(10_000 + round_, 5.0))
+        tree.remove(("raw", f"m{299 - round_}"))
+        for cache in (first, second):
+            assert set(_body_lines(cache.render(tree))) == fresh_lines(tree)
