@@ -277,15 +277,15 @@ class ExporterService:
         self._reader = None
         log.warning("watch.polling", path=self.root, reason=self.polling_reason, outcome=FAILURE, error=reader.failure)
 
-    def _apply(self, tree: Tree, batch: list[RawEvent], *, count: bool = True) -> None:
+    def _apply(self, tree: Tree, batch: list[RawEvent]) -> None:
         # A burst drains as one big batch; holding the lock for all of it stalled scrapes for
-        # seconds. Slices keep each hold to a few milliseconds (coalescing works per slice).
+        # seconds. Slices keep each hold to a few milliseconds (coalescing works per slice), and
+        # the updater takes the lock only to change the index, not for its lstats.
         for start in range(0, len(batch), APPLY_SLICE):
             piece = batch[start : start + APPLY_SLICE]
+            self.updater.apply(tree, piece, self.lock)
             with self.lock:
-                self.updater.apply(tree, piece)
-                if count:
-                    self.counters.events += len(piece)
+                self.counters.events += len(piece)
             # Let a waiting scrape take the GIL and the lock before the next slice.
             time.sleep(0)
 
@@ -295,8 +295,7 @@ class ExporterService:
             _, parts = heapq.heappop(self._settle)
             if self._reader is not None:
                 self._reader.rewatch(self.updater.path(parts))  # watches before the scan
-            with self.lock:
-                self.updater.rescan(self.tree, parts)
+            self.updater.rescan(self.tree, parts, self.lock)
 
     def _moved_dir(self, parts: Parts) -> None:
         settle = self.settings["exporter.settle_seconds"]

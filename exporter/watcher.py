@@ -7,6 +7,7 @@ while events keep arriving (they are applied again to the scanned tree before it
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import stat
@@ -16,7 +17,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.scan import file_info, scan_local, stat_changed
+from exporter.scan import ScanResult, file_info, scan_local, stat_changed
 from exporter.tree import DirNode, InodeKey, Parts, Tree
 
 # Inodes remembered as searched, so a file whose other links are outside the tree is not searched
@@ -24,6 +25,12 @@ from exporter.tree import DirNode, InodeKey, Parts, Tree
 SEARCHED_LIMIT = 100_000
 # Index changes of a link pass are applied this many at a time, so a scrape never waits long for the lock.
 LINK_SLICE = 500
+
+Lock = AbstractContextManager[Any]
+# For trees no other thread sees yet (a full scan's replay).
+_NO_LOCK: Lock = contextlib.nullcontext()
+# What `_look` found at a path: gone (None), an lstat error, a new directory scanned, or an lstat.
+_Seen = None | OSError | ScanResult | os.stat_result
 
 
 def _link_state(st: os.stat_result) -> tuple[int, int]:
@@ -66,24 +73,27 @@ class IndexUpdater:
     def path(self, parts: Parts) -> str:
         return os.path.join(self.root, *parts) if parts else self.root
 
-    def apply(self, tree: Tree, events: Iterable[RawEvent]) -> int:
-        """Apply a batch; returns the number of lstat calls made."""
+    def apply(self, tree: Tree, events: Iterable[RawEvent], lock: Lock = _NO_LOCK) -> int:
+        """Apply a batch; returns the number of lstat calls made.
+
+        The lstats, and the scans of new directories, run before `lock` is taken; only the index
+        changes hold it, so a scrape waits for a few milliseconds of arithmetic, not for syscalls.
+        The updater is the index's only writer: reading the tree without the lock is safe here.
+        """
         dirty: dict[Parts, None] = {}
         stats = 0
         for event in events:
             src = self.parts(event.src)
             if event.kind == "moved":
                 dst = self.parts(event.dst)
-                stats += self._flush(tree, dirty)
-                if (
-                    src is not None
-                    and dst is not None
-                    and tree.move(src, dst)
-                    and isinstance(tree.lookup(dst), DirNode)
-                ):
-                    # Watches are added by path when their event is read, which can be after the
-                    # directory moved and a new one took its place: re-check the moved one later.
-                    self._on_moved_dir(dst)
+                stats += self._flush(tree, dirty, lock)
+                if src is not None and dst is not None:
+                    with lock:
+                        moved_dir = tree.move(src, dst) and isinstance(tree.lookup(dst), DirNode)
+                    if moved_dir:
+                        # Watches are added by path when their event is read, which can be after the
+                        # directory moved and a new one took its place: re-check the moved one later.
+                        self._on_moved_dir(dst)
                 for parts in (src, dst):
                     if parts is not None:
                         dirty[parts] = None
@@ -97,45 +107,79 @@ class IndexUpdater:
                 # A create or delete moves the parent's mtime, later than the entry's own ctime (they
                 # are separate clock reads): it is the model's newest change now.
                 dirty[src[:-1]] = None
-        stats += self._flush(tree, dirty)
+        stats += self._flush(tree, dirty, lock)
         return stats
 
-    def _flush(self, tree: Tree, dirty: dict[Parts, None]) -> int:
-        count = len(dirty)
+    def _flush(self, tree: Tree, dirty: dict[Parts, None], lock: Lock) -> int:
+        seen: list[tuple[Parts, _Seen]] = []
+        scanned: set[Parts] = set()
+        stats = 0
         for parts in dirty:
-            self.refresh(tree, parts)
+            if scanned and any(parts[:depth] in scanned for depth in range(len(parts))):
+                # Inside a directory scanned in this flush, after every event of the batch was
+                # queued: that scan already holds what this path's lstat would say.
+                continue
+            found = self._look(tree, parts)
+            stats += 1
+            if isinstance(found, ScanResult):
+                scanned.add(parts)
+            seen.append((parts, found))
         dirty.clear()
-        return count
+        with lock:
+            for parts, found in seen:
+                self._settle(tree, parts, found)
+        return stats
 
     def refresh(self, tree: Tree, parts: Parts) -> None:
         """Make the index agree with the filesystem at one path (scanning it if it is a new dir)."""
+        self._settle(tree, parts, self._look(tree, parts))
+
+    def _look(self, tree: Tree, parts: Parts) -> _Seen:
+        """What is at `parts` now: the syscalls of `refresh`, with no change to the index."""
         full = self.path(parts)
         try:
             st = os.lstat(full)
         except (FileNotFoundError, NotADirectoryError):
-            tree.remove(parts)
-            return
+            return None
         except OSError as err:
-            self._on_error("stat", full, err.strerror or str(err))
-            return
-        if stat.S_ISREG(st.st_mode):
-            inode = self._set_file(tree, parts, st)
+            return err
+        if stat.S_ISDIR(st.st_mode) and not isinstance(tree.lookup(parts), DirNode):
+            # New to the index: its watch was added before this hint was queued, so a scan now
+            # sees every file made before the watch and events report the rest.
+            return self._scan(parts)
+        return st
+
+    def _settle(self, tree: Tree, parts: Parts, found: _Seen) -> None:
+        """Make the index say what `_look` found (runs under the index lock)."""
+        if found is None:
+            tree.remove(parts)
+        elif isinstance(found, OSError):
+            self._on_error("stat", self.path(parts), found.strerror or str(found))
+        elif isinstance(found, ScanResult):
+            self._graft(tree, parts, found)
+        elif stat.S_ISREG(found.st_mode):
+            inode = self._set_file(tree, parts, found)
             if inode is not None:
                 self._wanted[inode] = None
-        elif stat.S_ISDIR(st.st_mode):
-            known = tree.lookup(parts)
-            if isinstance(known, DirNode):
-                tree.touch(parts, stat_changed(st))
+        elif stat.S_ISDIR(found.st_mode):
+            if isinstance(tree.lookup(parts), DirNode):
+                tree.touch(parts, stat_changed(found))
             else:
-                # New to the index: its watch was added before this hint was queued, so a scan now
-                # sees every file made before the watch and events report the rest.
-                self.rescan(tree, parts)
+                self.refresh(tree, parts)  # gone from the index since it was looked at: scan it now
         else:
             tree.remove(parts)  # symlinks, sockets, fifos are never counted
 
-    def rescan(self, tree: Tree, parts: Parts) -> None:
-        """Replace a subtree by a fresh scan of it (new directories, settle re-checks)."""
-        result = scan_local(self.path(parts))
+    def rescan(self, tree: Tree, parts: Parts, lock: Lock = _NO_LOCK) -> None:
+        """Replace a subtree by a fresh scan of it (new directories, settle re-checks); the scan
+        runs before `lock` is taken."""
+        found = self._scan(parts)
+        with lock:
+            self._graft(tree, parts, found)
+
+    def _scan(self, parts: Parts) -> ScanResult:
+        return scan_local(self.path(parts))
+
+    def _graft(self, tree: Tree, parts: Parts, result: ScanResult) -> None:
         for path, reason in result.errors:
             self._on_error("scan", path, reason)
         if result.node is None:
@@ -171,7 +215,7 @@ class IndexUpdater:
             self._wanted.update(dict.fromkeys(tree.take_suspects()))
         return bool(self._wanted)
 
-    def resolve_links(self, tree: Tree, lock: AbstractContextManager[Any]) -> int:
+    def resolve_links(self, tree: Tree, lock: Lock) -> int:
         """Make the index agree with the filesystem about the hard-linked inodes in question.
 
         link() reports only the new name: the old one, indexed as a plain file while it had one link,

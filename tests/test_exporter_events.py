@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +18,9 @@ from watchdog.observers.inotify_c import InotifyConstants
 
 from exporter.inotify import MASK, Handoff
 from exporter.service import ExporterService
-from exporter.watcher import RawEvent
+from exporter.tree import Tree
+from exporter.watcher import IndexUpdater, RawEvent
+from shared.layout import Layout
 from tests.oracle import assert_exact
 from tests.support import make_service, wait_until
 
@@ -559,3 +562,64 @@ def test_no_watches_left_falls_back_to_polling_and_stays_exact(store: Path) -> N
         assert svc.snapshot().tiers["quantized"] == (77, 1, 1)
     finally:
         svc.stop()
+
+
+class _RecordingLock:
+    """A lock stand-in that says whether it is held, so a test can see where syscalls happen."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.taken = 0
+
+    def __enter__(self) -> None:
+        self.held = True
+        self.taken += 1
+
+    def __exit__(self, *_: object) -> None:
+        self.held = False
+
+
+def test_a_new_tree_is_scanned_once_outside_the_index_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A directory made with files and subdirectories arrives as one batch of creates: the new
+    directory is scanned once, the paths inside it need no lstat of their own, and no syscall
+    runs while the index lock is held (a scrape waiting for the lock waits for arithmetic only)."""
+    models = tmp_path / "models"
+    (models / "raw").mkdir(parents=True)
+    tree = Tree(Layout())
+    errors: list[tuple[str, str, str]] = []
+    updater = IndexUpdater(str(models), lambda *e: errors.append(e), lambda _parts: None)
+    lock = _RecordingLock()
+    under_lock: list[str] = []
+    real_lstat, real_scandir = os.lstat, os.scandir
+
+    def lstat(path: Any) -> os.stat_result:
+        if lock.held:
+            under_lock.append(f"lstat {path}")
+        return real_lstat(path)
+
+    def scandir(path: Any) -> Any:
+        if lock.held:
+            under_lock.append(f"scandir {path}")
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    monkeypatch.setattr(os, "scandir", scandir)
+    updater.apply(tree, [RawEvent("created", str(models / "raw"))], lock)
+    model = models / "raw" / "m"
+    (model / "a" / "b").mkdir(parents=True)
+    (model / "w.bin").write_bytes(b"x" * 10)
+    (model / "a" / "c.bin").write_bytes(b"x" * 20)
+    (model / "a" / "b" / "d.bin").write_bytes(b"x" * 30)
+    created = [
+        model,
+        model / "w.bin",
+        model / "a",
+        model / "a" / "c.bin",
+        model / "a" / "b",
+        model / "a" / "b" / "d.bin",
+    ]
+    lstats = updater.apply(tree, [RawEvent("created", str(path)) for path in created], lock)
+    assert tree.tier_totals()["raw"] == (60, 3, 1)
+    assert lstats == 2  # raw/m (then scanned) and raw (its parent): what lies inside came with the scan
+    assert under_lock == [] and errors == []
+    assert lock.taken == 2
