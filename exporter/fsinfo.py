@@ -11,6 +11,11 @@ NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre", "afs", "sshfs", "gpfs", "beegfs"}
 )
 
+# Filesystems whose directories count their subdirectories in st_nlink (2 + subdirectories; ext4
+# says 1 past 65,000 of them): a directory with st_nlink 2 has none and need not be listed to find
+# them. Others (btrfs, overlayfs' merged directories, many FUSE filesystems) say 1 or a constant.
+COUNTS_SUBDIRS = frozenset({"ext2", "ext3", "ext4", "xfs", "tmpfs"})
+
 
 def mount_fstype(path: str, mountinfo: str | None = None) -> str:
     """The filesystem type of the mount holding `path`, from /proc/self/mountinfo."""
@@ -41,6 +46,16 @@ def network_filesystem(path: str, mountinfo: str | None = None) -> str:
     if fstype in NETWORK_FS or fstype.startswith("fuse"):
         return fstype
     return ""
+
+
+def subdir_counting_device(path: str, mountinfo: str | None = None) -> int | None:
+    """st_dev of `path` when its filesystem counts subdirectories in st_nlink, else None."""
+    if mount_fstype(path, mountinfo) not in COUNTS_SUBDIRS:
+        return None
+    try:
+        return os.stat(path).st_dev
+    except OSError:
+        return None
 
 
 def watch_limit() -> int | None:

@@ -113,8 +113,12 @@ class InotifyReader:
         handoff: Handoff,
         on_overflow: Callable[[str], None],
         on_watch_error: Callable[[str, OSError], None],
+        leaf_device: int | None = None,
     ) -> None:
         self.root = root
+        # Directories on this device with st_nlink 2 have no subdirectories (see fsinfo.COUNTS_SUBDIRS):
+        # watching a tree lists only the others, not every file of a million-file store.
+        self._leaf_device = leaf_device
         self._handoff = handoff
         self._on_overflow = on_overflow
         self._on_watch_error = on_watch_error
@@ -192,11 +196,22 @@ class InotifyReader:
                     raise
                 self._fail(path, err, "cannot add inotify watches for new directories")
                 return
+            if self._leaf_device is not None and self._is_leaf(path):
+                continue
             try:
                 with os.scandir(path) as entries:
                     pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
             except OSError:
                 continue  # unreadable or gone: the scan reports it
+
+    def _is_leaf(self, path: str) -> bool:
+        """No subdirectories, by the link count. Asked after the watch was added: a subdirectory
+        made since then has its own create event, which adds its watch."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False  # the listing says what is wrong, or finds it gone
+        return st.st_nlink == 2 and st.st_dev == self._leaf_device
 
     def _forget_tree(self, top: str) -> None:
         """Stop watching a subtree that left the models path (a watch follows its inode)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exporter.fsinfo import network_filesystem, watch_limit
+from exporter.fsinfo import network_filesystem, subdir_counting_device, watch_limit
 from exporter.inotify import Handoff, InotifyReader
 from exporter.scan import Scanner
 from exporter.tree import ModelStat, Parts, Tree
@@ -125,7 +125,9 @@ class ExporterService:
         self._thread.start()
 
     def _start_reader(self) -> None:
-        reader = InotifyReader(self.root, self.events, self._on_overflow, self._on_watch_error)
+        reader = InotifyReader(
+            self.root, self.events, self._on_overflow, self._on_watch_error, subdir_counting_device(self.root)
+        )
         try:
             reader.start()
         except OSError as err:

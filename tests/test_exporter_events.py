@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from watchdog.observers.inotify_c import InotifyConstants
 
-from exporter.inotify import MASK, Handoff
+from exporter.fsinfo import subdir_counting_device
+from exporter.inotify import MASK, Handoff, InotifyReader
 from exporter.service import ExporterService
 from exporter.tree import Tree
 from exporter.watcher import IndexUpdater, RawEvent
@@ -623,3 +624,50 @@ def test_a_new_tree_is_scanned_once_outside_the_index_lock(tmp_path: Path, monke
     assert lstats == 2  # raw/m (then scanned) and raw (its parent): what lies inside came with the scan
     assert under_lock == [] and errors == []
     assert lock.taken == 2
+
+
+@pytest.mark.parametrize("counts_subdirs", [True, False])
+def test_watching_lists_only_directories_that_have_subdirectories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counts_subdirs: bool
+) -> None:
+    """On a filesystem that counts subdirectories in st_nlink, a directory with a link count of 2
+    is watched without being listed (a million-file store lists its few parent directories, not
+    every file); elsewhere every directory is listed. Either way every directory is watched, and
+    a subdirectory made later in an unlisted one is watched from its create event."""
+    models = tmp_path / "models"
+    for model in ("a", "b", "c"):
+        (models / "raw" / model / "sub").mkdir(parents=True)
+        (models / "raw" / model / "sub" / "w.bin").write_bytes(b"w")
+    (models / "quantized").mkdir()
+    all_dirs = [str(models)] + [str(p) for p in models.rglob("*") if p.is_dir()]
+    leaf_device = subdir_counting_device(str(models)) if counts_subdirs else None
+    if counts_subdirs and leaf_device is None:
+        pytest.skip(f"{tmp_path} is not on a filesystem that counts subdirectories")
+    listed: list[str] = []
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:
+        listed.append(os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    reader = InotifyReader(str(models), Handoff(10_000), lambda _r: None, lambda _p, _e: None, leaf_device)
+    reader.start()
+    try:
+        assert reader.watches == len(all_dirs)
+        leaves = {str(models / "quantized")} | {str(models / "raw" / m / "sub") for m in "abc"}
+        if counts_subdirs:
+            assert sorted(listed) == sorted(set(all_dirs) - leaves)
+        else:
+            assert sorted(listed) == sorted(all_dirs)
+        (models / "raw" / "a" / "sub" / "later").mkdir()
+        wait_until(lambda: reader.watches == len(all_dirs) + 1, timeout=5, what="a watch on the new directory")
+    finally:
+        reader.stop()
+
+
+def test_only_filesystems_that_count_subdirectories_are_trusted(tmp_path: Path) -> None:
+    line = "36 25 0:32 / {point} rw,relatime shared:1 - {fstype} /dev/x rw\n"
+    for fstype, trusted in (("ext4", True), ("xfs", True), ("tmpfs", True), ("btrfs", False), ("overlay", False)):
+        device = subdir_counting_device(str(tmp_path), line.format(point="/", fstype=fstype))
+        assert (device == os.stat(tmp_path).st_dev) if trusted else device is None, fstype
