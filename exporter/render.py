@@ -89,7 +89,7 @@ class ModelLinesCache:
         self._free: list[int] = []
         self._labels: list[str] = []  # per slot: the model's label set, escaped once
         self._rows: tuple[list[bytes], ...] = ([], [], [])  # per family, per slot
-        self._blocks: tuple[list[bytes | None], ...] = ([], [], [])  # per family; None: to re-join
+        self._blocks: tuple[list[bytes], ...] = ([], [], [])  # per family, per BLOCK slots: joined
         self.formatted = 0  # models (re)formatted so far: what tests and benchmarks look at
 
     def _reset(self) -> None:
@@ -116,7 +116,7 @@ class ModelLinesCache:
                 rows.append(b"")
             if slot % BLOCK == 0:
                 for blocks in self._blocks:
-                    blocks.append(None)
+                    blocks.append(b"")  # joined below: its first model is being formatted
         self._slots[key] = slot
         return slot
 
@@ -135,12 +135,9 @@ class ModelLinesCache:
         out: list[bytes] = []
         for header, rows, blocks in zip(_HEADERS, self._rows, self._blocks, strict=True):
             for block in dirty:
-                blocks[block] = None
-            for block, text in enumerate(blocks):
-                if text is None:
-                    blocks[block] = b"".join(rows[block * BLOCK : (block + 1) * BLOCK])
+                blocks[block] = b"".join(rows[block * BLOCK : (block + 1) * BLOCK])
             out.append(header)
-            out.extend(blocks)  # type: ignore[arg-type]  # every block was joined just above
+            out.extend(blocks)
         return out
 
     def _format(self, keys: Iterable[ModelKey], models: Mapping[ModelKey, Bucket]) -> set[int]:

@@ -42,7 +42,6 @@ class Snapshot:
 
     tiers: dict[str, tuple[int, int, int]]
     models: list[ModelStat]
-    generation: int
     ready: bool
     polling: bool
     events_total: int
@@ -185,7 +184,6 @@ class ExporterService:
         return Snapshot(
             tiers=self.tree.tier_totals(),
             models=self.tree.model_stats() if models else [],
-            generation=self.tree.generation,
             ready=self.is_ready(),
             polling=self.polling,
             events_total=c.events,

@@ -269,8 +269,6 @@ class Tree:
         # scan, a link removed): their other links' times, and whether the index knows every link,
         # are to be checked. Filled here, drained by the updater.
         self.suspects: dict[InodeKey, None] = {}
-        # Bumped whenever a model appears or disappears (renderers rebuild their order then).
-        self.generation = 0
         # Directories indexed, the root included: one inotify watch each.
         self.dirs = 1
 
@@ -512,7 +510,6 @@ class Tree:
         if replaced is not None:  # not expected (its entry was dropped first), but never counted twice
             replaced.leave()
         self.models[(tier, model)] = bucket
-        self.generation += 1
         return bucket
 
     def _end_model(self, parts: Parts) -> None:
@@ -521,7 +518,6 @@ class Tree:
         bucket = self.models.pop((tier, model), None)
         if bucket is not None:
             bucket.leave()
-            self.generation += 1
 
     def _is_model_root(self, parts: Parts) -> bool:
         return len(parts) == 2 and self.layout.classify(parts)[1] is not None
@@ -618,7 +614,6 @@ class Tree:
                 bucket = self.models.pop((tier, model_name), None)
                 if bucket is not None:
                     bucket.leave()
-            self.generation += 1
         for entry in orphaned.values():
             self._reown(entry)
         return node
@@ -716,7 +711,6 @@ class Tree:
         self.changes = {}
         self._changes_reader = None  # every model is new or gone: the reader starts over
         self._inodes.clear()
-        self.generation += 1
         self.dirs = 1
         self.root.files, self.root.hard = node.files, node.hard
         self._count_in(self.root, ())

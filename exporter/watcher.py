@@ -146,7 +146,7 @@ class IndexUpdater:
         if stat.S_ISDIR(st.st_mode) and not isinstance(tree.lookup(parts), DirNode):
             # New to the index: its watch was added before this hint was queued, so a scan now
             # sees every file made before the watch and events report the rest.
-            return self._scan(parts)
+            return scan_local(full)
         return st
 
     def _settle(self, tree: Tree, parts: Parts, found: _Seen) -> None:
@@ -172,12 +172,9 @@ class IndexUpdater:
     def rescan(self, tree: Tree, parts: Parts, lock: Lock = _NO_LOCK) -> None:
         """Replace a subtree by a fresh scan of it (new directories, settle re-checks); the scan
         runs before `lock` is taken."""
-        found = self._scan(parts)
+        found = scan_local(self.path(parts))
         with lock:
             self._graft(tree, parts, found)
-
-    def _scan(self, parts: Parts) -> ScanResult:
-        return scan_local(self.path(parts))
 
     def _graft(self, tree: Tree, parts: Parts, result: ScanResult) -> None:
         for path, reason in result.errors:

@@ -133,7 +133,6 @@ def _snapshot(models: list[ModelStat]) -> Snapshot:
     return Snapshot(
         tiers={"raw": (300, 3, 2), "quantized": (0, 0, 0), "repository": (50, 1, 1), "other": (7, 1, 0)},
         models=models,
-        generation=3,
         ready=True,
         polling=False,
         events_total=12,
