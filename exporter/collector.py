@@ -8,6 +8,9 @@ Series it emits (see shared/metric_names.py):
     model_storage_events_total, model_storage_event_overflows_total, model_storage_reconcile_drift_bytes
     model_storage_errors_total{kind}, model_storage_watches, model_storage_watch_limit
     model_storage_polling, model_storage_ready, model_storage_build_info{version}
+    model_storage_scrub_corrections_total, model_storage_scrub_drift_bytes_total,
+    model_storage_scrub_cycle_seconds, model_storage_scrub_last_cycle_timestamp_seconds,
+    model_storage_scrub_expected_cycle_seconds
     model_storage_cleanup_* and model_storage_trash_bytes / _trash_limit_bytes (the cleaner's state file)
 A model that is deleted simply is not in the next snapshot, so its series vanish.
 """
@@ -147,6 +150,24 @@ class StorageCollector(Collector):
         yield GaugeMetricFamily(m.POLLING, "1 when polling instead of inotify (NFS, FUSE, no watches).", snap.polling)
         yield GaugeMetricFamily(
             m.READY, "1 while /readyz is 200: the initial scan is done and the index is kept current.", snap.ready
+        )
+        scrub = snap.scrub
+        yield CounterMetricFamily(
+            m.SCRUB_CORRECTIONS, "Index entries the scrub found wrong and corrected.", scrub.corrections_total
+        )
+        yield CounterMetricFamily(
+            m.SCRUB_DRIFT_BYTES, "Sum of |indexed - true| bytes the scrub corrected.", scrub.drift_bytes_total
+        )
+        yield GaugeMetricFamily(m.SCRUB_CYCLE, "Duration of the scrub's last full cycle.", scrub.cycle_seconds)
+        yield GaugeMetricFamily(
+            m.SCRUB_LAST_CYCLE,
+            "When the scrub's last full cycle ended (until the first ends: when it started; 0: off).",
+            scrub.last_cycle_timestamp,
+        )
+        yield GaugeMetricFamily(
+            m.SCRUB_EXPECTED_CYCLE,
+            "Expected scrub cycle at its budget: indexed files and directories over stats per second.",
+            scrub.expected_cycle_seconds,
         )
         info = InfoMetricFamily(m.BUILD_INFO, "Exporter build.", labels=["version"])
         info.add_metric([self._version], {})

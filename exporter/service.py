@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from exporter.fsinfo import network_filesystem, subdir_counting_device, watch_limit
 from exporter.inotify import Handoff, InotifyReader
 from exporter.scan import Scanner
+from exporter.scrub import Finding, Scrubber, ScrubFigures, apply_finding
 from exporter.tree import ModelStat, Parts, Tree
 from exporter.watcher import IndexUpdater, OverflowFlag, RawEvent
 from shared.config import Settings
@@ -51,6 +52,7 @@ class Snapshot:
     last_full_scan: float
     drift_bytes: int
     watches: int
+    scrub: ScrubFigures = field(default_factory=ScrubFigures)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,16 @@ class ExporterService:
         self._settle: list[tuple[float, Parts]] = []
         self._next_link_pass = 0.0
         self._rescan_requests: queue.Queue[tuple[str, queue.Queue[ReconcileResult]]] = queue.Queue()
+        # Names the scrub found different from the disk, for the updater thread (the only writer).
+        self._scrub_findings: queue.Queue[Finding] = queue.Queue()
+        budget = settings["exporter.scrub_stats_per_second"]
+        self.scrubber = (
+            Scrubber(
+                self.root, budget, self._with_tree, self._scrub_findings.put, self._rewatch, self.ready, self._stop
+            )
+            if budget > 0
+            else None
+        )
 
     # ----- lifecycle -----
 
@@ -122,6 +134,8 @@ class ExporterService:
             log.warning("watch.polling", path=self.root, reason=self.polling_reason, **outcome)
         self._thread = threading.Thread(target=self._run, name="index-updater", daemon=True)
         self._thread.start()
+        if self.scrubber is not None:
+            self.scrubber.start()  # it waits for the initial scan
 
     def _start_reader(self) -> None:
         reader = InotifyReader(
@@ -144,6 +158,8 @@ class ExporterService:
             self._reader.stop()
             self._reader = None
         self.scanner.close()
+        if self.scrubber is not None:
+            self.scrubber.join(timeout=30)
         if self._thread is not None:
             self._thread.join(timeout=30)
             log.info("exporter.stopped", outcome=SUCCESS)
@@ -193,6 +209,7 @@ class ExporterService:
             last_full_scan=c.last_full_scan,
             drift_bytes=c.drift_bytes,
             watches=self._reader.watches if self._reader is not None else 0,
+            scrub=self.scrubber.figures() if self.scrubber is not None else ScrubFigures(),
         )
 
     def watch_limit(self) -> int | None:
@@ -256,6 +273,7 @@ class ExporterService:
             if batch:
                 self._apply(self.tree, batch)
             self._run_due_settles()
+            self._apply_scrub_findings()
             if self.updater.links_pending(self.tree) and time.monotonic() >= self._next_link_pass:
                 self._resolve_links()
 
@@ -265,6 +283,25 @@ class ExporterService:
         seconds = time.monotonic() - started
         self._next_link_pass = time.monotonic() + max(LINK_PASS_INTERVAL, 10 * seconds)
         log.debug("links.resolved", lstat_calls=stats, duration_seconds=round(seconds, 4), outcome=SUCCESS)
+
+    def _with_tree(self, fn: Callable[[Tree], T]) -> T:
+        """For the scrub thread: `fn` on the live tree under the index lock (reads only)."""
+        with self.lock:
+            return fn(self.tree)
+
+    def _rewatch(self, path: str) -> None:
+        reader = self._reader
+        if reader is not None:
+            reader.rewatch(path)
+
+    def _apply_scrub_findings(self) -> None:
+        scrubber = self.scrubber
+        while scrubber is not None:
+            try:
+                finding = self._scrub_findings.get_nowait()
+            except queue.Empty:
+                return
+            scrubber.record(apply_finding(self.tree, self.updater, finding, self.lock))
 
     def _fall_back_to_polling(self) -> None:
         reader = self._reader

@@ -283,6 +283,13 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field("exporter.force_polling", "STORAGE_FORCE_POLLING", False, _bool, "Poll even where inotify works"),
     Field("exporter.scan_workers", "STORAGE_SCAN_WORKERS", 0, _integer(0), "Scan processes, 0 = one per core"),
+    Field(
+        "exporter.scrub_stats_per_second",
+        "STORAGE_SCRUB_STATS_PER_SECOND",
+        2000.0,
+        _number(0),
+        "Scrub budget: lstats per second re-verifying the index against the disk, 0 = off",
+    ),
     Field("exporter.tls_cert_file", "STORAGE_TLS_CERT_FILE", None, _optional_path, "TLS certificate"),
     Field("exporter.tls_key_file", "STORAGE_TLS_KEY_FILE", None, _optional_path, "TLS private key"),
     Field(

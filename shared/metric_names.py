@@ -34,6 +34,13 @@ POLLING: Final = "model_storage_polling"
 READY: Final = "model_storage_ready"
 BUILD_INFO: Final = "model_storage_build"  # info metric: model_storage_build_info
 
+# The scrub (exporter/scrub.py).
+SCRUB_CORRECTIONS: Final = "model_storage_scrub_corrections"  # counter: _total
+SCRUB_DRIFT_BYTES: Final = "model_storage_scrub_drift_bytes"  # counter: _total
+SCRUB_CYCLE: Final = "model_storage_scrub_cycle_seconds"
+SCRUB_LAST_CYCLE: Final = "model_storage_scrub_last_cycle_timestamp_seconds"
+SCRUB_EXPECTED_CYCLE: Final = "model_storage_scrub_expected_cycle_seconds"
+
 # Written by the cleaner's state file, served by the exporter.
 CLEANUP_LAST_RUN: Final = "model_storage_cleanup_last_run_timestamp_seconds"
 CLEANUP_LAST_SUCCESS: Final = "model_storage_cleanup_last_success"

@@ -1,0 +1,166 @@
+"""The scrub's decisions, pure: what differs between one indexed directory and its listing, when to
+leave a difference to the events still on their way, how fast to go, and how much to log.
+
+No I/O, no clock, no threads here: the scrub thread (exporter/scrub.py) passes in what it listed,
+what the index held, and the time.
+
+A difference is only ever a *name* to look at again: the scrub never writes what it listed into
+the index. The updater re-lstats the name (or scans it, when it is a new directory) and the index
+takes what that lstat says, as for any event. So a listing that went stale before it was used can
+cost one lstat, never a stale value in the index (see exporter/scrub.py for the full invariant).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from exporter.tree import DirNode, Parts, Tree
+
+FILE = "file"
+DIR = "dir"
+OTHER = "other"  # symlinks, sockets, fifos: never counted, so never expected in the index
+
+
+class DiskEntry(NamedTuple):
+    """One name of a directory listing, from its lstat."""
+
+    kind: str  # FILE | DIR | OTHER
+    size: int
+    linked: bool  # st_nlink > 1 (the index counts such a file once per inode)
+    changed: float  # max(mtime, ctime), wall-clock seconds
+
+
+@dataclass(frozen=True, slots=True)
+class DirView:
+    """What the index holds for one directory: copied under the index lock, compared outside it."""
+
+    files: dict[str, int]
+    linked: frozenset[str]
+    dirs: tuple[str, ...]
+
+    @classmethod
+    def of(cls, node: DirNode) -> DirView:
+        # Never `node.files.get(name)` per name: it builds the table's name index, which costs
+        # ~100 bytes a file for as long as the directory lives.
+        return cls(dict(node.files.items()), frozenset(node.hard or ()), tuple(node.dirs))
+
+
+@dataclass(frozen=True, slots=True)
+class Difference:
+    """A name whose index entry disagrees with the listing; `index` and `disk` say how, for the log."""
+
+    name: str
+    index: str
+    disk: str
+
+
+def _describe_index(view: DirView, name: str) -> str:
+    if name in view.dirs:
+        return "directory"
+    size = view.files.get(name)
+    if size is None:
+        return "absent"
+    return f"file {size} bytes" + (" (linked)" if name in view.linked else "")
+
+
+def _describe_disk(entry: DiskEntry | None) -> str:
+    if entry is None:
+        return "absent"
+    if entry.kind == DIR:
+        return "directory"
+    if entry.kind == OTHER:
+        return "not a regular file"
+    return f"file {entry.size} bytes" + (" (linked)" if entry.linked else "")
+
+
+def compare(view: DirView, disk: dict[str, DiskEntry]) -> list[Difference]:
+    """Names whose kind, size or being hard-linked differ, in either direction. A directory's
+    contents are its own visit's business: here only that it exists."""
+    found: list[Difference] = []
+    dirs = set(view.dirs)
+    for name, entry in disk.items():
+        if entry.kind == DIR:
+            same = name in dirs
+        elif entry.kind == FILE:
+            size = view.files.get(name)
+            same = size == entry.size and (name in view.linked) == entry.linked
+        else:
+            same = name not in dirs and name not in view.files
+        if not same:
+            found.append(Difference(name, _describe_index(view, name), _describe_disk(entry)))
+    for name in (*view.files, *view.dirs):
+        if name not in disk:
+            found.append(Difference(name, _describe_index(view, name), "absent"))
+    return found
+
+
+def recent(
+    differences: list[Difference], disk: dict[str, DiskEntry], dir_changed: float, now: float, grace: float
+) -> bool:
+    """Whether a difference may be an event still on its way: the directory (a name came or went)
+    or a differing entry changed less than `grace` seconds before `now`."""
+    since = now - grace
+    if dir_changed >= since:
+        return True
+    for diff in differences:
+        entry = disk.get(diff.name)
+        if entry is not None and entry.changed >= since:
+            return True
+    return False
+
+
+def held(tree: Tree, parts: Parts) -> tuple[int, int]:
+    """(bytes, files) the index counts at `parts`: a file's size, a directory's subtree, or nothing.
+    A hard-linked file counts its size at each of its paths here (the totals count it once)."""
+    found = tree.lookup(parts)
+    if found is None:
+        return 0, 0
+    if isinstance(found, DirNode):
+        nbytes = nfiles = 0
+        for node in found.walk():
+            nbytes += node.own_bytes
+            nfiles += node.own_files
+        return nbytes, nfiles
+    return found, 1
+
+
+class Pacer:
+    """A budget in stats per second: how long to wait after spending some. Credit left unused for
+    more than `burst` seconds is dropped, so a pause is never followed by a burst."""
+
+    def __init__(self, per_second: float, burst: float = 1.0) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self._due: float | None = None
+
+    def charge(self, stats: int, now: float) -> float:
+        """Spend `stats` at `now`; the seconds to wait before spending more."""
+        due = self._due if self._due is not None else now
+        due = max(due, now - self.burst) + stats / self.per_second
+        self._due = due
+        return max(0.0, due - now)
+
+
+class LogBudget:
+    """At most `per_minute` lines a minute; the rest are counted and reported with the next line."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._window = float("-inf")
+        self._used = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        if now - self._window >= 60.0:
+            self._window = now
+            self._used = 0
+        if self._used < self.per_minute:
+            self._used += 1
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        count, self.suppressed = self.suppressed, 0
+        return count

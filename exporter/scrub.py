@@ -1,0 +1,332 @@
+"""The self-healing scrub: a paced background walk that re-verifies every indexed directory against the disk.
+
+Events are the fast path; the scrub is the guarantee. One thread walks the index depth-first, lists
+each directory (listdir + one lstat per name, relative to the directory's descriptor) at a budget of
+`exporter.scrub_stats_per_second`, compares the listing with what the index holds for that
+directory (exporter/drift.py, pure), and hands the names that differ to the updater thread. A cycle
+ends when every directory indexed at its start (and every directory found meanwhile) was verified;
+`model_storage_scrub_cycle_seconds` is its length.
+
+Invariant: the scrub never installs a stale view, whatever the events do meanwhile.
+- The scrub thread never writes to the index; it reads one directory at a time under the index
+  lock (a copy of its names and sizes) and compares outside it.
+- A difference is a name, not a value. The updater thread, the index's only writer, re-lstats the
+  name (or scans it, when it is a directory new to the index) and the index takes what that lstat
+  says, exactly as for an event. Whatever the index holds after a correction is therefore no older
+  than the updater's own look; a change made after that look raises an event (or is seen at the
+  next visit) that is applied after it. A listing that went stale before it was used costs one
+  lstat and counts no correction: a correction is counted only when the bytes or files the index
+  holds at that name actually changed.
+- A difference whose entry, or directory, changed less than GRACE_SECONDS ago may be an event
+  still on its way: the directory is verified again after the grace (at most MAX_DEFERRALS times,
+  then corrected anyway), so the corrections counter counts what the events missed, not what they
+  had yet to apply. A cycle waits for its deferred directories before it ends.
+- A directory where drift was found has its watches re-added (a lost watch is the usual cause)
+  before the updater looks at its names: later changes there are seen by events again.
+"""
+
+from __future__ import annotations
+
+import errno
+import heapq
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from exporter.drift import DIR, FILE, OTHER, Difference, DirView, DiskEntry, LogBudget, Pacer, compare, held, recent
+from exporter.tree import DirNode, Parts, Tree
+from exporter.watcher import IndexUpdater, RawEvent
+from shared.logs import FAILURE, SUCCESS, get_logger
+
+log = get_logger("exporter.scrub")
+
+T = TypeVar("T")
+# A difference this fresh is left to the events for now (the updater applies them within a
+# coalescing window, even under a burst within a second or two).
+GRACE_SECONDS = 3.0
+MAX_DEFERRALS = 3
+# A cycle of a small store takes at least this long: an empty tree is not re-listed in a loop.
+MIN_CYCLE_SECONDS = 1.0
+# Correction and failure lines logged per minute; the rest are counted in the next line.
+LOG_LINES_PER_MINUTE = 60
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubFigures:
+    """What /metrics says of the scrub (all zero while it is disabled)."""
+
+    corrections_total: int = 0
+    drift_bytes_total: int = 0
+    cycle_seconds: float = 0.0
+    last_cycle_timestamp: float = 0.0  # until the first cycle ends: when the scrub started
+    expected_cycle_seconds: float = 0.0  # indexed files and directories over the budget
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """Names of one directory that differ from the index, for the updater thread."""
+
+    parts: Parts
+    differences: tuple[Difference, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Correction:
+    path: str
+    index: str
+    disk: str
+    bytes_delta: int
+    files_delta: int
+
+
+Listing = tuple[dict[str, DiskEntry], float]
+
+
+def list_dir(path: str) -> Listing | None:
+    """Every name of the directory with its lstat, and the directory's own newest time; None when
+    `path` is gone or no longer a directory. Other OSErrors (EACCES, EMFILE) propagate."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return None  # a symlink now: never followed, never counted
+        raise
+    try:
+        own = os.fstat(fd)
+        entries: dict[str, DiskEntry] = {}
+        for name in os.listdir(fd):
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            mode = st.st_mode
+            kind = FILE if stat.S_ISREG(mode) else DIR if stat.S_ISDIR(mode) else OTHER
+            entries[name] = DiskEntry(kind, st.st_size, st.st_nlink > 1, max(st.st_mtime, st.st_ctime))
+        return entries, max(own.st_mtime, own.st_ctime)
+    finally:
+        os.close(fd)
+
+
+def apply_finding(
+    tree: Tree, updater: IndexUpdater, finding: Finding, lock: AbstractContextManager[Any]
+) -> list[Correction]:
+    """On the updater thread: let the updater look at each differing name again, and report the
+    names whose counted bytes or files changed by it."""
+    targets = [(*finding.parts, diff.name) for diff in finding.differences]
+    with lock:
+        before = [held(tree, parts) for parts in targets]
+    # The directory too: a name that came or went moved its mtime, which is its model's newest change.
+    hints = [RawEvent("modified", updater.path(parts)) for parts in (*targets, finding.parts)]
+    updater.apply(tree, hints, lock)
+    corrections: list[Correction] = []
+    with lock:
+        for parts, diff, (old_bytes, old_files) in zip(targets, finding.differences, before, strict=True):
+            new_bytes, new_files = held(tree, parts)
+            if (new_bytes, new_files) != (old_bytes, old_files):
+                corrections.append(
+                    Correction(updater.path(parts), diff.index, diff.disk, new_bytes - old_bytes, new_files - old_files)
+                )
+    return corrections
+
+
+class Scrubber:
+    """The scrub thread and its figures. `with_tree` runs a function on the live tree under the
+    index lock; `submit` hands a finding to the updater thread; `rewatch` re-adds a subtree's watches."""
+
+    def __init__(
+        self,
+        root: str,
+        per_second: float,
+        with_tree: Callable[[Callable[[Tree], Any]], Any],
+        submit: Callable[[Finding], None],
+        rewatch: Callable[[str], None],
+        ready: threading.Event,
+        stop: threading.Event,
+    ) -> None:
+        self.root = root
+        self.per_second = per_second
+        self._with_tree = with_tree
+        self._submit = submit
+        self._rewatch = rewatch
+        self._ready = ready
+        self._stop = stop
+        self._pacer = Pacer(per_second)
+        self._log_budget = LogBudget(LOG_LINES_PER_MINUTE)
+        self._lock = threading.Lock()
+        self._figures = ScrubFigures()
+        self._rechecks: list[tuple[float, int, Parts, int]] = []
+        self._sequence = 0
+        self._submitted = 0
+        self._applied = 0
+        self._thread: threading.Thread | None = None
+        self.cycles = 0
+
+    # ----- figures -----
+
+    def figures(self) -> ScrubFigures:
+        with self._lock:
+            return self._figures
+
+    def _update(self, **changes: Any) -> None:
+        with self._lock:
+            values = {name: getattr(self._figures, name) for name in ScrubFigures.__slots__}
+            values.update(changes)
+            self._figures = ScrubFigures(**values)
+
+    def record(self, corrections: list[Correction]) -> None:
+        """Count and log a finding's corrections (the updater thread, after `apply_finding`)."""
+        with self._lock:
+            self._applied += 1
+        if not corrections:
+            return
+        figures = self.figures()
+        self._update(
+            corrections_total=figures.corrections_total + len(corrections),
+            drift_bytes_total=figures.drift_bytes_total + sum(abs(c.bytes_delta) for c in corrections),
+        )
+        for correction in corrections:
+            if self._log_budget.allow(time.monotonic()):
+                log.warning(
+                    "scrub.corrected",
+                    path=correction.path,
+                    index=correction.index,
+                    disk=correction.disk,
+                    bytes_delta=correction.bytes_delta,
+                    files_delta=correction.files_delta,
+                    suppressed_lines=self._log_budget.take_suppressed(),
+                    outcome=SUCCESS,
+                )
+
+    # ----- lifecycle -----
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="index-scrub", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._ready.wait(0.2):
+            if self._stop.is_set():
+                return
+        self._update(last_cycle_timestamp=time.time())
+        log.info("scrub.started", path=self.root, stats_per_second=self.per_second)
+        try:
+            while not self._stop.is_set():
+                self.cycle()
+        except Exception as err:  # a bug here must not go unseen: the cycle alert fires as well
+            log.exception("scrub.crashed", error=str(err), outcome=FAILURE)
+
+    # ----- one cycle -----
+
+    def cycle(self) -> bool:
+        """Verify every indexed directory once; False when stopped before the end."""
+        started = time.monotonic()
+        entries = self._with_tree(lambda tree: sum(v[1] for v in tree.tier_totals().values()) + tree.dirs)
+        self._update(expected_cycle_seconds=max(entries / self.per_second, MIN_CYCLE_SECONDS))
+        stack: list[Parts] = [()]
+        while stack or self._rechecks:
+            if self._stop.is_set():
+                return False
+            if self._rechecks and (self._rechecks[0][0] <= time.monotonic() or not stack):
+                due, _, parts, deferrals = heapq.heappop(self._rechecks)
+                if self._stop.wait(max(0.0, due - time.monotonic())):
+                    return False
+                self.visit(parts, deferrals)
+                continue
+            stack.extend(self.visit(stack.pop(), 0))
+        # A cycle ends when the updater has looked again at every name it found.
+        while not self._settled():
+            if self._stop.wait(0.02):
+                return False
+        rest = MIN_CYCLE_SECONDS - (time.monotonic() - started)
+        if rest > 0 and self._stop.wait(rest):
+            return False
+        self.cycles += 1
+        self._update(cycle_seconds=time.monotonic() - started, last_cycle_timestamp=time.time())
+        log.info("scrub.cycled", duration_seconds=round(time.monotonic() - started, 3), outcome=SUCCESS)
+        return True
+
+    def visit(self, parts: Parts, deferrals: int) -> list[Parts]:
+        """Verify one directory; returns its indexed subdirectories, to be visited next."""
+        path = os.path.join(self.root, *parts) if parts else self.root
+        try:
+            listed = list_dir(path)
+            stats = 1 + (len(listed[0]) if listed is not None else 0)
+        except OSError as err:
+            listed, stats = None, 1
+            self._failed(path, err, parts, deferrals)
+            self._pace(stats)
+            return self._with_tree(lambda tree: _subdirs(tree, parts))  # type: ignore[no-any-return]
+        self._pace(stats)
+
+        def look(tree: Tree) -> DirView | None:
+            node = tree.lookup(parts)
+            return DirView.of(node) if isinstance(node, DirNode) else None
+
+        view: DirView | None = self._with_tree(look)
+        if view is None:
+            return []  # left the index since it was queued: nothing to verify
+        children = [(*parts, name) for name in view.dirs]
+        if listed is None:
+            if parts:
+                self._found(parts[:-1], (Difference(parts[-1], "directory", "absent"),), deferrals, recent_=True)
+            return []
+        disk, dir_changed = listed
+        differences = compare(view, disk)
+        if differences:
+            fresh = recent(differences, disk, dir_changed, time.time(), GRACE_SECONDS)
+            self._found(parts, tuple(differences), deferrals, recent_=fresh)
+        return children
+
+    def _found(self, parts: Parts, differences: tuple[Difference, ...], deferrals: int, *, recent_: bool) -> None:
+        if recent_ and deferrals < MAX_DEFERRALS:
+            self._recheck(parts, deferrals + 1)
+            return
+        path = os.path.join(self.root, *parts) if parts else self.root
+        self._rewatch(path)
+        with self._lock:
+            self._submitted += 1
+        self._submit(Finding(parts, differences))
+
+    def _settled(self) -> bool:
+        with self._lock:
+            return self._applied >= self._submitted
+
+    def _recheck(self, parts: Parts, deferrals: int) -> None:
+        self._sequence += 1
+        heapq.heappush(self._rechecks, (time.monotonic() + GRACE_SECONDS, self._sequence, parts, deferrals))
+
+    def _failed(self, path: str, err: OSError, parts: Parts, deferrals: int) -> None:
+        if err.errno in _OUT_OF_DESCRIPTORS and deferrals < MAX_DEFERRALS:
+            self._recheck(parts, deferrals + 1)  # out of descriptors: try this directory again soon
+        if self._log_budget.allow(time.monotonic()):
+            log.warning(
+                "scrub.failed",
+                path=path,
+                error=err.strerror or str(err),
+                suppressed_lines=self._log_budget.take_suppressed(),
+                outcome=FAILURE,
+            )
+
+    def _pace(self, stats: int) -> None:
+        delay = self._pacer.charge(stats, time.monotonic())
+        if delay > 0:
+            self._stop.wait(delay)
+
+
+def _subdirs(tree: Tree, parts: Parts) -> list[Parts]:
+    node = tree.lookup(parts)
+    return [(*parts, name) for name in node.dirs] if isinstance(node, DirNode) else []
