@@ -13,22 +13,20 @@ cost one lstat, never a stale value in the index (see exporter/scrub.py for the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from exporter.tree import DirNode, Parts, Tree
 
-FILE = "file"
-DIR = "dir"
-OTHER = "other"  # symlinks, sockets, fifos: never counted, so never expected in the index
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What a directory holds on disk, from listdir and one lstat per name (sets and dicts, so an
+    exact directory compares with its index copy in C)."""
 
-class DiskEntry(NamedTuple):
-    """One name of a directory listing, from its lstat."""
-
-    kind: str  # FILE | DIR | OTHER
-    size: int
-    linked: bool  # st_nlink > 1 (the index counts such a file once per inode)
-    changed: float  # max(mtime, ctime), wall-clock seconds
+    files: dict[str, int]  # regular files: name -> st_size
+    linked: frozenset[str]  # regular files with st_nlink > 1 (the index counts such a file once per inode)
+    dirs: frozenset[str]
+    others: frozenset[str]  # symlinks, sockets, fifos: never counted
+    changed: float  # the directory's own max(mtime, ctime): a name came or went then
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,50 +62,43 @@ def _describe_index(view: DirView, name: str) -> str:
     return f"file {size} bytes" + (" (linked)" if name in view.linked else "")
 
 
-def _describe_disk(entry: DiskEntry | None) -> str:
-    if entry is None:
-        return "absent"
-    if entry.kind == DIR:
+def _describe_disk(disk: Listing, name: str) -> str:
+    if name in disk.dirs:
         return "directory"
-    if entry.kind == OTHER:
+    if name in disk.others:
         return "not a regular file"
-    return f"file {entry.size} bytes" + (" (linked)" if entry.linked else "")
+    size = disk.files.get(name)
+    if size is None:
+        return "absent"
+    return f"file {size} bytes" + (" (linked)" if name in disk.linked else "")
 
 
-def compare(view: DirView, disk: dict[str, DiskEntry]) -> list[Difference]:
+def compare(view: DirView, disk: Listing) -> list[Difference]:
     """Names whose kind, size or being hard-linked differ, in either direction. A directory's
     contents are its own visit's business: here only that it exists."""
+    dirs = frozenset(view.dirs)
+    if view.files == disk.files and view.linked == disk.linked and dirs == disk.dirs:
+        return []  # the common case, in C: everything agrees (others are never indexed)
+    names = set(view.files).union(dirs, disk.files, disk.dirs)
     found: list[Difference] = []
-    dirs = set(view.dirs)
-    for name, entry in disk.items():
-        if entry.kind == DIR:
-            same = name in dirs
-        elif entry.kind == FILE:
-            size = view.files.get(name)
-            same = size == entry.size and (name in view.linked) == entry.linked
-        else:
-            same = name not in dirs and name not in view.files
+    for name in sorted(names):
+        index_size = view.files.get(name)
+        disk_size = disk.files.get(name)
+        same = (
+            (name in dirs) == (name in disk.dirs)
+            and index_size == disk_size
+            and (name in view.linked) == (name in disk.linked)
+        )
         if not same:
-            found.append(Difference(name, _describe_index(view, name), _describe_disk(entry)))
-    for name in (*view.files, *view.dirs):
-        if name not in disk:
-            found.append(Difference(name, _describe_index(view, name), "absent"))
+            found.append(Difference(name, _describe_index(view, name), _describe_disk(disk, name)))
     return found
 
 
-def recent(
-    differences: list[Difference], disk: dict[str, DiskEntry], dir_changed: float, now: float, grace: float
-) -> bool:
+def recent(times: dict[str, float], dir_changed: float, now: float, grace: float) -> bool:
     """Whether a difference may be an event still on its way: the directory (a name came or went)
-    or a differing entry changed less than `grace` seconds before `now`."""
+    or a differing entry (`times`: its max(mtime, ctime)) changed less than `grace` seconds ago."""
     since = now - grace
-    if dir_changed >= since:
-        return True
-    for diff in differences:
-        entry = disk.get(diff.name)
-        if entry is not None and entry.changed >= since:
-            return True
-    return False
+    return dir_changed >= since or any(changed >= since for changed in times.values())
 
 
 def held(tree: Tree, parts: Parts) -> tuple[int, int]:

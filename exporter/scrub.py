@@ -33,12 +33,12 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from exporter.drift import DIR, FILE, OTHER, Difference, DirView, DiskEntry, LogBudget, Pacer, compare, held, recent
+from exporter.drift import Difference, DirView, Listing, LogBudget, Pacer, compare, held, recent
 from exporter.tree import DirNode, Parts, Tree
 from exporter.watcher import IndexUpdater, RawEvent
 from shared.logs import FAILURE, SUCCESS, get_logger
@@ -52,6 +52,8 @@ GRACE_SECONDS = 3.0
 MAX_DEFERRALS = 3
 # A cycle of a small store takes at least this long: an empty tree is not re-listed in a loop.
 MIN_CYCLE_SECONDS = 1.0
+# The scrub sleeps off its debt in naps of at least this long: fewer wake-ups, the same rate.
+MIN_SLEEP_SECONDS = 0.2
 # Correction and failure lines logged per minute; the rest are counted in the next line.
 LOG_LINES_PER_MINUTE = 60
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -86,12 +88,9 @@ class Correction:
     files_delta: int
 
 
-Listing = tuple[dict[str, DiskEntry], float]
-
-
 def list_dir(path: str) -> Listing | None:
-    """Every name of the directory with its lstat, and the directory's own newest time; None when
-    `path` is gone or no longer a directory. Other OSErrors (EACCES, EMFILE) propagate."""
+    """What the directory holds, one lstat per name relative to its descriptor; None when `path`
+    is gone or no longer a directory. Other OSErrors (EACCES, EMFILE) propagate."""
     try:
         fd = os.open(path, _DIR_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
@@ -100,20 +99,44 @@ def list_dir(path: str) -> Listing | None:
         if err.errno == errno.ELOOP:
             return None  # a symlink now: never followed, never counted
         raise
+    files: dict[str, int] = {}
+    linked: list[str] = []
+    dirs: list[str] = []
+    others: list[str] = []
+    lstat = os.stat
+    is_reg = stat.S_ISREG
+    is_dir = stat.S_ISDIR
     try:
         own = os.fstat(fd)
-        entries: dict[str, DiskEntry] = {}
         for name in os.listdir(fd):
             try:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                st = lstat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             mode = st.st_mode
-            kind = FILE if stat.S_ISREG(mode) else DIR if stat.S_ISDIR(mode) else OTHER
-            entries[name] = DiskEntry(kind, st.st_size, st.st_nlink > 1, max(st.st_mtime, st.st_ctime))
-        return entries, max(own.st_mtime, own.st_ctime)
+            if is_reg(mode):
+                files[name] = st.st_size
+                if st.st_nlink > 1:
+                    linked.append(name)
+            elif is_dir(mode):
+                dirs.append(name)
+            else:
+                others.append(name)
     finally:
         os.close(fd)
+    return Listing(files, frozenset(linked), frozenset(dirs), frozenset(others), max(own.st_mtime, own.st_ctime))
+
+
+def entry_times(path: str, names: Iterable[str]) -> dict[str, float]:
+    """max(mtime, ctime) of the names still there (only for names that differ: rare)."""
+    times: dict[str, float] = {}
+    for name in names:
+        try:
+            st = os.lstat(os.path.join(path, name))
+        except OSError:
+            continue
+        times[name] = max(st.st_mtime, st.st_ctime)
+    return times
 
 
 def apply_finding(
@@ -264,7 +287,7 @@ class Scrubber:
         path = os.path.join(self.root, *parts) if parts else self.root
         try:
             listed = list_dir(path)
-            stats = 1 + (len(listed[0]) if listed is not None else 0)
+            stats = 1 + (len(listed.files) + len(listed.dirs) + len(listed.others) if listed is not None else 0)
         except OSError as err:
             listed, stats = None, 1
             self._failed(path, err, parts, deferrals)
@@ -284,10 +307,10 @@ class Scrubber:
             if parts:
                 self._found(parts[:-1], (Difference(parts[-1], "directory", "absent"),), deferrals, recent_=True)
             return []
-        disk, dir_changed = listed
-        differences = compare(view, disk)
+        differences = compare(view, listed)
         if differences:
-            fresh = recent(differences, disk, dir_changed, time.time(), GRACE_SECONDS)
+            times = entry_times(path, (d.name for d in differences))
+            fresh = recent(times, listed.changed, time.time(), GRACE_SECONDS)
             self._found(parts, tuple(differences), deferrals, recent_=fresh)
         return children
 
@@ -323,7 +346,7 @@ class Scrubber:
 
     def _pace(self, stats: int) -> None:
         delay = self._pacer.charge(stats, time.monotonic())
-        if delay > 0:
+        if delay >= MIN_SLEEP_SECONDS:
             self._stop.wait(delay)
 
 

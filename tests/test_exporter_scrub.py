@@ -16,7 +16,7 @@ import pytest
 from watchdog.observers.inotify_c import CallbackId, WatchDescriptor
 
 from exporter import scrub
-from exporter.drift import DIR, FILE, OTHER, Difference, DirView, DiskEntry, LogBudget, Pacer, compare, held, recent
+from exporter.drift import DirView, Listing, LogBudget, Pacer, compare, held, recent
 from exporter.exposition import build_renderer
 from exporter.scan import scan_local
 from exporter.scrub import Finding, apply_finding, list_dir
@@ -34,8 +34,14 @@ def view(files: dict[str, int], linked: tuple[str, ...] = (), dirs: tuple[str, .
     return DirView(files, frozenset(linked), dirs)
 
 
-def entry(kind: str, size: int = 0, *, linked: bool = False, changed: float = 100.0) -> DiskEntry:
-    return DiskEntry(kind, size, linked, changed)
+def listing(
+    files: dict[str, int],
+    linked: tuple[str, ...] = (),
+    dirs: tuple[str, ...] = (),
+    others: tuple[str, ...] = (),
+    changed: float = 10.0,
+) -> Listing:
+    return Listing(files, frozenset(linked), frozenset(dirs), frozenset(others), changed)
 
 
 # ----- pure decisions ---------------------------------------------------------------------------
@@ -43,20 +49,18 @@ def entry(kind: str, size: int = 0, *, linked: bool = False, changed: float = 10
 
 def test_compare_of_a_directory_the_index_holds_exactly_is_empty() -> None:
     index = view({"a": 1, "b": 2}, linked=("b",), dirs=("d",))
-    disk = {"a": entry(FILE, 1), "b": entry(FILE, 2, linked=True), "d": entry(DIR), "s": entry(OTHER)}
+    disk = listing({"a": 1, "b": 2}, linked=("b",), dirs=("d",), others=("symlink",))
     assert compare(index, disk) == []
 
 
 def test_compare_names_every_kind_of_difference_in_both_directions() -> None:
-    index = view({"size": 1, "gone": 5, "plain": 3, "was_file": 4}, dirs=("gone_dir", "was_dir"))
-    disk = {
-        "size": entry(FILE, 9),
-        "plain": entry(FILE, 3, linked=True),
-        "new": entry(FILE, 7),
-        "new_dir": entry(DIR),
-        "was_file": entry(DIR),
-        "was_dir": entry(OTHER),
-    }
+    index = view({"size": 1, "gone": 5, "plain": 3, "was_file": 4}, dirs=("gone_dir", "was_dir", "same_dir"))
+    disk = listing(
+        {"size": 9, "plain": 3, "new": 7},
+        linked=("plain",),
+        dirs=("new_dir", "was_file", "same_dir"),
+        others=("was_dir", "symlink"),
+    )
     found = {d.name: (d.index, d.disk) for d in compare(index, disk)}
     assert found == {
         "size": ("file 1 bytes", "file 9 bytes"),
@@ -71,13 +75,12 @@ def test_compare_names_every_kind_of_difference_in_both_directions() -> None:
 
 
 def test_recent_leaves_fresh_differences_to_the_events() -> None:
-    disk = {"a": entry(FILE, 2, changed=98.0), "b": entry(FILE, 2, changed=50.0)}
     old_dir = 10.0
-    assert recent([Difference("a", "", "")], disk, old_dir, now=100.0, grace=3.0)
-    assert not recent([Difference("b", "", "")], disk, old_dir, now=100.0, grace=3.0)
+    assert recent({"a": 98.0}, old_dir, now=100.0, grace=3.0)
+    assert not recent({"b": 50.0}, old_dir, now=100.0, grace=3.0)
     # A name gone: only the directory's mtime tells when.
-    assert recent([Difference("gone", "", "")], disk, 99.0, now=100.0, grace=3.0)
-    assert not recent([Difference("gone", "", "")], disk, old_dir, now=100.0, grace=3.0)
+    assert recent({}, 99.0, now=100.0, grace=3.0)
+    assert not recent({}, old_dir, now=100.0, grace=3.0)
 
 
 def test_pacer_spends_the_budget_evenly_and_never_bursts_after_a_pause() -> None:
@@ -117,7 +120,7 @@ def _finding(tree: Tree, models: Path, parts: tuple[str, ...]) -> Finding | None
     assert listed is not None
     node = tree.lookup(parts)
     assert isinstance(node, DirNode)
-    found = compare(DirView.of(node), listed[0])
+    found = compare(DirView.of(node), listed)
     return Finding(parts, tuple(found)) if found else None
 
 
