@@ -29,6 +29,8 @@ def test_every_exported_metric_is_in_the_metrics_reference() -> None:
         metric_names.ERRORS,
         metric_names.CLEANUP_EVICTED_BYTES,
         metric_names.CLEANUP_EVICTED_MODELS,
+        metric_names.SCRUB_CORRECTIONS,
+        metric_names.SCRUB_DRIFT_BYTES,
     }
     for name, value in vars(metric_names).items():
         if not name.isupper() or not value.startswith("model_storage_") or value == metric_names.PREFIX:
