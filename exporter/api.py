@@ -28,6 +28,7 @@ from exporter.auth import Caller, Need, TokenBook, authorize
 from exporter.cleanup_runner import Answer, BusyError, CleanupRunner, error_body, interpret_policies, interpret_run
 from exporter.fsinfo import FsUsage
 from exporter.refusals import RefusalThrottle
+from exporter.scan import ScanFailedError
 from exporter.service import ReconcileResult, Snapshot
 from shared.audit import AuditLog
 from shared.cleanup_state import CleanupState
@@ -454,7 +455,8 @@ OPENAPI: dict[str, Any] = {
                     "200": _json("The scan is done", _ref("CollectResult")),
                     **_error_responses(400, 401, 403, 413),
                     "503": {
-                        "description": "The index updater is not running",
+                        "description": "The index updater is not running, or the scan failed (a scan "
+                        "worker died): nothing was changed, the next scan runs on a new pool",
                         "content": {"application/json": {"schema": _ref("Error")}},
                     },
                     **_error_responses(504),
@@ -779,6 +781,12 @@ class StorageApi:
             started = time.monotonic()
             try:
                 result = await run_in_threadpool(self.reconcile, "api")
+            except ScanFailedError as err:
+                message = str(err)
+                await run_in_threadpool(
+                    self._audit, "api.collect", caller, request, target="reconcile", result="failure", error=message
+                )
+                return error_response(503, "scan_failed", message)
             except queue.Empty:
                 message = "the reconcile scan did not finish in time; it goes on in the background"
                 await run_in_threadpool(

@@ -4,7 +4,8 @@ Series it emits (see shared/metric_names.py):
     model_storage_bytes{tier} / _files{tier} / _models{tier}
     model_storage_model_bytes{tier,model} / _model_files / _model_last_changed_timestamp_seconds
     model_storage_capacity_bytes, model_storage_filesystem_size_bytes / _avail_bytes
-    model_storage_scan_duration_seconds, model_storage_last_full_scan_timestamp_seconds
+    model_storage_scan_duration_seconds, model_storage_last_full_scan_timestamp_seconds,
+    model_storage_scan_failures_total
     model_storage_events_total, model_storage_event_overflows_total, model_storage_reconcile_drift_bytes
     model_storage_errors_total{kind}, model_storage_watches, model_storage_watch_limit
     model_storage_polling, model_storage_ready, model_storage_build_info{version}
@@ -130,6 +131,9 @@ class StorageCollector(Collector):
     def _health(self, snap: Snapshot) -> Iterator[Metric]:
         yield GaugeMetricFamily(m.SCAN_DURATION, "Duration of the last full scan.", snap.scan_duration_seconds)
         yield GaugeMetricFamily(m.LAST_FULL_SCAN, "When the last full scan finished.", snap.last_full_scan)
+        yield CounterMetricFamily(
+            m.SCAN_FAILURES, "Full scans that did not complete (a worker died): never used.", snap.scan_failures_total
+        )
         yield CounterMetricFamily(m.EVENTS, "Filesystem events applied to the index.", snap.events_total)
         yield CounterMetricFamily(
             m.EVENT_OVERFLOWS,

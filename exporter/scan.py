@@ -13,6 +13,7 @@ import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def scan_local(path: str, progress: Progress | None = None, *, progress_every: i
     return result
 
 
+class ScanFailedError(Exception):
+    """A scan that did not complete: its result must never be used (an empty or partial tree)."""
+
+
 def _scan_in_worker(path: str) -> ScanResult:
     return scan_local(path)
 
@@ -135,10 +140,18 @@ class Scanner:
         self._pool: ProcessPoolExecutor | None = None
 
     def start(self) -> None:
-        """Create the pool before any thread starts: forkserver keeps the children clean."""
+        """Create the pool before any thread starts: forkserver keeps the children clean (a pool
+        rebuilt later forks from the same clean server)."""
         if self.workers > 1 and self._pool is None:
             context = multiprocessing.get_context("forkserver")
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+
+    def _rebuild(self) -> None:
+        """A worker died (SIGKILL, the OOM killer): the pool is unusable for good; start a new one."""
+        broken, self._pool = self._pool, None
+        if broken is not None:
+            broken.shutdown(wait=False, cancel_futures=True)
+        self.start()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -161,7 +174,6 @@ class Scanner:
         result = ScanResult(root)
         # Breadth-first until there are enough subtrees to keep every worker busy.
         frontier: list[tuple[str, DirNode]] = [(path, root)]
-        next_report = 200_000
         for _level in range(2):
             next_frontier: list[tuple[str, DirNode]] = []
             for current_path, node in frontier:
@@ -170,7 +182,17 @@ class Scanner:
             frontier = next_frontier
             if len(frontier) >= 4 * self.workers:
                 break
-        jobs = frontier
+        try:
+            self._gather(frontier, result, progress)
+        except BrokenProcessPool as err:
+            self._rebuild()
+            raise ScanFailedError("a scan worker process died (killed, or out of memory)") from err
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _gather(self, jobs: list[tuple[str, DirNode]], result: ScanResult, progress: Progress | None) -> None:
+        assert self._pool is not None
+        next_report = 200_000
         futures: list[tuple[DirNode, Future[ScanResult]]] = [
             (placeholder, self._pool.submit(_scan_in_worker, job_path)) for job_path, placeholder in jobs
         ]
@@ -187,5 +209,3 @@ class Scanner:
             if progress is not None and result.files >= next_report:
                 progress(result.files)
                 next_report = result.files + 200_000
-        result.seconds = time.monotonic() - started
-        return result

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from exporter.fsinfo import network_filesystem, subdir_counting_device, watch_limit
 from exporter.inotify import Handoff, InotifyReader
-from exporter.scan import Scanner
+from exporter.scan import ScanFailedError, Scanner
 from exporter.scrub import Finding, Scrubber, ScrubFigures, apply_finding
 from exporter.tree import ModelStat, Parts, Tree
 from exporter.watcher import IndexUpdater, OverflowFlag, RawEvent
@@ -34,6 +34,8 @@ SWITCH_INTERVAL = 0.001
 # Hard-link checks (IndexUpdater.resolve_links) walk the index: at most one per this many seconds,
 # and never more than a tenth of the updater's time.
 LINK_PASS_INTERVAL = 0.5
+# A failed full scan is tried again after 1, 2, 4... seconds, at most this long apart.
+SCAN_RETRY_MAX_SECONDS = 60.0
 T = TypeVar("T")
 
 
@@ -53,6 +55,7 @@ class Snapshot:
     drift_bytes: int
     watches: int
     scrub: ScrubFigures = field(default_factory=ScrubFigures)
+    scan_failures_total: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,7 @@ class ReconcileResult:
     drift_models: int
     files: int
     reason: str
+    error: str = ""  # the scan failed: nothing above is a finding, the index was kept as it was
 
 
 @dataclass
@@ -72,6 +76,7 @@ class _Counters:
     scan_duration: float = 0.0
     last_full_scan: float = 0.0
     drift_bytes: int = 0
+    scan_failures: int = 0
 
 
 class ExporterService:
@@ -91,6 +96,8 @@ class ExporterService:
         self.polling = settings["exporter.force_polling"]
         self.polling_reason = "forced by configuration" if self.polling else ""
         self._stop = threading.Event()
+        # Why the initial scan has not made the index ready yet, when it failed ("" otherwise).
+        self._scan_failure = ""
         self._reader: InotifyReader | None = None
         self._thread: threading.Thread | None = None
         self._settle: list[tuple[float, Parts]] = []
@@ -171,7 +178,7 @@ class ExporterService:
         """ "ready" once the initial scan is done while the index can still be kept current: the
         updater runs, and so does the inotify reader unless polling has taken over. Otherwise why not."""
         if not self.ready.is_set():
-            return "scanning"
+            return self._scan_failure or "scanning"
         if not self.is_alive():
             return "updater stopped"
         reader = self._reader
@@ -209,6 +216,7 @@ class ExporterService:
             last_full_scan=c.last_full_scan,
             drift_bytes=c.drift_bytes,
             watches=self._reader.watches if self._reader is not None else 0,
+            scan_failures_total=c.scan_failures,
             scrub=self.scrubber.figures() if self.scrubber is not None else ScrubFigures(),
         )
 
@@ -219,13 +227,24 @@ class ExporterService:
         """Ask the updater thread for a full reconcile scan and wait for its result."""
         answer: queue.Queue[ReconcileResult] = queue.Queue(maxsize=1)
         self._rescan_requests.put((reason, answer))
-        return answer.get(timeout=timeout)
+        result = answer.get(timeout=timeout)
+        if result.error:
+            raise ScanFailedError(f"the reconcile scan failed: {result.error}; the index was kept as it was")
+        return result
 
     # ----- the updater thread -----
 
     def _run(self) -> None:
         try:
-            self._full_scan("initial")
+            attempt = 0
+            while error := self._full_scan("initial").error:
+                # Never ready on a failed scan: an empty index would say every gauge is 0.
+                delay = retry_delay(attempt)
+                attempt += 1
+                self._scan_failure = f"initial scan failed: {error}; retry {attempt} in {delay:g} s"
+                if self._stop.wait(delay):
+                    return
+            self._scan_failure = ""
             self.ready.set()
             log.info("exporter.ready", path=self.root, outcome=SUCCESS)
             self._loop()
@@ -242,6 +261,17 @@ class ExporterService:
     def _loop(self) -> None:
         interval = self._interval()
         next_reconcile = time.monotonic() + interval if interval else float("inf")
+        failures = 0
+
+        def scanned(result: ReconcileResult) -> None:
+            # A failed scan changed nothing: try again soon (after an overflow the index is incomplete).
+            nonlocal next_reconcile, failures
+            if result.error:
+                next_reconcile = min(next_reconcile, time.monotonic() + retry_delay(failures))
+                failures += 1
+            else:
+                failures = 0
+
         window = self.settings["exporter.coalesce_window_seconds"]
         while not self._stop.is_set():
             if self._reader is not None and self._reader.failed:
@@ -251,16 +281,19 @@ class ExporterService:
             reasons = self.overflow.take()
             if reasons:
                 self._note_overflow(reasons)
-                self._full_scan("overflow")
+                scanned(self._full_scan("overflow"))
                 continue
             with contextlib.suppress(queue.Empty):
                 reason, answer = self._rescan_requests.get_nowait()
-                answer.put(self._full_scan(reason))
+                result = self._full_scan(reason)
+                answer.put(result)
+                scanned(result)
                 continue
             now = time.monotonic()
             if now >= next_reconcile:
-                self._full_scan("poll" if self.polling else "reconcile")
+                result = self._full_scan("poll" if self.polling else "reconcile")
                 next_reconcile = time.monotonic() + interval
+                scanned(result)
                 continue
             links = self.updater.links_pending(self.tree)
             wait = min(
@@ -372,9 +405,11 @@ class ExporterService:
         scanner_thread.join()
         outcome = result_box[0]
         if isinstance(outcome, BaseException):
-            self._record_error("scan", self.root, str(outcome))
+            with self.lock:
+                self._record_error("scan", self.root, str(outcome))
+                self.counters.scan_failures += 1
             log.error("scan.failed", reason=reason, error=str(outcome), outcome=FAILURE)
-            return ReconcileResult(time.monotonic() - started, 0, 0, 0, reason)
+            return ReconcileResult(time.monotonic() - started, 0, 0, 0, reason, error=str(outcome))
         for path, why in outcome.errors:
             self._record_error("scan", path, why)
         fresh = Tree(self.settings.layout)
@@ -433,6 +468,11 @@ class ExporterService:
     def _record_error(self, kind: str, path: str, reason: str) -> None:
         self.counters.errors[kind] += 1
         log.warning("index.error", kind=kind, path=path, error=reason, outcome=FAILURE)
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds before retry number `attempt` (from 0) of a failed scan: 1, 2, 4... at most a minute."""
+    return min(SCAN_RETRY_MAX_SECONDS, 2.0 ** min(attempt, 16))
 
 
 def _drift(old: Tree, new: Tree) -> tuple[int, int]:

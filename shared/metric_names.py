@@ -24,6 +24,7 @@ FILESYSTEM_AVAIL_BYTES: Final = "model_storage_filesystem_avail_bytes"
 # Scanner and watcher health.
 SCAN_DURATION: Final = "model_storage_scan_duration_seconds"
 LAST_FULL_SCAN: Final = "model_storage_last_full_scan_timestamp_seconds"
+SCAN_FAILURES: Final = "model_storage_scan_failures"  # counter: _total (full scans that did not complete)
 EVENTS: Final = "model_storage_events"  # counter: exposed as model_storage_events_total
 EVENT_OVERFLOWS: Final = "model_storage_event_overflows"  # counter: _total
 RECONCILE_DRIFT_BYTES: Final = "model_storage_reconcile_drift_bytes"

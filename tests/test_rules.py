@@ -131,7 +131,7 @@ def test_every_alert_has_a_for_duration_so_spikes_do_not_notify() -> None:
 def test_rules_only_use_metric_names_from_the_contract() -> None:
     counters = {metric_names.EVENTS, metric_names.EVENT_OVERFLOWS, metric_names.ERRORS}
     counters |= {metric_names.CLEANUP_EVICTED_BYTES, metric_names.CLEANUP_EVICTED_MODELS}
-    counters |= {metric_names.SCRUB_CORRECTIONS, metric_names.SCRUB_DRIFT_BYTES}
+    counters |= {metric_names.SCRUB_CORRECTIONS, metric_names.SCRUB_DRIFT_BYTES, metric_names.SCAN_FAILURES}
     exposed = {
         value
         for key, value in vars(metric_names).items()
