@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import os
 import queue
@@ -36,6 +37,11 @@ SWITCH_INTERVAL = 0.001
 LINK_PASS_INTERVAL = 0.5
 # A failed full scan is tried again after 1, 2, 4... seconds, at most this long apart.
 SCAN_RETRY_MAX_SECONDS = 60.0
+# How scans report running out of file descriptors (ScanResult.errors carry strerror): a directory
+# not read for that reason is scanned again, with its watches, once descriptors may be back.
+_OUT_OF_DESCRIPTORS = frozenset({os.strerror(errno.EMFILE), os.strerror(errno.ENFILE)})
+DESCRIPTOR_RETRY_FIRST_SECONDS = 0.25
+DESCRIPTOR_RETRY_MAX_SECONDS = 30.0
 T = TypeVar("T")
 
 
@@ -101,6 +107,7 @@ class ExporterService:
         self._reader: InotifyReader | None = None
         self._thread: threading.Thread | None = None
         self._settle: list[tuple[float, Parts]] = []
+        self._descriptor_retries: dict[Parts, int] = {}  # directories to scan again -> attempts so far
         self._next_link_pass = 0.0
         self._rescan_requests: queue.Queue[tuple[str, queue.Queue[ReconcileResult]]] = queue.Queue()
         # Names the scrub found different from the disk, for the updater thread (the only writer).
@@ -366,6 +373,8 @@ class ExporterService:
             if self._reader is not None:
                 self._reader.rewatch(self.updater.path(parts))  # watches before the scan
             self.updater.rescan(self.tree, parts, self.lock)
+        if not self._settle:
+            self._descriptor_retries.clear()  # every retry went through
 
     def _moved_dir(self, parts: Parts) -> None:
         settle = self.settings["exporter.settle_seconds"]
@@ -468,6 +477,20 @@ class ExporterService:
     def _record_error(self, kind: str, path: str, reason: str) -> None:
         self.counters.errors[kind] += 1
         log.warning("index.error", kind=kind, path=path, error=reason, outcome=FAILURE)
+        if kind == "scan" and reason in _OUT_OF_DESCRIPTORS:
+            self._retry_for_descriptors(path)
+
+    def _retry_for_descriptors(self, path: str) -> None:
+        """A directory a scan could not open for want of descriptors is missing from the index:
+        re-watch and scan it again later (the settle queue does both), backing off while it fails.
+        Runs on the updater thread, like every scan that reports errors."""
+        parts = self.updater.parts(path)
+        if parts is None:
+            return
+        attempt = self._descriptor_retries.get(parts, 0)
+        self._descriptor_retries[parts] = attempt + 1
+        delay = min(DESCRIPTOR_RETRY_MAX_SECONDS, DESCRIPTOR_RETRY_FIRST_SECONDS * 2.0 ** min(attempt, 16))
+        heapq.heappush(self._settle, (time.monotonic() + delay, parts))
 
 
 def retry_delay(attempt: int) -> float:

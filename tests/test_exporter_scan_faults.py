@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import threading
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from exporter.http import build_app
 from exporter.scan import Scanner
 from exporter.service import ExporterService
 from tests.oracle import assert_exact
-from tests.support import make_service, parse_metrics, wait_until
+from tests.support import http_get, make_service, parse_metrics, start_exporter, wait_until
 
 ADMIN = "scan-faults-admin-token-0123456789"
 
@@ -155,3 +156,42 @@ def test_a_worker_killed_during_a_later_scan_fails_the_collect_and_keeps_the_ind
     assert again.json()["files"] == 2
     assert svc.is_ready()
     assert_exact(svc)
+
+
+# ----- out of file descriptors (EMFILE) -----------------------------------------------------------
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_model_moved_in_while_the_exporter_is_out_of_descriptors_ends_counted(store: Path, logs_dir: Path) -> None:
+    """Case 9: the scan of a directory new to the index meets EMFILE; once descriptors are back,
+    the directory is scanned again (the scrub is off: the event path alone must get there)."""
+    staged = store.parent / "staging" / "big"
+    for shard in range(3):
+        (staged / f"shard-{shard}" / "deep").mkdir(parents=True)
+        for i in range(4):
+            (staged / f"shard-{shard}" / "deep" / f"w{i}").write_bytes(b"w" * (100 + i))
+    proc = start_exporter(store / "models", store, logs_dir, STORAGE_SCRUB_STATS_PER_SECOND="0")
+    try:
+        pid = proc.popen.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        # No descriptor left: the next open() in the exporter fails with EMFILE.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_descriptors(pid), hard))
+        try:
+            os.rename(staged, store / "models" / "raw" / "big")
+            wait_until(lambda: "Too many open files" in proc.log(), timeout=30, what="the exporter meets EMFILE")
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+
+        def counted() -> bool:
+            metrics = parse_metrics(http_get(proc.url + "/metrics")[1].decode())
+            key = frozenset({("tier", "raw"), ("model", "big")})
+            return metrics.get(("model_storage_model_files", key)) == 12
+
+        wait_until(counted, timeout=60, what="the model counted once descriptors are back")
+        metrics = parse_metrics(http_get(proc.url + "/metrics")[1].decode())
+        assert metrics[("model_storage_bytes", frozenset({("tier", "raw")}))] == 3 * (100 + 101 + 102 + 103)
+    finally:
+        proc.stop()
