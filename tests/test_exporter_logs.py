@@ -72,6 +72,7 @@ class FailingScanner(Scanner):
 
 def test_failures_are_logged_as_failures_with_their_error(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import exporter.scan as scan_module
+    from exporter.scan import ScanFailedError
 
     locked = str(store / "models" / "raw" / "locked")
     real_open = os.open
@@ -90,7 +91,8 @@ def test_failures_are_logged_as_failures_with_their_error(store: Path, monkeypat
             wait_until(svc.is_ready, timeout=10, what="initial scan")
             os.mkdir(locked)
             wait_until(lambda: events(entries, "index.error"), timeout=5, what="unreadable directory logged")
-            svc.reconcile("test")
+            with pytest.raises(ScanFailedError):  # a failed scan is never answered as a result
+                svc.reconcile("test")
             reader = svc._reader
             assert reader is not None
 
