@@ -144,7 +144,14 @@ class Scanner:
         rebuilt later forks from the same clean server)."""
         if self.workers > 1 and self._pool is None:
             context = multiprocessing.get_context("forkserver")
+            # The server imports only what the workers run, not the daemon's __main__ (its default):
+            # that is the whole HTTP stack, about a CPU second competing with the first scan.
+            context.set_forkserver_preload([__name__])
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            # Workers start on demand: start them now, while the tree is being watched, not when
+            # the first scan hands them work.
+            for _ in range(self.workers):
+                self._pool.submit(os.getpid)
 
     def _rebuild(self) -> None:
         """A worker died (SIGKILL, the OOM killer): the pool is unusable for good; start a new one."""
