@@ -217,7 +217,8 @@ class Scrubber:
             drift_bytes_total=figures.drift_bytes_total + sum(abs(c.bytes_delta) for c in corrections),
         )
         for correction in corrections:
-            if self._log_budget.allow(time.monotonic()):
+            allowed, suppressed = self._may_log()
+            if allowed:
                 log.warning(
                     "scrub.corrected",
                     path=correction.path,
@@ -225,9 +226,17 @@ class Scrubber:
                     disk=correction.disk,
                     bytes_delta=correction.bytes_delta,
                     files_delta=correction.files_delta,
-                    suppressed_lines=self._log_budget.take_suppressed(),
+                    suppressed_lines=suppressed,
                     outcome=SUCCESS,
                 )
+
+    def _may_log(self) -> tuple[bool, int]:
+        """Whether a line may be logged now, and how many were not since the last one (the scrub
+        thread and the updater thread share the budget)."""
+        with self._lock:
+            if self._log_budget.allow(time.monotonic()):
+                return True, self._log_budget.take_suppressed()
+            return False, 0
 
     # ----- lifecycle -----
 
@@ -335,13 +344,10 @@ class Scrubber:
     def _failed(self, path: str, err: OSError, parts: Parts, deferrals: int) -> None:
         if err.errno in _OUT_OF_DESCRIPTORS and deferrals < MAX_DEFERRALS:
             self._recheck(parts, deferrals + 1)  # out of descriptors: try this directory again soon
-        if self._log_budget.allow(time.monotonic()):
+        allowed, suppressed = self._may_log()
+        if allowed:
             log.warning(
-                "scrub.failed",
-                path=path,
-                error=err.strerror or str(err),
-                suppressed_lines=self._log_budget.take_suppressed(),
-                outcome=FAILURE,
+                "scrub.failed", path=path, error=err.strerror or str(err), suppressed_lines=suppressed, outcome=FAILURE
             )
 
     def _pace(self, stats: int) -> None:
