@@ -26,7 +26,7 @@ from exporter.tree import DirNode, Tree
 from exporter.watcher import IndexUpdater, RawEvent
 from shared.layout import Layout
 from tests.oracle import assert_exact, differences
-from tests.support import make_service, parse_metrics, wait_until
+from tests.support import http_get, make_service, parse_metrics, start_exporter, wait_until
 
 FAST = "100000"  # stats per second: a cycle of a test store takes the 1 s floor
 
@@ -347,3 +347,33 @@ def test_scrub_and_events_agree_under_contention(store: Path, busy_cores: None) 
         svc.stop()
         scrub.GRACE_SECONDS = grace
         scrub.MIN_CYCLE_SECONDS = floor
+
+
+def test_the_exporter_process_scrubs_at_the_budget_from_its_environment(
+    store: Path, tmp_path: Path, logs_dir: Path
+) -> None:
+    """The daemon as deployed: STORAGE_SCRUB_STATS_PER_SECOND, /metrics, the correction in its log."""
+    blob = tmp_path / "outside-blob"
+    blob.write_bytes(b"o" * 300)
+    model = store / "models" / "repository" / "served"
+    model.mkdir()
+    os.link(blob, model / "weights")
+    proc = start_exporter(store / "models", store, logs_dir, STORAGE_SCRUB_STATS_PER_SECOND=FAST)
+    try:
+
+        def metrics() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+            return parse_metrics(http_get(proc.url + "/metrics")[1].decode())
+
+        served = ("model_storage_model_bytes", frozenset({("tier", "repository"), ("model", "served")}))
+        assert metrics()[served] == 300
+        assert metrics()[("model_storage_scrub_expected_cycle_seconds", frozenset())] >= 1
+        with open(blob, "ab") as handle:
+            handle.write(b"p" * 200)
+        wait_until(lambda: metrics()[served] == 500, timeout=60, what="the scrub corrected the model")
+        after = metrics()
+        assert after[("model_storage_scrub_corrections_total", frozenset())] == 1
+        assert after[("model_storage_scrub_drift_bytes_total", frozenset())] == 200
+        wait_until(lambda: "scrub.corrected" in proc.log(), timeout=10, what="the correction logged")
+        assert str(model / "weights") in proc.log()
+    finally:
+        assert proc.stop() == 0
