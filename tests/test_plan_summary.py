@@ -150,3 +150,38 @@ def test_a_corrupt_summary_file_leaves_the_plan_series_out_and_metrics_served(st
         assert planned(exporter.url) == {}
         write_plan_summary(summary_path(store / "state"), summarize("p", 5.0, [PlannedEviction("raw", "m", 10, "age")]))
         wait_until(lambda: planned(exporter.url).get(("model_storage_cleanup_planned_bytes", "age")) == 10)
+
+
+def test_a_reader_sees_one_whole_summary_or_the_other_while_another_process_rewrites_it(tmp_path: Path) -> None:
+    """Atomic replacement under contention: a writer process alternates two summaries 400 times while
+    this process reads as fast as it can; every read is exactly one of the two, never half or None."""
+    import sys
+
+    path = summary_path(tmp_path / "state")
+    first = summarize("plan-a", 1.0, [PlannedEviction("raw", f"a{i}", i, "age") for i in range(150)])
+    second = summarize("plan-b", 2.0, [PlannedEviction("raw", f"b{i}", i, "size") for i in range(3)])
+    write_plan_summary(path, first)
+    code = (
+        "import sys\n"
+        "from shared.plan_summary import PlannedEviction, summarize, write_plan_summary\n"
+        "a = summarize('plan-a', 1.0, [PlannedEviction('raw', f'a{i}', i, 'age') for i in range(150)])\n"
+        "b = summarize('plan-b', 2.0, [PlannedEviction('raw', f'b{i}', i, 'size') for i in range(3)])\n"
+        "for n in range(400):\n"
+        "    write_plan_summary(sys.argv[1], b if n % 2 == 0 else a)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=Path(__file__).resolve().parent.parent)
+    reads = 0
+    seen: set[str] = set()
+    try:
+        while writer.poll() is None:
+            got = read_plan_summary(path)
+            assert got in (first, second), got
+            assert got is not None
+            seen.add(got.plan_id)
+            reads += 1
+    finally:
+        writer.wait(60)
+    assert writer.returncode == 0
+    assert read_plan_summary(path) == first
+    assert reads > 0 and seen, (reads, seen)
+    assert not [p for p in path.parent.iterdir() if p.name != path.name], "a temp file was left behind"
