@@ -152,14 +152,15 @@ def _h(value: object) -> str:
 
 
 def human_bytes(n: float) -> str:
-    """1024-based, three significant figures: 1.50 GiB, 512 B."""
+    """1024-based, at least three significant figures, never an exponent: 1.50 GiB, 1010 KiB, 512 B."""
     units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
     value = float(n)
     for unit in units:
         if abs(value) < 1024 or unit == units[-1]:
             if unit == "B":
                 return f"{int(value)} B"
-            return f"{value:.3g} {unit}" if abs(value) >= 100 else f"{value:.2f} {unit}"
+            digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+            return f"{value:.{digits}f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
 

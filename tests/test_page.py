@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from exporter.fsinfo import FsUsage
-from exporter.page import PAGE_CSP, PAGE_STYLE, LastRun, _csp_hash, page_data, render_page
+from exporter.page import PAGE_CSP, PAGE_STYLE, LastRun, _csp_hash, human_bytes, page_data, render_page
 from exporter.tree import ModelStat
 from shared.cleanup_state import CleanupState, write_cleanup_state
 from shared.plan_summary import PlannedEviction, summarize, summary_path, write_plan_summary
@@ -331,3 +332,20 @@ def test_with_a_read_token_configured_model_rows_need_a_token_and_figures_do_not
         bad = httpx.get(url + "?top=3", timeout=10)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "bad_request"
     assert READ not in exporter.log() and ADMIN not in exporter.log()
+
+
+@pytest.mark.parametrize(
+    ("n", "shown"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (15 * 1024 + 512, "15.5 KiB"),
+        (1010 * 1024, "1010 KiB"),
+        (1023 * 1024 + 1023, "1024 KiB"),
+        (3 * 1024**3 // 2, "1.50 GiB"),
+        (5 * 1024**7, "5120 EiB"),
+    ],
+)
+def test_human_bytes_never_shows_an_exponent(n: int, shown: str) -> None:
+    assert human_bytes(n) == shown
