@@ -3,8 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metrics
-SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics
+SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metrics chromium
+SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium
 PYTEST_ARGS ?=
 
 .PHONY: all install system-deps run test check lint fmt typecheck bench clean
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian's Prometheus, Alertmanager and VictoriaMetrics: the suite runs the real binaries.
+# Debian's Prometheus, Alertmanager, VictoriaMetrics and Chromium: the suite runs the real binaries.
 system-deps:
 	@missing=""; for b in $(SYSTEM_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \

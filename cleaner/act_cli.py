@@ -22,6 +22,7 @@ from cleaner import apply, trash
 from cleaner.journal import Journal, crash_point
 from cleaner.lock import CleanerLock, lock_path
 from cleaner.plan import Plan, audit_plan, load_plan, new_plan_id, save_plan
+from cleaner.plan_record import record_plan
 from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state
@@ -154,6 +155,7 @@ def _run_locked(
     journal = Journal(settings.state_path, run_id, command="run")
     ctx = apply.Context.from_settings(settings, run_id=run_id, actor=actor, now=now)
     result = apply.apply_evictions(plan.evictions, ctx, journal, audit)
+    record_plan(plan, settings.state_path, gone=[(d.tier, d.model) for d in result.done], applied_run_id=run_id)
     purge = apply.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=False, keep_run=run_id)
     purged = purge.entries
     journal.close()

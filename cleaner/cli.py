@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from cleaner.plan import audit_plan, save_plan
+from cleaner.plan_record import record_plan
 from cleaner.planner import build
 from cleaner.policies import explain, find_models, validate
 from cleaner.report import dumps, policies_document, render_explain, render_plan, render_policies
@@ -45,6 +46,7 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
                 hint="name it as TIER/MODEL or MODEL",
             )
     path = save_plan(plan, settings.state_path)
+    record_plan(plan, settings.state_path)
     audit_plan(
         AuditLog(settings.audit_log_path),
         plan,

@@ -17,11 +17,12 @@ from exporter.cleanup_runner import CleanupRunner
 from exporter.exposition import build_renderer
 from exporter.fsinfo import filesystem_usage
 from exporter.http import build_app, metrics_routes
+from exporter.page_route import page_routes
 from exporter.refusals import RefusalThrottle
 from exporter.service import ExporterService
 from shared.audit import AuditLog
 from shared.cleanup_state import read_cleanup_state
-from shared.config import Settings, load_settings
+from shared.config import GB, Settings, load_settings
 from shared.errors import StorageError
 from shared.logs import SUCCESS, configure_logging, get_logger
 
@@ -82,7 +83,11 @@ def exporter_routes(service: ExporterService, settings: Settings, api: StorageAp
         is_alive=service.is_alive,
         extra_links=LANDING_LINKS,
     )
-    return routes + api.routes() + docs_routes()
+    # The front page first: it answers `/` before the plain list of links in exporter/http.py.
+    page = page_routes(
+        api, state_path=settings.state_path, trash_limit_bytes=round(settings["cleaner.trash.max_gb"] * GB)
+    )
+    return page + routes + api.routes() + docs_routes()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 
 from exporter.collector import StorageCollector
 from exporter.fsinfo import filesystem_usage, watch_limit
+from exporter.plan_metrics import PlanCollector
 from exporter.render import ModelLinesCache
 from exporter.service import ExporterService
 from shared.cleanup_state import read_cleanup_state
@@ -33,6 +34,7 @@ def build_registry(service: ExporterService, settings: Settings) -> CollectorReg
     """The plain prometheus_client path (every series formatted per scrape): the benchmarks' baseline."""
     registry = CollectorRegistry(auto_describe=True)
     registry.register(build_collector(service, settings))
+    registry.register(PlanCollector.for_state_path(settings.state_path))
     return registry
 
 
@@ -48,6 +50,7 @@ def build_renderer(service: ExporterService, settings: Settings) -> Callable[[],
     """O(models) joins per scrape: the few dozen fixed series through prometheus_client, the
     per-model families from `ModelLinesCache`, both read under one lock so they agree."""
     collector = build_collector(service, settings)
+    plan = PlanCollector.for_state_path(settings.state_path)
     cache = ModelLinesCache()
     # Scrapes may run concurrently in the server's thread pool; the cache is touched under the
     # index lock already, this lock only keeps two scrapes from formatting the same models twice.
@@ -57,6 +60,7 @@ def build_renderer(service: ExporterService, settings: Settings) -> Callable[[],
         with render_lock:
             snap, chunks = service.read_index(cache.chunks)
         # One join, outside the index lock: the pieces are immutable bytes.
-        return b"".join((generate_latest(_Families(collector.families(snap, models=False))), *chunks))
+        families = [*collector.families(snap, models=False), *plan.collect()]
+        return b"".join((generate_latest(_Families(families)), *chunks))
 
     return render

@@ -54,3 +54,8 @@ TRASH_LIMIT_BYTES: Final = "model_storage_trash_limit_bytes"  # the configured t
 TIER_LABEL: Final = "tier"
 MODEL_LABEL: Final = "model"
 OTHER_TIER: Final = "other"
+
+# The last plan's summary file (shared/plan_summary.py), served by the exporter.
+CLEANUP_PLANNED_BYTES: Final = "model_storage_cleanup_planned_bytes"
+CLEANUP_PLANNED_MODELS: Final = "model_storage_cleanup_planned_models"
+CLEANUP_PLAN_TIMESTAMP: Final = "model_storage_cleanup_plan_timestamp_seconds"

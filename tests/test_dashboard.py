@@ -16,6 +16,7 @@ import yaml
 from shared import metric_names
 from shared.cleanup_state import CleanupState, write_cleanup_state
 from shared.config import load_settings
+from shared.plan_summary import PlannedEviction, summarize, summary_path, write_plan_summary
 from tests.support import (
     ROOT,
     Proc,
@@ -219,6 +220,9 @@ def test_dashboard_shows_what_the_spec_and_the_issue_ask_for() -> None:
         "model_storage_cleanup_last_success",
         "model_storage_trash_bytes",
         "model_storage_trash_limit_bytes",
+        "instance:model_storage_full_after_cleanup:seconds",  # time to full net of the last plan
+        "model_storage_cleanup_planned_bytes",
+        "model_storage_cleanup_plan_timestamp_seconds",
     }
     assert wanted <= shown, wanted - shown
     kinds = {p["type"] for p in panels()}
@@ -303,6 +307,21 @@ def write_models(models: Path) -> None:
     (models / "README").write_text("outside the tiers")
 
 
+def grow(models: Path, prometheus: Proc, instance: str) -> None:
+    """A store that grows, seen by Prometheus at each step: the time-to-full rule needs a positive trend."""
+    total = f'instance:model_storage_bytes:sum{{instance="{instance}"}}'
+    wait_until(lambda: prom_query(prometheus.url, total), timeout=30, what="the recording rule has a first value")
+    for step in range(3):
+        before = float(prom_query(prometheus.url, total)[0]["value"][1])
+        (models / "raw" / "llama-7b" / f"shard-{step}.bin").write_bytes(b"\0" * 10_000)
+
+        def seen(before: float = before) -> bool:
+            result = prom_query(prometheus.url, total)
+            return bool(result) and float(result[0]["value"][1]) >= before + 10_000
+
+        wait_until(seen, timeout=30, what=f"Prometheus recorded growth step {step}")
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, str]]:
     if not have("prometheus"):
@@ -323,6 +342,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, str]
         trash_bytes=6000,
     )
     write_cleanup_state(settings.cleanup_state_file, state)
+    plan = summarize("plan-1", time.time() - 600, [PlannedEviction("raw", "mistral", 120_000, "age")])
+    write_plan_summary(summary_path(settings.state_path), plan)
     exporter = start_exporter(base / "models", base, logs)
     try:
         instance = exporter.url.removeprefix("http://")
@@ -331,6 +352,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, str]
         config = write_prometheus_config(tmp / "prometheus.yml", {"model-storage": [instance]}, rule_files=rule_files)
         prometheus = start_prometheus(config, tmp / "tsdb", logs)
         try:
+            grow(base / "models", prometheus, instance)
             yield prometheus, instance
         finally:
             prometheus.stop()
