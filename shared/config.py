@@ -6,6 +6,7 @@ default and its parser, so the loader, the `policies` listing and the README's r
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -146,6 +147,17 @@ def _list(key: str, value: Any) -> tuple[str, ...]:
     else:
         raise _expect(key, value, "a comma-separated list")
     return tuple(item for item in items if item)
+
+
+def _networks(key: str, value: Any) -> tuple[str, ...]:
+    """Addresses or CIDRs, normalised to networks (`10.0.0.1` -> `10.0.0.1/32`)."""
+    networks = []
+    for item in _list(key, value):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise _expect(key, value, "IP addresses or CIDRs, comma-separated, e.g. 10.0.0.5,172.18.0.0/16") from None
+    return tuple(dict.fromkeys(networks))
 
 
 def _subset(choices: Sequence[str], *, allow_empty: bool = True) -> Parser:
@@ -360,6 +372,34 @@ FIELDS: tuple[Field, ...] = (
         3600.0,
         _number(1),
         "Longest an API-triggered cleanup may run",
+    ),
+    Field(
+        "exporter.trusted_proxies",
+        "STORAGE_TRUSTED_PROXIES",
+        "",
+        _networks,
+        "Reverse proxies whose X-Forwarded-For/-Proto is believed; none by default",
+    ),
+    Field(
+        "exporter.http_max_connections",
+        "STORAGE_HTTP_MAX_CONNECTIONS",
+        2048,
+        _integer(16),
+        "Open HTTP connections; over it, the one waiting longest for a request is closed",
+    ),
+    Field(
+        "exporter.http_request_timeout_seconds",
+        "STORAGE_HTTP_REQUEST_TIMEOUT_SECONDS",
+        10.0,
+        _number(0.1, 300),
+        "A request's head and body must arrive within this",
+    ),
+    Field(
+        "exporter.http_keepalive_timeout_seconds",
+        "STORAGE_HTTP_KEEPALIVE_TIMEOUT_SECONDS",
+        5.0,
+        _number(0.1, 300),
+        "An idle kept-alive connection is closed after this",
     ),
     Field("log.format", "STORAGE_LOG_FORMAT", "auto", _choice(LOG_FORMATS), "auto: JSON unless on a TTY"),
     Field("log.level", "STORAGE_LOG_LEVEL", "info", _choice(LOG_LEVELS), "Log level"),
