@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -16,8 +17,17 @@ from typing import Any
 
 import httpx
 import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 
-from exporter.connections import ACCEPT_BACKLOG, RESERVED_DESCRIPTORS, effective_cap, victim
+from exporter.connections import (
+    ACCEPT_BACKLOG,
+    RESERVED_DESCRIPTORS,
+    ConnectionBook,
+    bounded_protocol,
+    effective_cap,
+    victim,
+)
 from tests.support import (
     VENV_BIN,
     Proc,
@@ -56,6 +66,53 @@ def test_the_oldest_connection_waiting_for_a_request_is_shed_first() -> None:
     assert victim([True, False]) == 0
     assert victim([False, False]) is None  # all busy answering: the newcomer is refused instead
     assert victim([]) is None
+
+
+class _Transport(asyncio.Transport):
+    """The edge a protocol writes to: records being aborted; its descriptor is freed only later."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self.port = port
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8470), "peername": ("127.0.0.1", self.port)}.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.aborted = True
+
+
+async def _no_app(scope: Any, receive: Any, send: Any) -> None:
+    raise AssertionError("no request is sent in this test")
+
+
+def test_connections_accepted_before_a_shed_one_is_gone_each_shed_another() -> None:
+    # The race the flood found: a shed connection's descriptor is freed on the loop's next round,
+    # and every connection accepted in this round used to pick that same, already closing, victim.
+    loop = asyncio.new_event_loop()
+    try:
+        book = ConnectionBook(cap=3)
+        protocol_class = bounded_protocol(book, request_timeout=10.0)
+        config = Config(_no_app, http=protocol_class, log_config=None, lifespan="off")
+        state = ServerState()
+        protocols = [protocol_class(config, state, {}, _loop=loop) for _ in range(6)]
+        transports = [_Transport(40000 + i) for i in range(6)]
+        for protocol, transport in zip(protocols, transports, strict=True):
+            protocol.connection_made(transport)  # one accept round: no connection_lost in between
+        assert [t.aborted for t in transports] == [True, True, True, False, False, False]
+        assert list(book.open) == protocols[3:] and book.shed == 3
+        for protocol in protocols:
+            protocol.connection_lost(None)
+        assert not book.open
+    finally:
+        loop.close()
 
 
 # ----- 1. forged client addresses ---------------------------------------------------------------
