@@ -140,6 +140,23 @@ class BoundedProtocol(H11Protocol):
         if not self.transport.is_closing() and self.conn.their_state is not h11.DONE:
             self._arm()  # kept alive: the next request has the same deadline to arrive
 
+    def send_400_response(self, msg: str) -> None:
+        # Unparseable HTTP gets the API's JSON error shape too, not uvicorn's plain text.
+        body = b'{"error":{"code":"bad_request","message":"invalid HTTP request"}}'
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:
+            for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event) or b"")
+        except h11.LocalProtocolError:
+            pass  # mid-answer already: nothing more can be said on this connection
+        self._book.open.pop(self, None)
+        self._disarm()
+        self.transport.close()  # not abort: the answer above is still to be written
+
     # -- state
 
     def waiting_for_request(self) -> bool:
