@@ -17,9 +17,9 @@ h11 protocol, on the event loop thread only.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import h11
 from uvicorn.config import Config
@@ -27,6 +27,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from shared.logs import FAILURE, get_logger
+
+T = TypeVar("T")
 
 log = get_logger("exporter.connections")
 
@@ -55,12 +57,12 @@ def effective_cap(configured: int, soft_limit: int | None) -> int:
     return max(MIN_CAP, min(configured, room))
 
 
-def victim(waiting: Sequence[bool]) -> int | None:
-    """Index of the connection to shed, oldest first: the oldest one waiting for a request. Pure."""
-    for index, is_waiting in enumerate(waiting):
-        if is_waiting:
-            return index
-    return None
+def victim(oldest_first: Iterable[T], waiting: Callable[[T], bool]) -> T | None:
+    """The connection to shed: the oldest one waiting for a request, or None. Pure.
+
+    Stops at the first: usually the oldest connection is a slow client's, so shedding costs O(1).
+    """
+    return next((connection for connection in oldest_first if waiting(connection)), None)
 
 
 @dataclass
@@ -96,7 +98,6 @@ class BoundedProtocol(H11Protocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._deadline: asyncio.TimerHandle | None = None
-        self.waiting_since = time.monotonic()
 
     # -- lifecycle
 
@@ -107,9 +108,7 @@ class BoundedProtocol(H11Protocol):
         book.open[self] = None
         if len(book.open) <= book.cap:
             return
-        others = [c for c in book.open if c is not self]
-        index = victim([c.waiting_for_request() for c in others])
-        shed = others[index] if index is not None else self
+        shed = victim((c for c in book.open if c is not self), BoundedProtocol.waiting_for_request) or self
         if shed is self:
             book.refused += 1
         else:
@@ -174,7 +173,6 @@ class BoundedProtocol(H11Protocol):
 
     def _arm(self) -> None:
         self._disarm()
-        self.waiting_since = time.monotonic()
         self._deadline = self.loop.call_later(self._request_timeout, self._expired)
 
     def _disarm(self) -> None:

@@ -62,10 +62,13 @@ def test_the_cap_leaves_room_for_accept_rounds_and_the_exporter_under_the_soft_l
 
 
 def test_the_oldest_connection_waiting_for_a_request_is_shed_first() -> None:
-    assert victim([False, True, True]) == 1
-    assert victim([True, False]) == 0
-    assert victim([False, False]) is None  # all busy answering: the newcomer is refused instead
-    assert victim([]) is None
+    def waiting(connection: tuple[str, bool]) -> bool:
+        return connection[1]
+
+    assert victim([("a", False), ("b", True), ("c", True)], waiting) == ("b", True)
+    assert victim([("a", True), ("b", False)], waiting) == ("a", True)
+    assert victim([("a", False), ("b", False)], waiting) is None  # all being answered: refuse the newcomer
+    assert victim([], waiting) is None
 
 
 class _Transport(asyncio.Transport):
