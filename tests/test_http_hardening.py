@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import os
+import random
 import resource
 import socket
 import statistics
@@ -115,6 +116,50 @@ def test_connections_accepted_before_a_shed_one_is_gone_each_shed_another() -> N
             protocol.connection_lost(None)
         assert not book.open
     finally:
+        loop.close()
+
+
+async def _never_answers(scope: Any, receive: Any, send: Any) -> None:
+    await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_book_matches_a_model_over_random_opens_requests_and_closes(seed: int) -> None:
+    # Independent oracle: a list of (connection, answering) oldest first, shed by the rule as stated.
+    rng = random.Random(seed)
+    loop = asyncio.new_event_loop()
+    try:
+        book = ConnectionBook(cap=8)
+        protocol_class = bounded_protocol(book, request_timeout=10.0)
+        config = Config(_never_answers, http=protocol_class, log_config=None, lifespan="off")
+        state = ServerState()
+        model: list[tuple[Any, bool]] = []
+        for step in range(3000):
+            action = rng.random()
+            if action < 0.5 or not model:
+                protocol = protocol_class(config, state, {}, _loop=loop)
+                protocol.connection_made(_Transport(step))
+                model.append((protocol, False))
+                if len(model) > book.cap:
+                    shed = next((entry for entry in model[:-1] if not entry[1]), model[-1])
+                    model.remove(shed)
+                    assert shed[0].transport.is_closing(), (seed, step)
+            elif action < 0.7:
+                index = rng.randrange(len(model))
+                connection, answering = model[index]
+                if not answering:
+                    connection.data_received(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    model[index] = (connection, True)
+            else:
+                connection, _ = model.pop(rng.randrange(len(model)))
+                connection.connection_lost(None)
+            assert list(book.open) == [connection for connection, _ in model], (seed, step)
+            assert len(book.open) <= book.cap
+        assert book.shed > 100, "the cap was never under pressure"
+    finally:
+        for task in asyncio.all_tasks(loop):
+            task.cancel()
+        loop.run_until_complete(asyncio.sleep(0))
         loop.close()
 
 
