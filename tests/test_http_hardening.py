@@ -456,6 +456,7 @@ def test_metrics_answer_and_the_index_stays_exact_under_a_slow_client_flood(
         assert peak_fds < soft_in_force
         if soft_in_force <= EXPORTER_SOFT_NOFILE:  # only the cap keeps the descriptors in bounds here
             assert peak_fds < EXPORTER_SOFT_NOFILE - RESERVED_DESCRIPTORS // 2
+            assert '"cap": 512' in proc.log() and "http.connection_cap_lowered" in proc.log()
         assert held >= FLOOD_CONNECTIONS // 4, "the flood did not hold connections: it measured nothing"
 
         def counted() -> bool:
