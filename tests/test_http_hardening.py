@@ -415,34 +415,34 @@ def test_metrics_answer_and_the_index_stays_exact_under_a_slow_client_flood(
     proc = start_process(
         ["bash", "-c", command], logs_dir / "flood.log", f"http://127.0.0.1:{port}", "/readyz", env=env
     )
-    pid = proc.popen.pid
-    limits = Path(f"/proc/{pid}/limits").read_text().split("Max open files")[1].split()
-    soft_in_force, hard = int(limits[0]), int(limits[1])
-    assert soft_in_force == hard, "the exporter raises its soft open-files limit to the hard one"
-    flood = Flood(port)
-    latencies: list[float] = []
-    statuses: list[int] = []
-    peak_fds = peak_sockets = 0
-    try:
-        flood.thread.start()
-        wait_until(lambda: len(flood.open) >= FLOOD_CONNECTIONS // 2, timeout=60, what="flood under way")
-        started = time.monotonic()
-        wrote = False
-        while time.monotonic() - started < FLOOD_SECONDS and len(latencies) < 200:
-            if not wrote and time.monotonic() - started > FLOOD_SECONDS / 2:
-                make_model(store / "models", "raw", "during-flood", {"w.bin": b"y" * 4321})
-                wrote = True
-            t0 = time.monotonic()
-            statuses.append(probe(port, "/metrics"))
-            latencies.append(time.monotonic() - t0)
-            fds, sockets = descriptors(pid)
-            peak_fds, peak_sockets = max(peak_fds, fds), max(peak_sockets, sockets)
-            time.sleep(0.05)
-        ready = probe(port, "/readyz")
-        held = len(flood.open)
-    finally:
-        flood.close()
-    try:
+    try:  # stopped whatever fails, by its PID
+        pid = proc.popen.pid
+        limits = Path(f"/proc/{pid}/limits").read_text().split("Max open files")[1].split()
+        soft_in_force, hard = int(limits[0]), int(limits[1])
+        assert soft_in_force == hard, "the exporter raises its soft open-files limit to the hard one"
+        flood = Flood(port)
+        latencies: list[float] = []
+        statuses: list[int] = []
+        peak_fds = peak_sockets = 0
+        try:
+            flood.thread.start()
+            wait_until(lambda: len(flood.open) >= FLOOD_CONNECTIONS // 2, timeout=60, what="flood under way")
+            started = time.monotonic()
+            wrote = False
+            while time.monotonic() - started < FLOOD_SECONDS and len(latencies) < 200:
+                if not wrote and time.monotonic() - started > FLOOD_SECONDS / 2:
+                    make_model(store / "models", "raw", "during-flood", {"w.bin": b"y" * 4321})
+                    wrote = True
+                t0 = time.monotonic()
+                statuses.append(probe(port, "/metrics"))
+                latencies.append(time.monotonic() - t0)
+                fds, sockets = descriptors(pid)
+                peak_fds, peak_sockets = max(peak_fds, fds), max(peak_sockets, sockets)
+                time.sleep(0.05)
+            ready = probe(port, "/readyz")
+            held = len(flood.open)
+        finally:
+            flood.close()
         p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98]
         print(
             f"\nflood: {flood.connects} connects, {held} client connections open at the end, "
@@ -468,5 +468,6 @@ def test_metrics_answer_and_the_index_stays_exact_under_a_slow_client_flood(
         # The flood's connections are all let go within the request timeout (10 s by default).
         wait_until(lambda: descriptors(pid)[1] < 20, timeout=30, what="flood connections closed")
     finally:
-        assert proc.stop() == 0
+        returncode = proc.stop()
+    assert returncode == 0
     assert "Too many open files" not in proc.log()
