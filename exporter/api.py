@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
@@ -185,6 +185,7 @@ _ERRORS = {
     401: "Missing or invalid bearer token (which part was wrong is not said)",
     403: "The token may not do this, or admin operations are disabled (no admin token configured)",
     409: "A cleanup is already running; `error.holder` names it",
+    408: "A request body announced but not received within the request timeout",
     413: "A request body (these endpoints take none) over 1 KiB",
     502: "The cleaner failed (exit code 1) or printed no report",
     503: "The cleaner could not run: Prometheus unreachable, configuration rejected, or the command missing",
@@ -440,7 +441,7 @@ OPENAPI: dict[str, Any] = {
                 ],
                 "responses": {
                     "200": _json("The figures", _ref("Info")),
-                    **_error_responses(400, 401, 413),
+                    **_error_responses(400, 401, 408, 413),
                 },
             }
         },
@@ -453,7 +454,7 @@ OPENAPI: dict[str, Any] = {
                 "security": ADMIN_SECURITY,
                 "responses": {
                     "200": _json("The scan is done", _ref("CollectResult")),
-                    **_error_responses(400, 401, 403, 413),
+                    **_error_responses(400, 401, 403, 408, 413),
                     "503": {
                         "description": "The index updater is not running, or the scan failed (a scan "
                         "worker died): nothing was changed, the next scan runs on a new pool",
@@ -484,7 +485,7 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": _json("The cleaner's report", _ref("CleanupResult")),
                     "207": _json("Partial: some evictions failed, the rest were done", _ref("CleanupResult")),
-                    **_error_responses(400, 401, 403, 409, 413, 502, 503, 504),
+                    **_error_responses(400, 401, 403, 408, 409, 413, 502, 503, 504),
                 },
             }
         },
@@ -496,7 +497,7 @@ OPENAPI: dict[str, Any] = {
                 "security": READ_SECURITY,
                 "responses": {
                     "200": _json("The policies", _ref("Policies")),
-                    **_error_responses(400, 401, 413, 502, 503, 504),
+                    **_error_responses(400, 401, 408, 413, 502, 503, 504),
                 },
             }
         },
@@ -674,6 +675,7 @@ class StorageApi:
     audit: AuditLog
     clock: Callable[[], float] = time.time
     refusals: RefusalThrottle = field(default_factory=lambda: RefusalThrottle(limit=60))
+    request_timeout_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         self._collect_lock: asyncio.Lock | None = None
@@ -721,7 +723,7 @@ class StorageApi:
                 )
             headers = {"WWW-Authenticate": 'Bearer realm="model-storage"'} if denial.status == 401 else None
             return caller, error_response(denial.status, denial.code, denial.message, headers)
-        too_big = await _body_too_large(request)
+        too_big = await _body_too_large(request, self.request_timeout_seconds)
         if too_big is not None:
             return caller, too_big
         return caller, None
@@ -885,17 +887,24 @@ class StorageApi:
         ]
 
 
-async def _body_too_large(request: Request) -> Response | None:
-    """These endpoints take no body: more than MAX_BODY_BYTES is refused without reading it all."""
+async def _body_too_large(request: Request, timeout: float) -> Response | None:
+    """These endpoints take no body: more than MAX_BODY_BYTES is refused without reading it all,
+    and a body announced but not sent within `timeout` seconds is a 408, not a held connection."""
     declared = request.headers.get("content-length")
     message = f"request body over {MAX_BODY_BYTES} bytes; these endpoints take no body"
     if declared is not None and declared.strip().isdigit() and int(declared) > MAX_BODY_BYTES:
         return error_response(413, "body_too_large", message)
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            return error_response(413, "body_too_large", message)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    return error_response(413, "body_too_large", message)
+    except TimeoutError:
+        return error_response(408, "request_timeout", f"the request body did not arrive within {timeout:g} s")
+    except ClientDisconnect:
+        return error_response(400, "client_disconnected", "the client closed the connection mid-request")
     return None
 
 

@@ -8,7 +8,6 @@ import signal
 import sys
 from collections.abc import Sequence
 
-import uvicorn
 from starlette.routing import BaseRoute
 
 from exporter.api import StorageApi, docs_routes
@@ -16,7 +15,7 @@ from exporter.auth import TokenBook
 from exporter.cleanup_runner import CleanupRunner
 from exporter.exposition import build_renderer
 from exporter.fsinfo import filesystem_usage
-from exporter.http import build_app, metrics_routes
+from exporter.http import BoundedServer, build_app, metrics_routes, raise_open_files_limit, server_config
 from exporter.page_route import page_routes
 from exporter.refusals import RefusalThrottle
 from exporter.service import ExporterService
@@ -72,6 +71,7 @@ def storage_api(service: ExporterService, settings: Settings, config_file: str |
         ),
         audit=AuditLog(settings.audit_log_path),
         refusals=RefusalThrottle(limit=settings["api.audit_refusals_per_minute"]),
+        request_timeout_seconds=settings["exporter.http_request_timeout_seconds"],
     )
 
 
@@ -114,17 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return err.exit_code
     host, port = settings["exporter.listen"]
     tls = settings["exporter.tls_cert_file"] is not None
-    config = uvicorn.Config(
-        build_app(exporter_routes(service, settings, api)),
-        host=host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        ssl_certfile=settings["exporter.tls_cert_file"],
-        ssl_keyfile=settings["exporter.tls_key_file"],
-    )
-    server = uvicorn.Server(config)
+    app = build_app(exporter_routes(service, settings, api))
+    config, _connections = server_config(app, settings, raise_open_files_limit())
+    server = BoundedServer(config)
     shown_host = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{shown_host}:{port}/metrics"
     log.info("exporter.serving", url=url, models_path=str(settings.models_path), outcome=SUCCESS)

@@ -1,7 +1,16 @@
-"""The exporter's HTTP surface: `/`, `/metrics`, `/healthz`, `/readyz`; the storage API adds /storage/*."""
+"""The exporter's HTTP surface: `/`, `/metrics`, `/healthz`, `/readyz`; the storage API adds /storage/*.
+
+Invariants: no path redirects (an unknown path, trailing slash included, is a 404 JSON error, so no
+answer is built from the Host header); proxy headers are believed only from the trusted proxies
+the operator names, so a client cannot choose the address the audit log and the refusal throttle
+see; connections are bounded (see `exporter.connections`).
+"""
 
 from __future__ import annotations
 
+import os
+import resource
+import socket
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -10,7 +19,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from uvicorn import Config, Server
 
+from exporter.connections import ACCEPT_BACKLOG, LISTEN_BACKLOG, ConnectionBook, bounded_protocol, effective_cap
+from shared.config import Settings
 from shared.logs import FAILURE, get_logger
 
 log = get_logger("exporter.http")
@@ -70,4 +82,69 @@ def _unexpected(_request: Request, exc: Exception) -> Response:
 
 
 def build_app(routes: list[BaseRoute]) -> Starlette:
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _unexpected})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _unexpected})
+    # Starlette would answer `/metrics/` with a 307 to the same path on whatever host the client named.
+    app.router.redirect_slashes = False
+    return app
+
+
+def raise_open_files_limit() -> int | None:
+    """Raise the soft open-files limit to the hard one; the soft limit now in force (None: unlimited).
+
+    systemd gives services a soft limit of 1024 (for select(), which nothing here uses) under a hard
+    one of 524288, and asks programs that need more to raise it themselves, as Go's runtime does.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as err:
+            log.warning("http.open_files_limit_kept", soft=soft, hard=hard, error=str(err), outcome=FAILURE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def server_config(app: Starlette, settings: Settings, soft_limit: int | None) -> tuple[Config, ConnectionBook]:
+    """uvicorn's settings for `app`: h11 with bounded connections, proxy headers only from trusted proxies."""
+    host, port = settings["exporter.listen"]
+    configured = settings["exporter.http_max_connections"]
+    book = ConnectionBook(cap=effective_cap(configured, soft_limit))
+    if book.cap < configured:
+        log.warning(
+            "http.connection_cap_lowered",
+            configured=configured,
+            cap=book.cap,
+            open_files_soft_limit=soft_limit,
+            outcome=FAILURE,
+            error="the open-files limit is too low for the configured connections; raise LimitNOFILE / ulimit -n",
+        )
+    trusted = list(settings["exporter.trusted_proxies"])
+    config = Config(
+        app,
+        host=host,
+        port=port,
+        http=bounded_protocol(book, settings["exporter.http_request_timeout_seconds"]),
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        ssl_certfile=settings["exporter.tls_cert_file"],
+        ssl_keyfile=settings["exporter.tls_key_file"],
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted,
+        server_header=False,
+        timeout_keep_alive=settings["exporter.http_keepalive_timeout_seconds"],
+        backlog=ACCEPT_BACKLOG,
+    )
+    return config, book
+
+
+class BoundedServer(Server):
+    """uvicorn's server with a long kernel accept queue and asyncio's accept rounds kept short."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            for listening in server.sockets:
+                # listen() again on a duplicate of the descriptor changes the socket's own queue.
+                with socket.socket(fileno=os.dup(listening.fileno())) as same:
+                    same.listen(LISTEN_BACKLOG)

@@ -6,6 +6,7 @@ default and its parser, so the loader, the `policies` listing and the README's r
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -96,6 +97,14 @@ def _optional_string(key: str, value: Any) -> str:
     return "" if value is None else _string(key, value)
 
 
+def _optional_secret(key: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(f"config: {key}: expected a string (quote it in YAML); the value is not shown")
+    return value
+
+
 def _path(key: str, value: Any) -> Path:
     text = _string(key, value)
     if not text.strip():
@@ -138,6 +147,17 @@ def _list(key: str, value: Any) -> tuple[str, ...]:
     else:
         raise _expect(key, value, "a comma-separated list")
     return tuple(item for item in items if item)
+
+
+def _networks(key: str, value: Any) -> tuple[str, ...]:
+    """Addresses or CIDRs, normalised to networks (`10.0.0.1` -> `10.0.0.1/32`)."""
+    networks = []
+    for item in _list(key, value):
+        try:
+            networks.append(str(ipaddress.ip_network(item, strict=False)))
+        except ValueError:
+            raise _expect(key, value, "IP addresses or CIDRs, comma-separated, e.g. 10.0.0.5,172.18.0.0/16") from None
+    return tuple(dict.fromkeys(networks))
 
 
 def _subset(choices: Sequence[str], *, allow_empty: bool = True) -> Parser:
@@ -201,30 +221,84 @@ def _matchers(key: str, value: Any) -> str:
     return text
 
 
+TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MIN_TOKEN_CHARS = 16
+# `name=TOKEN`, the form before named tokens took `name:`: an `=` followed by something other
+# than `=`. Base64 padding (`=` only at the end) is not it, so generator output reads as a token.
+_OLD_NAMED_FORM = re.compile(r"=[^=]")
+_TOKEN_FORMS = "TOKEN or NAME:TOKEN, comma-separated"  # noqa: S105 - the syntax, not a secret
+
+
+def _token_error(key: str, where: str, problem: str, hint: str = "") -> ConfigError:
+    # Never any part of the value: this message reaches stderr and the logs. Items are named by position.
+    return ConfigError(f"config: {key}: {where}: {problem}", hint=hint)
+
+
+def _check_token(key: str, where: str, token: str) -> None:
+    if len(token) < MIN_TOKEN_CHARS:
+        raise _token_error(key, where, f"expected a token of at least {MIN_TOKEN_CHARS} characters")
+    if any(char.isspace() for char in token):
+        raise _token_error(
+            key, where, "a token may not contain whitespace", hint="a wrapped base64 line? generate with base64 -w0"
+        )
+
+
+def _token_item(key: str, where: str, item: str, default_name: str) -> tuple[str, str]:
+    """One list item: a bare token (named `default_name`) or `NAME:TOKEN`."""
+    name, colon, token = item.partition(":")
+    if not colon:
+        if _OLD_NAMED_FORM.search(item):
+            raise _token_error(
+                key,
+                where,
+                "the form NAME=TOKEN is no longer read (an = inside a token is ambiguous)",
+                hint=f"write NAME:TOKEN instead (a colon); tokens are {_TOKEN_FORMS}",
+            )
+        name, token = default_name, item
+    elif not TOKEN_NAME.fullmatch(name):
+        raise _token_error(key, where, f"expected {_TOKEN_FORMS}, a NAME of 1-64 of [A-Za-z0-9_.-]")
+    if ":" in token:
+        raise _token_error(key, where, f"expected {_TOKEN_FORMS}; a token may not contain ':'")
+    _check_token(key, where, token)
+    return name, token
+
+
 def _tokens(key: str, value: Any) -> dict[str, str]:
-    """`token` (named `admin`/`read`) or `name=token,name2=token2`, or a YAML mapping."""
+    """`TOKEN` (named `admin`/`read`) or `name:TOKEN,name2:TOKEN2`, or a YAML mapping name -> token.
+
+    Bare tokens are what generators print (base64 with `=` padding, urlsafe base64, hex); a name is
+    set apart by `:`, which none of them prints. Errors never show any part of the value.
+    """
     default_name = "admin" if "admin" in key.lower() else "read"
     if value is None or value == "":
         return {}
+    pairs: dict[str, str] = {}
     if isinstance(value, Mapping):
-        pairs = {str(name): _string(key, token) for name, token in value.items()}
-    else:
-        text = _string(key, value).strip()
-        pairs = {}
-        for item in (part.strip() for part in text.split(",")):
-            if not item:
-                continue
-            name, sep, token = item.partition("=")
-            if not sep:
-                name, token = default_name, item
-            pairs[name.strip()] = token.strip()
-    for name, token in pairs.items():
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or len(token) < 16:
-            # Never echo the token itself: this message reaches logs.
-            raise ConfigError(
-                f"config: {key}: token named {name!r}: expected a name of [A-Za-z0-9_.-] "
-                "and a token of at least 16 characters"
-            )
+        for position, (name, token) in enumerate(value.items(), start=1):
+            where = f"entry {position} of {len(value)}"
+            if not isinstance(name, str) or not TOKEN_NAME.fullmatch(name):
+                raise _token_error(key, where, "expected a name of 1-64 of [A-Za-z0-9_.-]")
+            if not isinstance(token, str):
+                raise _token_error(key, where, "expected the token as a string (quote it in YAML)")
+            _check_token(key, where, token.strip())
+            pairs[name] = token.strip()
+        return pairs
+    if not isinstance(value, str):
+        raise _token_error(key, "value", f"expected a string of {_TOKEN_FORMS}, or a mapping of name to token")
+    items = [part.strip() for part in value.strip().split(",")]
+    bare = 0
+    for position, item in enumerate(items, start=1):
+        where = f"item {position} of {len(items)}"
+        if not item:
+            raise _token_error(key, where, f"empty; expected {_TOKEN_FORMS}")
+        name, token = _token_item(key, where, item, default_name)
+        if ":" not in item:
+            # Several bare tokens (a rotation: old,new) are `admin`, `admin-2`, ...
+            bare += 1
+            name = default_name if bare == 1 else f"{default_name}-{bare}"
+        if name in pairs:
+            raise _token_error(key, where, "its name is already given to an earlier item; expected one token per name")
+        pairs[name] = token
     return pairs
 
 
@@ -306,6 +380,34 @@ FIELDS: tuple[Field, ...] = (
         _number(1),
         "Longest an API-triggered cleanup may run",
     ),
+    Field(
+        "exporter.trusted_proxies",
+        "STORAGE_TRUSTED_PROXIES",
+        "",
+        _networks,
+        "Reverse proxies whose X-Forwarded-For/-Proto is believed; none by default",
+    ),
+    Field(
+        "exporter.http_max_connections",
+        "STORAGE_HTTP_MAX_CONNECTIONS",
+        2048,
+        _integer(16),
+        "Open HTTP connections; over it, the one waiting longest for a request is closed",
+    ),
+    Field(
+        "exporter.http_request_timeout_seconds",
+        "STORAGE_HTTP_REQUEST_TIMEOUT_SECONDS",
+        10.0,
+        _number(0.1, 300),
+        "A request's head and body must arrive within this",
+    ),
+    Field(
+        "exporter.http_keepalive_timeout_seconds",
+        "STORAGE_HTTP_KEEPALIVE_TIMEOUT_SECONDS",
+        5.0,
+        _number(0.1, 300),
+        "An idle kept-alive connection is closed after this",
+    ),
     Field("log.format", "STORAGE_LOG_FORMAT", "auto", _choice(LOG_FORMATS), "auto: JSON unless on a TTY"),
     Field("log.level", "STORAGE_LOG_LEVEL", "info", _choice(LOG_LEVELS), "Log level"),
     Field("api.admin_tokens", "STORAGE_ADMIN_TOKEN", None, _tokens, "Admin token(s)", secret=True),
@@ -329,7 +431,7 @@ FIELDS: tuple[Field, ...] = (
         "cleaner.prometheus.bearer_token",
         "STORAGE_PROMETHEUS_BEARER_TOKEN",
         "",
-        _optional_string,
+        _optional_secret,
         "Bearer token",
         secret=True,
     ),
@@ -338,7 +440,7 @@ FIELDS: tuple[Field, ...] = (
         "cleaner.prometheus.password",
         "STORAGE_PROMETHEUS_PASSWORD",
         "",
-        _optional_string,
+        _optional_secret,
         "Basic auth",
         secret=True,
     ),
@@ -530,6 +632,8 @@ def _read_secret_file(var: str, path_text: str) -> str:
         return Path(path_text).read_text(encoding="utf-8").strip()
     except OSError as err:
         raise ConfigError(f"config: {var}_FILE={path_text!r}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {var}_FILE={path_text!r}: not UTF-8 text") from None
 
 
 def load_settings(config_file: str | Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -543,15 +647,18 @@ def load_settings(config_file: str | Path | None = None, env: Mapping[str, str] 
     if file_path is not None:
         for key, value in _read_yaml(Path(file_path)).items():
             raw[key] = (value, "file")
+    shown: dict[str, str] = {}  # the name an error calls a value by: YAML key, variable or its _FILE
     for f in FIELDS:
         if f.env in env:
             raw[f.key] = (env[f.env], "env")
+            shown[f.key] = f.env
         elif f.secret and f"{f.env}_FILE" in env:
             raw[f.key] = (_read_secret_file(f.env, env[f"{f.env}_FILE"]), "env")
+            shown[f.key] = f"{f.env}_FILE"
 
     for f in FIELDS:
         value, source = raw[f.key]
-        name = f.env if source == "env" else f.key
+        name = shown.get(f.key, f.key)
         values[f.key] = None if value is None and f.default is None else f.parse(name, value)
         sources[f.key] = source
     settings = Settings(values=values, sources=sources)

@@ -263,7 +263,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Pa
     make_model(base / "models", "raw", "llama", {"w.bin": b"x" * 3000, "cfg.json": b"{}"})
     make_model(base / "models", "repository", "bert", {"1/model.onnx": b"y" * 1000})
     secret = base.parent / "admin-token"
-    secret.write_text(f"ops={ADMIN},ci={SECOND_ADMIN}\n")
+    secret.write_text(f"ops:{ADMIN},ci:{SECOND_ADMIN}\n")
     logs = base.parent / "logs"
     logs.mkdir()
     proc = start_exporter(

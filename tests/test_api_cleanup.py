@@ -62,7 +62,7 @@ class Stack:
 
 
 @contextlib.contextmanager
-def api_stack(base: Path, logs: Path, admin_token: str = f"ops={ADMIN}", **env: str) -> Iterator[Stack]:
+def api_stack(base: Path, logs: Path, admin_token: str = f"ops:{ADMIN}", **env: str) -> Iterator[Stack]:
     """Prometheus scraping an exporter that can run the cleaner against it; yields once scraped."""
     port = free_port()
     config = write_prometheus_config(logs / "prometheus.yml", {"model-storage": [f"127.0.0.1:{port}"]})

@@ -139,7 +139,7 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 def test_named_tokens_and_token_files(tmp_path: Path) -> None:
     secret = tmp_path / "admin.token"
     secret.write_text("s3cr3t-token-value-0123\n")
-    s = load_settings(env={"STORAGE_ADMIN_TOKEN_FILE": str(secret), "STORAGE_READ_TOKEN": "grafana=r" * 1 + "x" * 20})
+    s = load_settings(env={"STORAGE_ADMIN_TOKEN_FILE": str(secret), "STORAGE_READ_TOKEN": "grafana:r" + "x" * 20})
     assert s["api.admin_tokens"] == {"admin": "s3cr3t-token-value-0123"}
     assert s["api.read_tokens"] == {"grafana": "r" + "x" * 20}
     public = s.public()
@@ -147,11 +147,45 @@ def test_named_tokens_and_token_files(tmp_path: Path) -> None:
     assert "s3cr3t" not in repr(public)
 
 
+GENERATED = {
+    "base64 with padding": "R0evGwU2cW5pZ3h0c2VjcmV0dG9rZW4xMjM0NTY3OA==",
+    "base64, one =": "R0evGwU2cW5pZ3h0c2VjcmV0dG9rZW4xMjM0NTY3=",
+    "urlsafe base64": "Xy-_0a9ZqQ1kV3-_x2bLpQ7Rt8uWm4nE",
+    "hex": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+}
+
+
+@pytest.mark.parametrize("token", GENERATED.values(), ids=GENERATED.keys())
+def test_what_generators_print_is_one_bare_token(token: str, tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text(token + "\n")
+    assert load_settings(env={"STORAGE_ADMIN_TOKEN": token})["api.admin_tokens"] == {"admin": token}
+    assert load_settings(env={"STORAGE_ADMIN_TOKEN_FILE": str(secret)})["api.admin_tokens"] == {"admin": token}
+    assert load_settings(env={"STORAGE_READ_TOKEN": token})["api.read_tokens"] == {"read": token}
+
+
+def test_named_tokens_take_a_colon_and_bare_ones_are_numbered() -> None:
+    padded, hexed = GENERATED["base64 with padding"], GENERATED["hex"]
+    s = load_settings(env={"STORAGE_ADMIN_TOKEN": f"ops:{padded}, ci.bot-2:{hexed}"})
+    assert s["api.admin_tokens"] == {"ops": padded, "ci.bot-2": hexed}
+    s = load_settings(env={"STORAGE_ADMIN_TOKEN": f"{padded},{hexed}"})  # a rotation: old and new
+    assert s["api.admin_tokens"] == {"admin": padded, "admin-2": hexed}
+
+
+def test_the_old_name_equals_form_is_refused_with_how_to_migrate() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"STORAGE_ADMIN_TOKEN": "ops=hunter2-but-longer-than-16"})
+    line = caught.value.one_line()
+    assert caught.value.exit_code == 2
+    assert "NAME=TOKEN is no longer read" in line and "NAME:TOKEN" in line, line
+    assert "hunter" not in line and "ops" not in line
+
+
 def test_a_short_token_is_refused_without_echoing_it() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings(env={"STORAGE_ADMIN_TOKEN": "ops=hunter2"})
+        load_settings(env={"STORAGE_ADMIN_TOKEN": "ops:hunter2"})
     assert "hunter2" not in caught.value.one_line()
-    assert "'ops'" in caught.value.one_line()
+    assert "item 1 of 1: expected a token of at least 16 characters" in caught.value.one_line()
 
 
 def test_fractional_durations_are_accepted() -> None:
