@@ -336,6 +336,10 @@ def test_the_cleaner_plans_on_a_fresh_stack_through_compose_run(healthy: Stack, 
 
 def test_the_cleaner_runs_lists_the_trash_and_restores_through_compose_run(healthy: Stack, with_models: Path) -> None:
     before = set(project_containers(healthy.env, "model-storage"))
+    # A model-storage.env made after `up` changes the exporter's configuration: a cleaner with
+    # depends_on would make `compose run` recreate the exporter and Prometheus (checked at the end).
+    with (healthy.workdir / "model-storage.env").open("a") as settings:
+        settings.write("STORAGE_LOG_LEVEL=info\n")
     # Only the age threshold and grace are shortened, so that the model made a moment ago is old.
     young = {"STORAGE_CLEANUP_AGE_DAYS": "0.00001", "STORAGE_CLEANUP_GRACE_HOURS": "0"}
     command_in_readme("docker compose run --rm cleaner run")
