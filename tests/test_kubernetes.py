@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from functools import cache
@@ -24,7 +25,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.support import ROOT, VENV_BIN, have
+from tests.support import ROOT, VENV_BIN, have, wait_until
 
 KUSTOMIZE = ROOT / "deploy" / "kubernetes"
 CRDS = ROOT / "tests" / "data" / "prometheus-operator"
@@ -236,7 +237,7 @@ def test_the_cleaner_runs_once_per_node_on_an_interval_with_the_store_writable()
     spec = pod_spec()
     cleaner = spec["containers"][1]
     script = cleaner["command"][-1]
-    assert "model-storage-cleaner --actor schedule run" in script and "while :" in script
+    assert "model-storage-cleaner --actor schedule run" in script and "while " in script
     assert "&" not in script.replace("& wait $!", ""), "a cleaner run is never sent to the background"
     env = {e["name"]: e for e in cleaner["env"]}
     assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
@@ -252,3 +253,41 @@ def test_gpu_nodes_are_tolerated_and_only_labelled_nodes_run_it() -> None:
     tolerated = {(t["key"], t["operator"], t["effect"]) for t in spec["tolerations"]}
     assert ("nvidia.com/gpu", "Exists", "NoSchedule") in tolerated
     assert spec["nodeSelector"]["model-storage/store"] == "true"
+
+
+def test_the_cleaner_loop_runs_one_at_a_time_survives_failures_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """The DaemonSet's cleaner script itself, under /bin/sh, with a stand-in cleaner that records each run."""
+    cleaner = pod_spec()["containers"][1]
+    assert cleaner["command"][:2] == ["/bin/sh", "-c"]
+    runs = tmp_path / "runs"
+    stub = tmp_path / "bin" / "model-storage-cleaner"
+    stub.parent.mkdir()
+    # Each run holds a directory lock for 0.2 s: a second run while one is going fails to take it.
+    # Every second run exits 4 (a failed precondition): the loop must go on.
+    stub.write_text(
+        "#!/bin/sh\n"
+        f'mkdir "{tmp_path}/lock" || {{ echo overlap >> "{runs}"; exit 1; }}\n'
+        f'echo "start $*" >> "{runs}"; sleep 0.2\n'
+        f'n=$(grep -c start "{runs}"); rmdir "{tmp_path}/lock"\n'
+        "[ $((n % 2)) -eq 0 ] && exit 4; exit 0\n"
+    )
+    stub.chmod(0o755)
+    env = {
+        "PATH": f"{stub.parent}:/usr/bin:/bin",
+        "CLEANER_INTERVAL_SECONDS": "0.1",
+        "CLEANER_START_DELAY_SECONDS": "0.1",
+    }
+    loop = subprocess.Popen(cleaner["command"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: runs.exists() and runs.read_text().count("start") >= 4, timeout=30, what="four runs")
+    finally:
+        loop.send_signal(signal.SIGTERM)
+        out, _ = loop.communicate(timeout=10)
+    assert loop.returncode == 0, "SIGTERM ends the loop cleanly"
+    lines = runs.read_text().splitlines()
+    assert "overlap" not in lines
+    assert all(line == "start --actor schedule run" for line in lines)
+    # The run under way when SIGTERM came finished and was logged; none started after it.
+    assert len(lines) == 4, lines
+    codes = [json.loads(line)["exit_code"] for line in out.splitlines() if line.startswith("{")]
+    assert codes == [0, 4, 0, 4], out
