@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # One image, two commands: the exporter (default) and the cleaner (`--entrypoint model-storage-cleaner`).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -10,9 +9,17 @@ COPY shared ./shared
 COPY exporter ./exporter
 COPY cleaner ./cleaner
 # The venv lives at the same path in both stages, so its scripts' shebangs stay valid.
-RUN python -m venv /opt/model-storage/.venv \
+# An optional build secret `build_ca` (a PEM file) is added to pip's CA bundle, for networks whose
+# egress re-signs TLS; without it (or empty) pip uses its own bundle. Only this stage sees it.
+RUN --mount=type=secret,id=build_ca \
+    python -m venv /opt/model-storage/.venv \
+    && if [ -s /run/secrets/build_ca ]; then \
+         cat "$(/opt/model-storage/.venv/bin/python -c 'import pip._vendor.certifi as c; print(c.where())')" \
+             /run/secrets/build_ca > /tmp/pip-ca.pem \
+         && export PIP_CERT=/tmp/pip-ca.pem; \
+       fi \
     && /opt/model-storage/.venv/bin/pip install . \
-    && rm -rf /opt/model-storage/.venv/lib/python*/site-packages/pip
+    && rm -rf /opt/model-storage/.venv/lib/python*/site-packages/pip /tmp/pip-ca.pem
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 model-storage \

@@ -7,7 +7,7 @@ SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metri
 SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps run test check lint fmt typecheck bench clean
+.PHONY: all install system-deps run test test-compose test-kubernetes kubernetes check lint fmt typecheck bench clean
 
 all: test
 
@@ -47,6 +47,19 @@ check: lint typecheck
 
 test: $(STAMP) system-deps check
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The compose stack on a real Docker engine (root: installs the engine and Compose v2 if missing,
+# builds local stand-in images once); `make test` runs it too, and skips it without root.
+test-compose: $(STAMP) system-deps
+	$(VENV)/bin/pytest tests/test_compose_stack.py -v -s $(PYTEST_ARGS)
+
+# deploy/kubernetes/base/{prometheusrule,grafana-dashboard}.yaml from rules/ and grafana/dashboards/.
+kubernetes: $(STAMP)
+	$(PY) deploy/kubernetes/generate.py
+
+# The manifests rendered with kubectl kustomize and validated offline (also part of `make test`).
+test-kubernetes: $(STAMP) system-deps
+	$(VENV)/bin/pytest tests/test_kubernetes.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m bench

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ UNITS = ("model-storage-exporter.service", "model-storage-cleaner.service", "mod
 # Created by whoever deploys (see the README's deployment section), never committed.
 DEPLOY_TIME_DIRS = ("storage", "secrets")
 # Variables the compose file reads for itself (host paths, uid), besides the settings' own.
-COMPOSE_VARS = {"STORAGE_UID", "STORAGE_GID", "PROMETHEUS_RETENTION"}
+COMPOSE_VARS = {"STORAGE_UID", "STORAGE_GID", "PROMETHEUS_RETENTION", "STORAGE_BUILD_CA"}
 CONFIG_ENV = {f.env for f in FIELDS} | {f"{f.env}_FILE" for f in FIELDS if f.secret}
 
 
@@ -85,14 +86,15 @@ def test_compose_file_passes_check_jsonschema_builtin_compose_schema() -> None:
 
 def test_compose_has_the_stack_and_the_cleaner_as_a_one_shot() -> None:
     services = compose()["services"]
-    assert set(services) == {"exporter", "prometheus", "alertmanager", "grafana", "cleaner"}
+    assert set(services) == {"exporter", "prometheus", "alertmanager", "alert-webhook", "grafana", "cleaner"}
     cleaner = services["cleaner"]
     assert cleaner["entrypoint"] == ["model-storage-cleaner"]
     assert cleaner["profiles"], "`docker compose up` must not start the cleaner"
     assert cleaner["restart"] == "no"
     assert cleaner["environment"]["STORAGE_PROMETHEUS_URL"] == "http://prometheus:9090"
     assert services["exporter"]["environment"]["STORAGE_EXPORTER_LISTEN"] == "0.0.0.0:8470"
-    assert services["exporter"]["build"] == "."
+    assert services["exporter"]["build"]["context"] == "."
+    assert "depends_on" not in cleaner, "`compose run cleaner` must not start or recreate the stack"
     assert (ROOT / "Dockerfile").is_file()
 
 
@@ -107,7 +109,10 @@ def test_every_path_compose_mounts_exists_in_the_repo() -> None:
                 continue
             assert (ROOT / relative).exists(), f"{name} mounts {host}, which is not in the repo"
             checked += 1
-    for secret in data["secrets"].values():
+    for name, secret in data["secrets"].items():
+        if name == "build_ca":  # optional, outside the repo: empty unless STORAGE_BUILD_CA names a file
+            assert secret["file"] == "${STORAGE_BUILD_CA:-/dev/null}"
+            continue
         assert Path(secret["file"]).parts[0] in DEPLOY_TIME_DIRS
     assert checked >= 5
 
@@ -240,6 +245,23 @@ def test_alertmanager_config_passes_amtool() -> None:
     assert ALERTMANAGER.is_file(), f"{ALERTMANAGER} missing"
     result = subprocess.run(["amtool", "check-config", str(ALERTMANAGER)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alertmanager_receivers_are_reachable_from_its_container() -> None:
+    """127.0.0.1 inside the Alertmanager container is the container itself: a receiver there never gets an alert."""
+    config = yaml.safe_load(ALERTMANAGER.read_text())
+    services = set(compose()["services"])
+    urls = [hook["url"] for receiver in config["receivers"] for hook in receiver.get("webhook_configs", [])]
+    assert len(urls) == 3
+    for url in urls:
+        host = urllib.parse.urlparse(url).hostname
+        assert host in services, f"{url}: {host} is not a service of the compose stack"
+        assert host == "alert-webhook"
+
+
+def test_the_dockerfile_needs_no_frontend_from_a_registry() -> None:
+    """A `# syntax=` line makes BuildKit pull a frontend image: the offline build fails on it."""
+    assert not re.search(r"^#\s*syntax\s*=", DOCKERFILE.read_text(), flags=re.MULTILINE | re.IGNORECASE)
 
 
 # Dockerfile
