@@ -26,7 +26,7 @@ from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state
 from shared.config import Settings
-from shared.errors import ConfigError, StorageError
+from shared.errors import ConfigError, PreconditionError, StorageError
 from shared.logs import get_logger
 
 Command = Callable[[Settings, argparse.Namespace], int]
@@ -88,6 +88,30 @@ def _refresh_trash_bytes(settings: Settings) -> None:
     state = read_cleanup_state(settings.cleanup_state_file)
     if state is not None:
         write_cleanup_state(settings.cleanup_state_file, replace(state, trash_bytes=apply.trash_bytes(settings)))
+
+
+def plan_usage_blind(evidence: dict[str, Any]) -> bool:
+    coverage = evidence.get("usage_coverage") or {}
+    return bool(coverage.get("blind", False))
+
+
+def record_usage_blind(settings: Settings, usage_blind: bool) -> None:
+    """A dry run changes no counters, but whether usage was blind is news: the served gauge follows.
+
+    Only an existing state is updated: a state made by a plan would read as a finished run. Under
+    the cleaner lock, so a run's counters are never overwritten; a running cleaner records its own.
+    """
+    try:
+        lock = CleanerLock(lock_path(settings.state_path))
+        lock.acquire()
+    except PreconditionError:
+        return
+    try:
+        state = read_cleanup_state(settings.cleanup_state_file)
+        if state is not None and state.usage_blind != usage_blind:
+            write_cleanup_state(settings.cleanup_state_file, replace(state, usage_blind=usage_blind))
+    finally:
+        lock.release()
 
 
 # ---- run -------------------------------------------------------------------------------------
@@ -159,7 +183,9 @@ def _run_locked(
     journal.close()
     exit_code = apply.exit_code_for(result)
     error = f"{len(result.failed)} eviction(s) failed" if result.failed else None
-    trash_total = _write_state(settings, run_id, exit_code, error, result, plan.kept)
+    trash_total = _write_state(
+        settings, run_id, exit_code, error, result, plan.kept, usage_blind=plan_usage_blind(plan.evidence)
+    )
     audit.append(
         "run",
         actor=actor,
@@ -201,6 +227,8 @@ def _write_state(
     error: str | None,
     result: apply.ApplyResult,
     kept: Any,
+    *,
+    usage_blind: bool = False,
 ) -> int:
     crash_point("before_state_written")
     total = apply.trash_bytes(settings)
@@ -216,6 +244,7 @@ def _write_state(
         evicted_models=result.evicted_models(),
         skipped=apply.skipped_counts(tuple(kept), result.skipped),
         trash_bytes=total,
+        usage_blind=usage_blind,
     )
     write_cleanup_state(settings.cleanup_state_file, state)
     return total

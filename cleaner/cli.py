@@ -45,6 +45,9 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
                 hint="name it as TIER/MODEL or MODEL",
             )
     path = save_plan(plan, settings.state_path)
+    act = _act_cli()
+    if act is not None:
+        act.record_usage_blind(settings, act.plan_usage_blind(plan.evidence))
     audit_plan(
         AuditLog(settings.audit_log_path),
         plan,

@@ -186,11 +186,14 @@ def fetch(client: PromClient, settings: Settings, view: PolicyView, now: float) 
         coverage = parse_coverage(covered.samples, window, now)
         usage_result = run("usage", usage_query(template, window, matchers))
         if not covered.samples and not usage_result.samples:
-            raise ConfigError(
-                f"prometheus {client.url}: the usage query matched no series in the last "
-                f"{format_duration(window)}: {shorten(usage_result.expr)}",
-                hint="check cleaner.usage_query (STORAGE_USAGE_QUERY) metric names and matchers, or set "
-                "STORAGE_USAGE_TIERS= (empty) when no model server reports usage",
+            # No series at all is what every new deployment sees before a model server reports:
+            # keep everything usage would judge and say so; a query that errors was raised above.
+            coverage = replace(coverage, covered_seconds=0.0, blind=True)
+            warnings.append(
+                f"usage blind: the usage query matched no series in the last {format_duration(window)} "
+                f"({shorten(usage_result.expr)}); models of the usage tiers ({', '.join(view.usage_tiers)}) "
+                "are kept wherever usage would decide. Check cleaner.usage_query (STORAGE_USAGE_QUERY) and its "
+                "matchers, or set STORAGE_USAGE_TIERS= (empty) when no model server reports usage"
             )
         usage = parse_usage(usage_result.samples, label)
         if usage_result.samples and not usage:

@@ -104,14 +104,19 @@ class Coverage:
     covered_seconds: float
     resolution_seconds: float = 0.0
     queried: bool = True
+    # Queried, and no usage series at all in the window (a fresh install with no model server yet):
+    # the usage policy is blind, so everything it would judge is kept.
+    blind: bool = False
 
     @property
     def complete(self) -> bool:
-        return self.queried and self.covered_seconds + self.resolution_seconds >= self.window_seconds
+        return self.queried and not self.blind and self.covered_seconds + self.resolution_seconds >= self.window_seconds
 
     def describe(self) -> str:
         if not self.queried:
             return "usage not queried (no enabled policy reads it)"
+        if self.blind:
+            return f"no usage series at all in the {fmt_duration(self.window_seconds)} window (usage blind)"
         return (
             f"usage data covers {fmt_duration(self.covered_seconds)} of the {fmt_duration(self.window_seconds)} window"
         )
@@ -123,6 +128,7 @@ class Coverage:
             "covered_seconds": self.covered_seconds,
             "resolution_seconds": self.resolution_seconds,
             "complete": self.complete,
+            "blind": self.blind,
         }
 
 

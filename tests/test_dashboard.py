@@ -219,6 +219,7 @@ def test_dashboard_shows_what_the_spec_and_the_issue_ask_for() -> None:
         "model_storage_cleanup_last_success",
         "model_storage_trash_bytes",
         "model_storage_trash_limit_bytes",
+        "model_storage_cleanup_usage_blind",  # issue 13: usage policy without data
     }
     assert wanted <= shown, wanted - shown
     kinds = {p["type"] for p in panels()}
