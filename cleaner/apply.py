@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cleaner import journal as jr
-from cleaner import trash, verify
+from cleaner import staged, trash, verify
 from cleaner.plan import Eviction, Kept
 from shared.audit import AuditLog
 from shared.config import GB, Settings
@@ -68,6 +68,7 @@ class Done:
     mode: str
     how: str  # renamed | copied | deleted
     destination: str
+    kept: tuple[str, ...] = ()  # what appeared in a staged model and was kept in the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +174,7 @@ def _evict_one(
     ctx: Context,
     journal: jr.Journal,
     after_copy: Callable[[Path], None] | None,
+    proc_root: Path,
 ) -> Done:
     meta: dict[str, Any] = {
         "run_id": ctx.run_id,
@@ -193,12 +195,27 @@ def _evict_one(
     root = ctx.trash_path if ctx.mode == "trash" else ctx.backup_path
     dst = trash.entry_path(root, ctx.run_id, eviction.tier, eviction.model)
     jr.make_dirs(dst.parent)
-    how = jr.transfer(
-        journal, src, dst, purpose="evict", meta=meta, force_copy=ctx.mode == "archive", after_copy=after_copy
-    )
+    kept: list[str] = []
+    if ctx.mode == "archive":
+        how, kept = staged.evict_by_copy(journal, src, dst, meta=meta, after_copy=after_copy, proc_root=proc_root)
+    else:
+        try:
+            how = jr.transfer(journal, src, dst, purpose="evict", meta=meta, copy_on_exdev=False)
+        except jr.CrossDeviceError:
+            how, kept = staged.evict_by_copy(journal, src, dst, meta=meta, after_copy=after_copy, proc_root=proc_root)
     trash.record_entry(root, ctx.run_id, meta)
     jr.crash_point("evict_metadata_written")
-    return Done(eviction.tier, eviction.model, eviction.bytes, eviction.files, eviction.policy, ctx.mode, how, str(dst))
+    return Done(
+        eviction.tier,
+        eviction.model,
+        eviction.bytes,
+        eviction.files,
+        eviction.policy,
+        ctx.mode,
+        how,
+        str(dst),
+        tuple(kept),
+    )
 
 
 def _record_skip(skip: Skipped, key: str, ctx: Context, result: ApplyResult, audit: AuditLog) -> None:
@@ -246,7 +263,11 @@ def apply_evictions(
             continue
         try:
             jr.crash_point("evict_verified")
-            done = _evict_one(eviction, verdict.path, ctx, journal, after_copy)
+            done = _evict_one(eviction, verdict.path, ctx, journal, after_copy, proc_root)
+        except staged.HeldError as err:
+            skip = Skipped(eviction.tier, eviction.model, eviction.bytes, eviction.policy, verify.IN_USE, str(err))
+            _record_skip(skip, key, ctx, result, audit)
+            continue
         except jr.SourceChangedError as err:
             # A writer was at work during the copy: the check doing its job, as a skip, not a failure.
             skip = Skipped(

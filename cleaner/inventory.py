@@ -101,6 +101,11 @@ def parse_coverage(samples: Sequence[Sample], window_seconds: float, at: float) 
     return Coverage(window_seconds=window_seconds, covered_seconds=covered, resolution_seconds=step)
 
 
+def is_cleaner_own(model: str) -> bool:
+    """A model being staged or deleted by a cleaner (`.<model>.model-storage-cleaner-<op>.staged`): not a model."""
+    return model.startswith(".") and ".model-storage-cleaner-" in model
+
+
 def _by_model(samples: Iterable[Sample]) -> dict[tuple[str, str], float]:
     values: dict[tuple[str, str], float] = {}
     for s in samples:
@@ -125,7 +130,7 @@ def parse_inventory(
             last_changed=changed.get((tier, model), now),
         )
         for (tier, model), size in sizes.items()
-        if tier != names.OTHER_TIER
+        if tier != names.OTHER_TIER and not is_cleaner_own(model)
     ]
     return sorted(facts, key=lambda f: (f.tier, f.model))
 

@@ -656,9 +656,11 @@ def test_archive_mode_catches_a_corrupted_copy_and_deletes_nothing(store: Path, 
 
 
 @pytest.mark.parametrize("change", ["append", "new_file", "rewrite"])
-def test_archive_mode_keeps_a_source_changed_during_the_copy_and_skips_it(
+def test_archive_mode_keeps_a_staged_model_changed_during_the_copy_and_skips_it(
     store: Path, other_fs: Path, change: str
 ) -> None:
+    """Only a handle held across the rename could change the staged tree (the holder check sees those):
+    should one be missed, the change is still found after the copy and the model goes back, whole."""
     settings = settings_for(store, STORAGE_BACKUP_MODE="archive", STORAGE_BACKUP_PATH=str(other_fs / "backup"))
     before = three_models(store)["raw/llama"]
     model = store / "models/raw/llama"
@@ -666,14 +668,15 @@ def test_archive_mode_keeps_a_source_changed_during_the_copy_and_skips_it(
     eviction = Eviction("raw", "llama", snap.bytes, snap.files, snap.newest_change, 0, None, "age", "test")
 
     def writer_at_work(_copy: Path) -> None:  # runs once the copy is made, before it is checked
+        (staged,) = (store / "models/raw").glob(".llama.*.staged")
         if change == "append":
-            with open(model / "config.json", "ab") as handle:
+            with open(staged / "config.json", "ab") as handle:
                 handle.write(b" ")
         elif change == "new_file":
-            (model / "weights/extra.safetensors").write_bytes(b"new shard")
+            (staged / "weights/extra.safetensors").write_bytes(b"new shard")
         else:
             later = time.time() + 5
-            os.utime(model / "config.json", (later, later))
+            os.utime(staged / "config.json", (later, later))
 
     ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=time.time())
     journal = Journal(settings.state_path, "r1", command="run")
@@ -685,7 +688,7 @@ def test_archive_mode_keeps_a_source_changed_during_the_copy_and_skips_it(
     assert result.done == [] and result.failed == [] and apply.exit_code_for(result) == 0
     (skip,) = result.skipped
     assert skip.reason == "changed_during_copy" and "changed during the copy" in skip.detail
-    after = tree_manifest(model)  # the original, with what the writer did, is all still there
+    after = tree_manifest(model)  # the original, with what the writer did, is all back in place
     expected = dict(before)
     if change == "append":
         expected["config.json"] = tree_manifest(model / "config.json")[""]
@@ -693,8 +696,42 @@ def test_archive_mode_keeps_a_source_changed_during_the_copy_and_skips_it(
         expected["weights/extra.safetensors"] = tree_manifest(model / "weights/extra.safetensors")[""]
     assert after == expected
     assert list(other_fs.rglob("*llama*")) == []  # no copy, no partial copy left behind
+    assert list((store / "models/raw").glob(".*")) == []
     records = [json.loads(line) for line in settings.audit_log_path.read_text().splitlines()]
     assert [(r["operation"], r["details"]["reason"]) for r in records] == [("skip", "changed_during_copy")]
+
+
+def test_archive_mode_a_writer_at_the_old_path_during_the_copy_recreates_it_and_it_is_never_touched(
+    store: Path, other_fs: Path
+) -> None:
+    settings = settings_for(store, STORAGE_BACKUP_MODE="archive", STORAGE_BACKUP_PATH=str(other_fs / "backup"))
+    before = three_models(store)["raw/llama"]
+    model = store / "models/raw/llama"
+    snap = verify.snapshot(model)
+    eviction = Eviction("raw", "llama", snap.bytes, snap.files, snap.newest_change, 0, None, "age", "test")
+    failed_writes: list[str] = []
+
+    def writer_at_work(_copy: Path) -> None:
+        try:
+            with open(model / "config.json", "ab") as handle:
+                handle.write(b" ")
+        except FileNotFoundError as err:
+            failed_writes.append(str(err.filename))
+            (model / "weights").mkdir(parents=True)
+            (model / "weights/extra.safetensors").write_bytes(b"new shard")
+
+    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=time.time())
+    journal = Journal(settings.state_path, "r1", command="run")
+    result = apply.apply_evictions(
+        [eviction], ctx, journal, AuditLog(settings.audit_log_path), after_copy=writer_at_work
+    )
+    journal.close()
+
+    assert failed_writes == [str(model / "config.json")]
+    assert [(d.model, d.how) for d in result.done] == [("llama", "copied")]
+    assert tree_manifest(other_fs / "backup/r1/raw/llama") == before
+    assert sorted(tree_manifest(model)) == ["", "weights", "weights/extra.safetensors"]
+    assert (model / "weights/extra.safetensors").read_bytes() == b"new shard"
 
 
 def test_source_change_names_what_differs() -> None:
