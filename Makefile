@@ -7,7 +7,7 @@ SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metri
 SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps run test check lint fmt typecheck bench clean
+.PHONY: all install system-deps run test check lint fmt typecheck bench stress-cleaner clean
 
 all: test
 
@@ -50,6 +50,11 @@ test: $(STAMP) system-deps check
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Writers against the cleaner killed at every crash point and held in every window, in every mode
+# (mounts a tmpfs: run as root). `make test` runs a reduced set of it.
+stress-cleaner: $(STAMP)
+	$(PY) -m tests.cleaner_torture --full
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

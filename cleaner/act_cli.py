@@ -294,7 +294,11 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
             what = f"{target} of run {run_id}" if target else f"run {run_id}"
             raise ConfigError(f"restore: nothing of {what} is in {settings.trash_path} or {settings.backup_path}")
         journal = Journal(settings.state_path, new_plan_id(now), command="restore")
-        restored = apply.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
+        try:
+            restored = apply.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
+        except PreconditionError:
+            journal.close()  # refused before anything was done: nothing for recovery to look at
+            raise
         journal.close()
         _refresh_trash_bytes(settings)
     data = {
