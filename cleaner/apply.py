@@ -23,6 +23,7 @@ from shared.config import GB, Settings
 from shared.errors import PreconditionError
 from shared.layout import Layout
 from shared.logs import get_logger
+from shared.reasons import SKIP_WORTHY, Reason, parse
 
 log = get_logger("cleaner.apply")
 
@@ -117,29 +118,19 @@ class ApplyResult:
 
 # ---- pure helpers ----------------------------------------------------------------------------
 
-CHANGED_DURING_COPY = "changed_during_copy"
-
-_KEPT_REASONS = (
-    ("protected", "protected"),
-    ("usage unknown", "unknown_usage"),
-    ("unknown usage", "unknown_usage"),
-    ("blast radius", "blast_radius"),
-    ("grace", "grace"),
-    ("partial download", "partial_download"),
-)
+CHANGED_DURING_COPY = Reason.CHANGED_DURING_COPY
 
 
-def kept_reason_label(reason: str) -> str | None:
-    """A planner's kept reason as a `skipped{reason}` label; None for models no policy wanted."""
-    text = reason.lower()
-    for needle, label in _KEPT_REASONS:
-        if needle in text:
-            return label
-    return None
+def kept_reason_label(kept: Kept) -> str | None:
+    """A planner's kept model as a `skipped{reason}` label (its code); None when it is no skip."""
+    code = parse(kept.code)
+    if code is None or code not in SKIP_WORTHY:
+        return None
+    return str(code)
 
 
 def skipped_counts(kept: Sequence[Kept], skipped: Sequence[Skipped]) -> dict[str, int]:
-    """This run's skipped models by reason: those the plan held back plus those verification did.
+    """This run's skipped models by reason code: those the plan held back plus those verification did.
 
     Every protected model counts, although the planner keeps them before any policy looks (policy
     None); other kept models count only when a policy wanted them, or every model too young or too
@@ -147,8 +138,8 @@ def skipped_counts(kept: Sequence[Kept], skipped: Sequence[Skipped]) -> dict[str
     """
     counts: Counter[str] = Counter()
     for item in kept:
-        label = kept_reason_label(item.reason)
-        if label is not None and (item.policy is not None or label == "protected"):
+        label = kept_reason_label(item)
+        if label is not None and (item.policy is not None or label == Reason.PROTECTED):
             counts[label] += 1
     for skip in skipped:
         counts[skip.reason] += 1

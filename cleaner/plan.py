@@ -31,6 +31,7 @@ class ModelFacts:
     requests: float | None = None  # requests in the usage window; None = unknown
     partial: bool = False  # holds *.incomplete/*.partial/*.tmp/*.lock: a download in progress
     hold: str = ""  # why the filesystem check keeps it (a `.keep` marker, unreadable); empty = nothing
+    hold_code: str = ""  # the shared.reasons.Reason of `hold`
 
     @property
     def key(self) -> str:
@@ -55,8 +56,9 @@ class Kept:
     tier: str
     model: str
     bytes: int
-    reason: str  # protected, grace, partial download, in use, unknown usage, blast radius ...
+    reason: str  # the sentence, derived from `code` (shared.reasons)
     policy: str | None = None  # the policy that would have evicted it, if any
+    code: str = ""  # a shared.reasons.Reason; "" in plans saved before codes existed
 
 
 @dataclass(frozen=True, slots=True)

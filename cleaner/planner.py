@@ -14,6 +14,7 @@ from cleaner.policies import Coverage, Decision, PolicyView, decide
 from cleaner.prom import PromClient
 from shared.config import Settings
 from shared.logs import get_logger
+from shared.reasons import Reason, sentence
 
 PARTIAL_SUFFIXES = (".incomplete", ".partial", ".tmp", ".lock")
 KEEP_MARKER = ".keep"
@@ -62,7 +63,8 @@ def check_partial(settings: Settings, facts: ModelFacts) -> ModelFacts:
     except FileNotFoundError:
         return facts  # gone since the scrape: applying will find nothing to move
     except OSError as err:
-        return replace(facts, hold=f"model directory unreadable, cannot check for partial downloads: {err.strerror}")
+        why = f"cannot check for partial downloads: {err.strerror}"
+        return replace(facts, hold=sentence(Reason.UNREADABLE, why), hold_code=Reason.UNREADABLE)
     return replace(facts, partial=found is not None)
 
 
@@ -71,7 +73,11 @@ def mark_kept(settings: Settings, facts: Sequence[ModelFacts]) -> list[ModelFact
     marked = []
     for f in facts:
         if os.path.lexists(model_dir(settings, f) / KEEP_MARKER):
-            f = replace(f, hold=f"protected: {KEEP_MARKER} marker in the model directory")
+            f = replace(
+                f,
+                hold=sentence(Reason.PROTECTED, f"{KEEP_MARKER} marker in the model directory"),
+                hold_code=Reason.PROTECTED,
+            )
         marked.append(f)
     return marked
 

@@ -142,7 +142,10 @@ def test_counters_accumulate_across_runs_and_skips_are_per_run(store: Path, caps
     settings = settings_for(store)
     make_model(store / "models", "raw", "a", {"w": b"x" * 100})
     make_model(store / "models", "raw", "b", {"w": b"y" * 50})
-    kept = (Kept("raw", "c", 7, "protected: matches protect glob 'raw/c'", "age"), Kept("raw", "d", 1, "grace", None))
+    kept = (
+        Kept("raw", "c", 7, "protected: matches protect glob 'raw/c'", "age", "protected"),
+        Kept("raw", "d", 1, "grace", None, "grace"),
+    )
     code, _ = run(settings, plan_for(settings, [("raw", "a"), ("raw", "gone")], kept=kept), capsys)
     assert code == 0
     first = read_cleanup_state(settings.cleanup_state_file)
@@ -788,7 +791,9 @@ def test_every_protected_model_the_plan_kept_counts_as_skipped_protected() -> No
     old = now - 60 * DAY
     facts = [
         ModelFacts("raw", "by-glob", 10, 1, old),
-        ModelFacts("raw", "by-marker", 10, 1, old, hold="protected: .keep marker in the model directory"),
+        ModelFacts(
+            "raw", "by-marker", 10, 1, old, hold="protected: .keep marker in the model directory", hold_code="protected"
+        ),
         ModelFacts("raw", "evicted", 10, 1, old),
         ModelFacts("raw", "young", 10, 1, now - 60),
     ]
@@ -805,8 +810,8 @@ def test_the_state_file_counts_protected_models_of_the_plan(store: Path, capsys:
     settings = settings_for(store)
     make_model(store / "models", "raw", "a", {"w": b"x"})
     kept = (
-        Kept("raw", "p", 7, "protected: matches protect glob 'raw/p'", None),
-        Kept("raw", "young", 1, "grace: changed 1h ago", None),
+        Kept("raw", "p", 7, "protected: matches protect glob 'raw/p'", None, "protected"),
+        Kept("raw", "young", 1, "grace: changed 1h ago", None, "grace"),
     )
     run(settings, plan_for(settings, [("raw", "a")], kept=kept), capsys)
     state = read_cleanup_state(settings.cleanup_state_file)
@@ -829,11 +834,45 @@ def test_the_state_timestamp_is_when_the_run_finished(store: Path, capsys: pytes
     assert state.timestamp >= last_step  # after the last move was audited, not when the run began
 
 
-def test_kept_reasons_map_to_skip_labels() -> None:
-    assert apply.kept_reason_label("protected: .keep marker in the model directory") == "protected"
-    assert apply.kept_reason_label("unchanged for 40d, but usage unknown: no usage series") == "unknown_usage"
-    assert apply.kept_reason_label("blast radius: evicting it would exceed 50%") == "blast_radius"
-    assert apply.kept_reason_label("in use: 12 requests in 7d (>= 10)") is None
+def test_an_unreadable_model_directory_is_counted_as_unreadable_not_as_a_partial_download(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 case 6: the sentence "...cannot check for partial downloads" was parsed back as partial_download."""
+    from cleaner import planner
+    from cleaner.plan import ModelFacts
+    from cleaner.policies import Coverage, PolicyView, decide
+
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "locked", {"w": b"1"})
+    make_model(store / "models", "raw", "old", {"w": b"2"})
+
+    def unreadable(path: Path) -> str | None:  # root reads any directory: the EACCES is made here
+        if path.name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return None
+
+    monkeypatch.setattr(planner, "partial_file", unreadable)
+    facts = [planner.check_partial(settings, ModelFacts("raw", m, 1, 1, 0.0)) for m in ("locked", "old")]
+    view = PolicyView(policies=("age",), age_seconds=10.0, grace_seconds=0.0)
+    decision = decide(facts, Coverage(1.0, 1.0), view, 1e6)
+
+    assert [e.model for e in decision.evictions] == ["old"]
+    assert apply.skipped_counts(decision.kept, []) == {"unreadable": 1}
+    (kept,) = decision.kept
+    assert "Permission denied" in kept.reason
+
+
+def test_kept_codes_and_not_sentences_make_the_skip_labels() -> None:
+    from shared.reasons import Reason, sentence
+
+    def kept(code: Reason, text: str) -> Kept:
+        return Kept("raw", "m", 1, text, "age", code)
+
+    # The sentence says "usage unknown"; the code decides, and the sentence is derived from it.
+    assert apply.kept_reason_label(kept(Reason.BLAST_RADIUS, "usage unknown, oddly")) == "blast_radius"
+    assert apply.kept_reason_label(kept(Reason.ENOUGH_REQUESTS, sentence(Reason.ENOUGH_REQUESTS, "12"))) is None
+    assert apply.kept_reason_label(Kept("raw", "m", 1, "protected: an old plan", "age")) is None
+    assert sentence(Reason.UNREADABLE, "EACCES") == "model directory unreadable: EACCES"
 
 
 def test_run_with_prometheus_down_exits_4_but_leaves_a_failed_state_to_alert_on(store: Path) -> None:
