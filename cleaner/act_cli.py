@@ -11,6 +11,7 @@ models path or a planned model's tier directory read-only or not writable).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -26,7 +27,7 @@ from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state
 from shared.config import Settings
-from shared.errors import ConfigError, PreconditionError, StorageError
+from shared.errors import ConfigError, FilesystemError, PreconditionError, StorageError
 from shared.logs import get_logger
 
 Command = Callable[[Settings, argparse.Namespace], int]
@@ -150,8 +151,12 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             code = err.exit_code if isinstance(err, StorageError) else 1
             message = err.one_line() if isinstance(err, StorageError) else f"{type(err).__name__}: {err}"
             if isinstance(err, Exception):
-                _write_state(settings, run_id, code, message, apply.ApplyResult(), ())
-                audit.append("run", actor=actor, target=run_id, result="failure", error=message)
+                # Best effort: on a full or read-only state path these fail too, and the first
+                # error is the one to report.
+                with contextlib.suppress(OSError, StorageError):
+                    _write_state(settings, run_id, code, message, apply.ApplyResult(), ())
+                with contextlib.suppress(OSError):
+                    audit.append("run", actor=actor, target=run_id, result="failure", error=message)
             raise
     _print(report, args.json, _run_lines(report))
     return exit_code
@@ -246,7 +251,10 @@ def _write_state(
         trash_bytes=total,
         usage_blind=usage_blind,
     )
-    write_cleanup_state(settings.cleanup_state_file, state)
+    try:
+        write_cleanup_state(settings.cleanup_state_file, state)
+    except OSError as err:
+        raise FilesystemError.from_os(err, "write the state file", settings.cleanup_state_file) from None
     return total
 
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.errors import FilesystemError
+
 CRASH_ENV = "STORAGE_CLEANER_CRASH_AT"
 JOURNAL_DIR = "journal"
 _COPY_CHUNK = 1 << 20
@@ -290,17 +292,25 @@ class Journal:
 
     def __init__(self, state_path: Path, op_id: str, *, command: str) -> None:
         directory = journal_dir(state_path)
-        make_dirs(directory)
         self.path = directory / f"{op_id}.jsonl"
         self.op_id = op_id
         self._seq = 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        fsync_dir(directory)
+        try:
+            make_dirs(directory)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            fsync_dir(directory)
+        except OSError as err:
+            raise FilesystemError.from_os(err, "create the journal", self.path) from None
         self.write({"op": "begin", "op_id": op_id, "command": command, "pid": os.getpid()})
 
     def write(self, record: dict[str, Any]) -> None:
-        os.write(self._fd, json.dumps(record, sort_keys=True).encode() + b"\n")
-        os.fsync(self._fd)
+        """Append and fsync one record; the step it records has not happened yet (or is done), so a
+        failure here stops the command with nothing half-done beyond what the journal already says."""
+        try:
+            os.write(self._fd, json.dumps(record, sort_keys=True).encode() + b"\n")
+            os.fsync(self._fd)
+        except OSError as err:
+            raise FilesystemError.from_os(err, "append to the journal", self.path) from None
 
     def intent(self, action: str, **fields: Any) -> int:
         self._seq += 1

@@ -5,6 +5,7 @@ Deciding (policies) and acting (apply) both speak this model; neither touches th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.audit import AuditLog
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FilesystemError
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -121,15 +122,20 @@ def plans_dir(state_path: Path) -> Path:
 def save_plan(plan: Plan, state_path: Path) -> Path:
     """Write the plan once, atomically, read-only: a saved plan is never edited."""
     directory = plans_dir(state_path)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{plan.plan_id}.json"
     tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(plan.to_json(), handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o444)
-    os.replace(tmp, path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(plan.to_json(), handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise FilesystemError.from_os(err, "save the plan", path) from None
     return path
 
 
