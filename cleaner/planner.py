@@ -12,6 +12,7 @@ from cleaner.inventory import Inventory, fetch
 from cleaner.plan import ModelFacts, Plan, new_plan_id
 from cleaner.policies import Coverage, Decision, PolicyView, decide
 from cleaner.prom import PromClient
+from cleaner.walk import snapshot
 from shared.config import Settings
 from shared.logs import get_logger
 from shared.reasons import Reason, sentence
@@ -55,17 +56,23 @@ def partial_file(path: Path) -> str | None:
 
 
 def check_partial(settings: Settings, facts: ModelFacts) -> ModelFacts:
+    """A selected model, checked on disk: a partial download in it, and what evicting it frees.
+
+    The exporter charges an inode shared by several models once; evicting one of them frees only
+    the bytes whose last link it holds (cleaner.walk), which is what the run re-checks too.
+    """
     path = model_dir(settings, facts)
     try:
         if not path.is_dir():
             return replace(facts, partial=path.name.endswith(PARTIAL_SUFFIXES))
         found = partial_file(path)
+        walked = snapshot(path)
     except FileNotFoundError:
         return facts  # gone since the scrape: applying will find nothing to move
     except OSError as err:
         why = f"cannot check for partial downloads: {err.strerror}"
         return replace(facts, hold=sentence(Reason.UNREADABLE, why), hold_code=Reason.UNREADABLE)
-    return replace(facts, partial=found is not None)
+    return replace(facts, partial=found is not None, bytes=walked.freed_bytes)
 
 
 def mark_kept(settings: Settings, facts: Sequence[ModelFacts]) -> list[ModelFacts]:

@@ -75,8 +75,9 @@ def is_protected(tier: str, model: str, globs: Sequence[str]) -> bool:
 
 def changed_since(snapshot: Snapshot, planned_bytes: int, planned_last_changed: float) -> str | None:
     """Why the model is not what the plan saw, or None when it is the same."""
-    if snapshot.bytes != planned_bytes:
-        return f"size is {snapshot.bytes} bytes, the plan saw {planned_bytes}"
+    if snapshot.freed_bytes != planned_bytes:
+        # Both sides by the same rule (cleaner.walk): the bytes evicting the model would free.
+        return f"it would free {snapshot.freed_bytes} bytes, the plan saw {planned_bytes}"
     if snapshot.newest_change > planned_last_changed + TIME_TOLERANCE_SECONDS:
         return f"changed at {snapshot.newest_change:.3f}, after the plan's snapshot {planned_last_changed:.3f}"
     return None

@@ -1,4 +1,10 @@
-"""One walk of a model on disk with lstat only: its bytes and files (each inode once), newest change, inodes."""
+"""One walk of a model on disk with lstat only: its bytes and files (each inode once), newest change, inodes.
+
+What evicting a model frees (`freed_bytes`) is the size of each regular file whose last link goes
+with it: every one of its `st_nlink` names lies inside the model. A `cp -al` twin or a model in a
+hard-link farm shares its inodes with another model, so evicting it alone frees nothing of those.
+The planner sizes a selected model by this rule and the run re-checks it by the same rule.
+"""
 
 from __future__ import annotations
 
@@ -18,11 +24,13 @@ class Snapshot:
     files: int
     newest_change: float  # newest mtime/ctime of the model and everything in it
     inodes: frozenset[Inode] = frozenset()
+    freed_bytes: int = 0  # bytes whose last link is inside the model (see the module docstring)
 
 
 def snapshot(path: Path) -> Snapshot:
     """Walk the model with lstat only: sizes of regular files (each inode once), newest change."""
     seen: set[tuple[int, int]] = set()
+    links: dict[tuple[int, int], list[int]] = {}  # inode -> [st_nlink, names seen here, size]
     inodes: set[Inode] = set()
     total = files = 0
     newest = 0.0
@@ -42,8 +50,13 @@ def snapshot(path: Path) -> Snapshot:
                 stack.extend(Path(entry.path) for entry in os.scandir(current))
             except FileNotFoundError:
                 continue
-        elif stat.S_ISREG(mode) and (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
-            files += 1
-    return Snapshot(total, files, newest, frozenset(inodes))
+        elif stat.S_ISREG(mode):
+            key = (st.st_dev, st.st_ino)
+            if key not in seen:
+                seen.add(key)
+                total += st.st_size
+                files += 1
+                links[key] = [st.st_nlink, 0, st.st_size]
+            links[key][1] += 1
+    freed = sum(size for nlink, here, size in links.values() if here >= nlink)
+    return Snapshot(total, files, newest, frozenset(inodes), freed)

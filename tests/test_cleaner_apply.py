@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1152,3 +1153,50 @@ def test_a_read_only_tier_directory_of_a_planned_model_exits_4_before_any_move(s
     assert f"{models / 'repository'} is on a read-only mount" in done.stderr
     assert three_models_manifest(models) == before  # raw/llama, planned first, was not moved either
     assert not (store / "trash").exists()
+
+
+# ---- twins: models sharing inodes (cp -al) -------------------------------------------------------
+
+
+def test_a_cp_al_twin_is_planned_at_the_bytes_it_frees_and_is_evictable(store: Path) -> None:
+    """Issue 13 case 3: the exporter charged the twin 0 bytes, every run then skipped it as changed."""
+    from cleaner import planner
+    from cleaner.plan import ModelFacts
+    from cleaner.policies import Coverage, PolicyView, decide
+
+    settings = settings_for(store)
+    models = store / "models"
+    make_model(models, "raw", "llama", {"a.bin": os.urandom(1_200_000), "b.bin": os.urandom(800_000)})
+    subprocess.run(["cp", "-al", str(models / "raw/llama"), str(models / "quantized/llama-twin")], check=True)
+    make_model(models, "quantized", "llama-twin", {"own.bin": os.urandom(5_000)})
+    old = time.time()
+    # What Prometheus says: the exporter charges each shared inode once, to the first model it met.
+    seen = [ModelFacts("raw", "llama", 2_000_000, 2, old), ModelFacts("quantized", "llama-twin", 5_000, 3, old)]
+    view = PolicyView(policies=("age",), age_tiers=("quantized",), age_seconds=0.0, grace_seconds=0.0)
+    now = time.time() + 10
+    decision, _facts = planner.decide_with_disk_checks(settings, seen, Coverage(1.0, 1.0), view, now)
+    (eviction,) = decision.evictions
+    assert (eviction.model, eviction.bytes) == ("llama-twin", 5_000)  # only own.bin's last link goes
+    assert decide(_facts, Coverage(1.0, 1.0), view, now).evictions == decision.evictions
+
+    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=now)
+    journal = Journal(settings.state_path, "r1", command="run")
+    result = apply.apply_evictions([eviction], ctx, journal, AuditLog(settings.audit_log_path))
+    journal.close()
+
+    assert result.skipped == [] and [d.model for d in result.done] == ["llama-twin"]
+    assert (models / "raw/llama/a.bin").stat().st_nlink == 2  # the other link is in the trash now
+    assert verify.snapshot(models / "raw/llama").freed_bytes == 0
+
+
+def test_freed_bytes_count_only_inodes_whose_every_link_is_inside() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "m").mkdir()
+        (root / "m/own").write_bytes(b"x" * 10)
+        (root / "m/inner-1").write_bytes(b"y" * 20)
+        os.link(root / "m/inner-1", root / "m/inner-2")  # both links inside: freed, counted once
+        (root / "m/shared").write_bytes(b"z" * 40)
+        os.link(root / "m/shared", root / "outside")
+        snap = verify.snapshot(root / "m")
+        assert (snap.bytes, snap.freed_bytes, snap.files) == (70, 30, 3)
