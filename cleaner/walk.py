@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,5 +59,31 @@ def snapshot(path: Path) -> Snapshot:
                 files += 1
                 links[key] = [st.st_nlink, 0, st.st_size]
             links[key][1] += 1
-    freed = sum(size for nlink, here, size in links.values() if here >= nlink)
-    return Snapshot(total, files, newest, frozenset(inodes), freed)
+    return Snapshot(total, files, newest, frozenset(inodes), freed_bytes(links.values()))
+
+
+def freed_bytes(links: Iterable[Sequence[int]]) -> int:
+    """The rule, in one place: (st_nlink, names seen inside the model, size) per inode -> bytes freed."""
+    return sum(size for nlink, here, size in links if here >= nlink)
+
+
+def walk_selected(path: Path, partial_suffixes: tuple[str, ...]) -> tuple[str | None, int]:
+    """The planner's one walk of a selected directory model: its first partial-download entry (or
+    None) and the bytes evicting it frees. scandir, plus one lstat per regular file only."""
+    partial: str | None = None
+    links: dict[tuple[int, int], list[int]] = {}
+    pending = [str(path)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if partial is None and entry.name.endswith(partial_suffixes):
+                    partial = entry.path
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    key = (st.st_dev, st.st_ino)
+                    if key not in links:
+                        links[key] = [st.st_nlink, 0, st.st_size]
+                    links[key][1] += 1
+    return partial, freed_bytes(links.values())

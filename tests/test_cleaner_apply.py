@@ -847,12 +847,12 @@ def test_an_unreadable_model_directory_is_counted_as_unreadable_not_as_a_partial
     make_model(store / "models", "raw", "locked", {"w": b"1"})
     make_model(store / "models", "raw", "old", {"w": b"2"})
 
-    def unreadable(path: Path) -> str | None:  # root reads any directory: the EACCES is made here
-        if path.name == "locked":
+    def unreadable(path: Path, suffixes: tuple[str, ...]) -> tuple[str | None, int]:
+        if path.name == "locked":  # root reads any directory: the EACCES is made here
             raise PermissionError(13, "Permission denied", str(path))
-        return None
+        return None, 1
 
-    monkeypatch.setattr(planner, "partial_file", unreadable)
+    monkeypatch.setattr(planner, "walk_selected", unreadable)
     facts = [planner.check_partial(settings, ModelFacts("raw", m, 1, 1, 0.0)) for m in ("locked", "old")]
     view = PolicyView(policies=("age",), age_seconds=10.0, grace_seconds=0.0)
     decision = decide(facts, Coverage(1.0, 1.0), view, 1e6)
