@@ -95,12 +95,12 @@ def put_back(staged: Path, src: Path, op_id: str) -> tuple[str, Path]:
 def delete_verified(staged: Path, verified: VerifiedSet, step: str) -> list[str]:
     """Delete from `staged` exactly the entries matching `verified`; the rest stays. Returns what stayed."""
     now = jr.stat_manifest(staged)
-    stayed = sorted(rel for rel in now if not matches(now[rel], verified.get(rel)))
+    stayed = {rel for rel in now if not matches(now[rel], verified.get(rel))}
     if now[""][0] != "dir":  # a model that is a single file
         if not stayed:
             os.unlink(staged)
             jr.fsync_dir(staged.parent)
-        return stayed
+        return sorted(stayed)
     # Deepest first, so a directory is removed only after its verified contents.
     for rel in sorted(now, key=lambda r: (-r.count("/"), r)):
         if rel == "" or rel in stayed:
@@ -112,7 +112,7 @@ def delete_verified(staged: Path, verified: VerifiedSet, step: str) -> list[str]
             except OSError as err:
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
                     raise
-                stayed.append(rel)
+                stayed.add(rel)
         else:
             os.unlink(full)
             jr.crash_point(step)
@@ -121,10 +121,10 @@ def delete_verified(staged: Path, verified: VerifiedSet, step: str) -> list[str]
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        stayed.append("")
+        stayed.add("")
     else:
         jr.fsync_dir(staged.parent)
-    return sorted(set(stayed))
+    return sorted(stayed)
 
 
 def evict_by_copy(
