@@ -7,7 +7,7 @@ SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metri
 SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps run test test-compose test-kubernetes kubernetes check lint fmt typecheck bench clean
+.PHONY: all install system-deps run test test-compose test-kubernetes kubernetes check lint fmt typecheck bench stress-cleaner clean
 
 all: test
 
@@ -63,6 +63,11 @@ test-kubernetes: $(STAMP) system-deps
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Writers against the cleaner killed at every crash point and held in every window, in every mode
+# (mounts a tmpfs: run as root). `make test` runs a reduced set of it.
+stress-cleaner: $(STAMP)
+	$(PY) -m tests.cleaner_torture --full
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

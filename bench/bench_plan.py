@@ -50,12 +50,16 @@ def _answers(now: float) -> dict[str, bytes]:
     }
 
 
-def _tree(root: Path) -> None:
+def _tree(root: Path, answers: dict[str, bytes]) -> None:
+    """The store the answers describe: each model's one file as large as Prometheus says (sparse), so
+    the planner's walk of a selected model (what evicting it frees) agrees with the exporter."""
+    sizes = {s.labels["model"]: int(s.value) for s in parse_result(json.loads(answers["bytes"])["data"])}
     for i in range(MODELS):
         tier = ["raw", "quantized", "repository"][i % 3]
         model = root / tier / f"model-{i:05d}" / "1"
         model.mkdir(parents=True)
-        (model / "model.bin").write_bytes(b"")
+        with open(model / "model.bin", "wb") as handle:
+            handle.truncate(sizes[f"model-{i:05d}"])
         if i % 97 == 0:
             (model / "model.bin.incomplete").write_bytes(b"")
         if i % 101 == 0:
@@ -93,7 +97,7 @@ def main() -> int:
     answers = _answers(now)
     with tempfile.TemporaryDirectory(prefix="bench-plan-") as tmp:
         base = Path(tmp)
-        _tree(base / "models")
+        _tree(base / "models", answers)
         os.sync()
         runs = [plan_once(answers, base, now) for _ in range(3)]
     plan, timings = min(runs, key=lambda run: run[1]["total"])

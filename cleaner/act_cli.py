@@ -11,6 +11,7 @@ models path or a planned model's tier directory read-only or not writable).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -27,7 +28,7 @@ from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state
 from shared.config import Settings
-from shared.errors import ConfigError, StorageError
+from shared.errors import ConfigError, FilesystemError, PreconditionError, StorageError
 from shared.logs import get_logger
 
 Command = Callable[[Settings, argparse.Namespace], int]
@@ -91,6 +92,30 @@ def _refresh_trash_bytes(settings: Settings) -> None:
         write_cleanup_state(settings.cleanup_state_file, replace(state, trash_bytes=apply.trash_bytes(settings)))
 
 
+def plan_usage_blind(evidence: dict[str, Any]) -> bool:
+    coverage = evidence.get("usage_coverage") or {}
+    return bool(coverage.get("blind", False))
+
+
+def record_usage_blind(settings: Settings, usage_blind: bool) -> None:
+    """A dry run changes no counters, but whether usage was blind is news: the served gauge follows.
+
+    Only an existing state is updated: a state made by a plan would read as a finished run. Under
+    the cleaner lock, so a run's counters are never overwritten; a running cleaner records its own.
+    """
+    try:
+        lock = CleanerLock(lock_path(settings.state_path))
+        lock.acquire()
+    except PreconditionError:
+        return
+    try:
+        state = read_cleanup_state(settings.cleanup_state_file)
+        if state is not None and state.usage_blind != usage_blind:
+            write_cleanup_state(settings.cleanup_state_file, replace(state, usage_blind=usage_blind))
+    finally:
+        lock.release()
+
+
 # ---- run -------------------------------------------------------------------------------------
 
 
@@ -127,8 +152,12 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             code = err.exit_code if isinstance(err, StorageError) else 1
             message = err.one_line() if isinstance(err, StorageError) else f"{type(err).__name__}: {err}"
             if isinstance(err, Exception):
-                _write_state(settings, run_id, code, message, apply.ApplyResult(), ())
-                audit.append("run", actor=actor, target=run_id, result="failure", error=message)
+                # Best effort: on a full or read-only state path these fail too, and the first
+                # error is the one to report.
+                with contextlib.suppress(OSError, StorageError):
+                    _write_state(settings, run_id, code, message, apply.ApplyResult(), ())
+                with contextlib.suppress(OSError):
+                    audit.append("run", actor=actor, target=run_id, result="failure", error=message)
             raise
     _print(report, args.json, _run_lines(report))
     return exit_code
@@ -161,7 +190,9 @@ def _run_locked(
     journal.close()
     exit_code = apply.exit_code_for(result)
     error = f"{len(result.failed)} eviction(s) failed" if result.failed else None
-    trash_total = _write_state(settings, run_id, exit_code, error, result, plan.kept)
+    trash_total = _write_state(
+        settings, run_id, exit_code, error, result, plan.kept, usage_blind=plan_usage_blind(plan.evidence)
+    )
     audit.append(
         "run",
         actor=actor,
@@ -203,6 +234,8 @@ def _write_state(
     error: str | None,
     result: apply.ApplyResult,
     kept: Any,
+    *,
+    usage_blind: bool = False,
 ) -> int:
     crash_point("before_state_written")
     total = apply.trash_bytes(settings)
@@ -218,8 +251,12 @@ def _write_state(
         evicted_models=result.evicted_models(),
         skipped=apply.skipped_counts(tuple(kept), result.skipped),
         trash_bytes=total,
+        usage_blind=usage_blind,
     )
-    write_cleanup_state(settings.cleanup_state_file, state)
+    try:
+        write_cleanup_state(settings.cleanup_state_file, state)
+    except OSError as err:
+        raise FilesystemError.from_os(err, "write the state file", settings.cleanup_state_file) from None
     return total
 
 
@@ -267,7 +304,11 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
             what = f"{target} of run {run_id}" if target else f"run {run_id}"
             raise ConfigError(f"restore: nothing of {what} is in {settings.trash_path} or {settings.backup_path}")
         journal = Journal(settings.state_path, new_plan_id(now), command="restore")
-        restored = apply.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
+        try:
+            restored = apply.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
+        except PreconditionError:
+            journal.close()  # refused before anything was done: nothing for recovery to look at
+            raise
         journal.close()
         _refresh_trash_bytes(settings)
     data = {

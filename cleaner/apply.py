@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from cleaner import journal as jr
-from cleaner import trash, verify
+from cleaner import staged, trash, verify
 from cleaner.plan import Eviction, Kept
 from shared.audit import AuditLog
 from shared.config import GB, Settings
 from shared.errors import PreconditionError
 from shared.layout import Layout
 from shared.logs import get_logger
+from shared.reasons import SKIP_WORTHY, Reason, parse
 
 log = get_logger("cleaner.apply")
 
@@ -68,6 +69,7 @@ class Done:
     mode: str
     how: str  # renamed | copied | deleted
     destination: str
+    kept: tuple[str, ...] = ()  # what appeared in a staged model and was kept in the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,29 +118,19 @@ class ApplyResult:
 
 # ---- pure helpers ----------------------------------------------------------------------------
 
-CHANGED_DURING_COPY = "changed_during_copy"
-
-_KEPT_REASONS = (
-    ("protected", "protected"),
-    ("usage unknown", "unknown_usage"),
-    ("unknown usage", "unknown_usage"),
-    ("blast radius", "blast_radius"),
-    ("grace", "grace"),
-    ("partial download", "partial_download"),
-)
+CHANGED_DURING_COPY = Reason.CHANGED_DURING_COPY
 
 
-def kept_reason_label(reason: str) -> str | None:
-    """A planner's kept reason as a `skipped{reason}` label; None for models no policy wanted."""
-    text = reason.lower()
-    for needle, label in _KEPT_REASONS:
-        if needle in text:
-            return label
-    return None
+def kept_reason_label(kept: Kept) -> str | None:
+    """A planner's kept model as a `skipped{reason}` label (its code); None when it is no skip."""
+    code = parse(kept.code)
+    if code is None or code not in SKIP_WORTHY:
+        return None
+    return str(code)
 
 
 def skipped_counts(kept: Sequence[Kept], skipped: Sequence[Skipped]) -> dict[str, int]:
-    """This run's skipped models by reason: those the plan held back plus those verification did.
+    """This run's skipped models by reason code: those the plan held back plus those verification did.
 
     Every protected model counts, although the planner keeps them before any policy looks (policy
     None); other kept models count only when a policy wanted them, or every model too young or too
@@ -146,8 +138,8 @@ def skipped_counts(kept: Sequence[Kept], skipped: Sequence[Skipped]) -> dict[str
     """
     counts: Counter[str] = Counter()
     for item in kept:
-        label = kept_reason_label(item.reason)
-        if label is not None and (item.policy is not None or label == "protected"):
+        label = kept_reason_label(item)
+        if label is not None and (item.policy is not None or label == Reason.PROTECTED):
             counts[label] += 1
     for skip in skipped:
         counts[skip.reason] += 1
@@ -173,6 +165,7 @@ def _evict_one(
     ctx: Context,
     journal: jr.Journal,
     after_copy: Callable[[Path], None] | None,
+    proc_root: Path,
 ) -> Done:
     meta: dict[str, Any] = {
         "run_id": ctx.run_id,
@@ -193,12 +186,27 @@ def _evict_one(
     root = ctx.trash_path if ctx.mode == "trash" else ctx.backup_path
     dst = trash.entry_path(root, ctx.run_id, eviction.tier, eviction.model)
     jr.make_dirs(dst.parent)
-    how = jr.transfer(
-        journal, src, dst, purpose="evict", meta=meta, force_copy=ctx.mode == "archive", after_copy=after_copy
-    )
+    kept: list[str] = []
+    if ctx.mode == "archive":
+        how, kept = staged.evict_by_copy(journal, src, dst, meta=meta, after_copy=after_copy, proc_root=proc_root)
+    else:
+        try:
+            how = jr.transfer(journal, src, dst, purpose="evict", meta=meta, copy_on_exdev=False)
+        except jr.CrossDeviceError:
+            how, kept = staged.evict_by_copy(journal, src, dst, meta=meta, after_copy=after_copy, proc_root=proc_root)
     trash.record_entry(root, ctx.run_id, meta)
     jr.crash_point("evict_metadata_written")
-    return Done(eviction.tier, eviction.model, eviction.bytes, eviction.files, eviction.policy, ctx.mode, how, str(dst))
+    return Done(
+        eviction.tier,
+        eviction.model,
+        eviction.bytes,
+        eviction.files,
+        eviction.policy,
+        ctx.mode,
+        how,
+        str(dst),
+        tuple(kept),
+    )
 
 
 def _record_skip(skip: Skipped, key: str, ctx: Context, result: ApplyResult, audit: AuditLog) -> None:
@@ -246,7 +254,11 @@ def apply_evictions(
             continue
         try:
             jr.crash_point("evict_verified")
-            done = _evict_one(eviction, verdict.path, ctx, journal, after_copy)
+            done = _evict_one(eviction, verdict.path, ctx, journal, after_copy, proc_root)
+        except staged.HeldError as err:
+            skip = Skipped(eviction.tier, eviction.model, eviction.bytes, eviction.policy, verify.IN_USE, str(err))
+            _record_skip(skip, key, ctx, result, audit)
+            continue
         except jr.SourceChangedError as err:
             # A writer was at work during the copy: the check doing its job, as a skip, not a failure.
             skip = Skipped(

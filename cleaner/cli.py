@@ -1,7 +1,8 @@
 """`model-storage-cleaner`: decide (`plan`, `policies`) here; acting commands plug in from `cleaner.act_cli`.
 
 Exit codes shared by every command: 0 done (also nothing to do), 1 unexpected error, 2 bad config or
-usage, 3 partial apply, 4 precondition failed with nothing touched (Prometheus, the lock).
+usage, 3 partial apply, 4 precondition failed with nothing touched (Prometheus, the lock), 5 the
+filesystem refused an operation (ENOSPC, EDQUOT, EACCES, EPERM, EROFS): the message names it and the path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from cleaner.policies import explain, find_models, validate
 from cleaner.report import dumps, policies_document, render_explain, render_plan, render_policies
 from shared.audit import AuditLog
 from shared.config import Settings, load_settings
-from shared.errors import ConfigError, StorageError
+from shared.errors import FILESYSTEM_ERRNOS, ConfigError, StorageError, unplaced_filesystem_error
 from shared.logs import configure_logging
 
 PROG = "model-storage-cleaner"
@@ -47,6 +48,9 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
             )
     path = save_plan(plan, settings.state_path)
     record_plan(plan, settings.state_path)
+    act = _act_cli()
+    if act is not None:
+        act.record_usage_blind(settings, act.plan_usage_blind(plan.evidence))
     audit_plan(
         AuditLog(settings.audit_log_path),
         plan,
@@ -127,6 +131,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted")
         return 130
+    except OSError as err:
+        if err.errno not in FILESYSTEM_ERRNOS:
+            if debug:
+                traceback.print_exc()
+            _fail(f"unexpected error: {type(err).__name__}: {err}")
+            return 1
+        fs_error = unplaced_filesystem_error(err)
+        _fail(fs_error.one_line())
+        return fs_error.exit_code
     except Exception as err:
         if debug:
             traceback.print_exc()

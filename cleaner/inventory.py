@@ -101,6 +101,11 @@ def parse_coverage(samples: Sequence[Sample], window_seconds: float, at: float) 
     return Coverage(window_seconds=window_seconds, covered_seconds=covered, resolution_seconds=step)
 
 
+def is_cleaner_own(model: str) -> bool:
+    """A model being staged or deleted by a cleaner (`.<model>.model-storage-cleaner-<op>.staged`): not a model."""
+    return model.startswith(".") and ".model-storage-cleaner-" in model
+
+
 def _by_model(samples: Iterable[Sample]) -> dict[tuple[str, str], float]:
     values: dict[tuple[str, str], float] = {}
     for s in samples:
@@ -125,7 +130,7 @@ def parse_inventory(
             last_changed=changed.get((tier, model), now),
         )
         for (tier, model), size in sizes.items()
-        if tier != names.OTHER_TIER
+        if tier != names.OTHER_TIER and not is_cleaner_own(model)
     ]
     return sorted(facts, key=lambda f: (f.tier, f.model))
 
@@ -186,11 +191,14 @@ def fetch(client: PromClient, settings: Settings, view: PolicyView, now: float) 
         coverage = parse_coverage(covered.samples, window, now)
         usage_result = run("usage", usage_query(template, window, matchers))
         if not covered.samples and not usage_result.samples:
-            raise ConfigError(
-                f"prometheus {client.url}: the usage query matched no series in the last "
-                f"{format_duration(window)}: {shorten(usage_result.expr)}",
-                hint="check cleaner.usage_query (STORAGE_USAGE_QUERY) metric names and matchers, or set "
-                "STORAGE_USAGE_TIERS= (empty) when no model server reports usage",
+            # No series at all is what every new deployment sees before a model server reports:
+            # keep everything usage would judge and say so; a query that errors was raised above.
+            coverage = replace(coverage, covered_seconds=0.0, blind=True)
+            warnings.append(
+                f"usage blind: the usage query matched no series in the last {format_duration(window)} "
+                f"({shorten(usage_result.expr)}); models of the usage tiers ({', '.join(view.usage_tiers)}) "
+                "are kept wherever usage would decide. Check cleaner.usage_query (STORAGE_USAGE_QUERY) and its "
+                "matchers, or set STORAGE_USAGE_TIERS= (empty) when no model server reports usage"
             )
         usage = parse_usage(usage_result.samples, label)
         if usage_result.samples and not usage:

@@ -1,12 +1,13 @@
 """Write-ahead journal of moves and deletions, the journaled file operations, and crash recovery.
 
 Every changing step is recorded (JSON line, fsync'd) before it happens and after it completes. A
-move is an atomic `rename` (RENAME_NOREPLACE, so it never replaces anything); across filesystems,
-or where a verified copy is wanted, it is copy -> verify -> re-check the source is unchanged ->
-`copied` -> rename into place -> `deleting` -> delete the source -> `done`. Recovery rolls a step
-back when its source is still whole and forward once the copy was verified (and the source is
-still what was copied), so a model is always whole in one place, and what a writer added to a
-model during its copy is never deleted.
+move is an atomic `rename` (RENAME_NOREPLACE, so it never replaces anything). Evicting by copy
+(another filesystem, archive mode) stages the model first: see cleaner.staged. Restoring across
+filesystems is copy -> verify -> `copied` -> rename into place -> `deleting` -> delete the source
+(in the trash, which no writer addresses) -> `done`. A delete renames its path to a hidden name of
+its own first and records the device+inode, so recovery deletes only that, never a recreated path.
+Recovery rolls a step back when its source is still whole and forward once the copy was verified,
+so a model is always whole in one place.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shared.errors import FilesystemError
 
 CRASH_ENV = "STORAGE_CLEANER_CRASH_AT"
 JOURNAL_DIR = "journal"
@@ -289,17 +292,25 @@ class Journal:
 
     def __init__(self, state_path: Path, op_id: str, *, command: str) -> None:
         directory = journal_dir(state_path)
-        make_dirs(directory)
         self.path = directory / f"{op_id}.jsonl"
         self.op_id = op_id
         self._seq = 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        fsync_dir(directory)
+        try:
+            make_dirs(directory)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            fsync_dir(directory)
+        except OSError as err:
+            raise FilesystemError.from_os(err, "create the journal", self.path) from None
         self.write({"op": "begin", "op_id": op_id, "command": command, "pid": os.getpid()})
 
     def write(self, record: dict[str, Any]) -> None:
-        os.write(self._fd, json.dumps(record, sort_keys=True).encode() + b"\n")
-        os.fsync(self._fd)
+        """Append and fsync one record; the step it records has not happened yet (or is done), so a
+        failure here stops the command with nothing half-done beyond what the journal already says."""
+        try:
+            os.write(self._fd, json.dumps(record, sort_keys=True).encode() + b"\n")
+            os.fsync(self._fd)
+        except OSError as err:
+            raise FilesystemError.from_os(err, "append to the journal", self.path) from None
 
     def intent(self, action: str, **fields: Any) -> int:
         self._seq += 1
@@ -354,6 +365,10 @@ class TransferError(Exception):
     """A transfer could not be made; the source is untouched and the journal says `failed`."""
 
 
+class CrossDeviceError(TransferError):
+    """A rename would cross filesystems and the caller copies another way (cleaner.staged)."""
+
+
 class SourceChangedError(TransferError):
     """The source changed while it was copied: the copy was discarded and the source kept."""
 
@@ -367,6 +382,7 @@ def transfer(
     meta: dict[str, Any],
     force_copy: bool = False,
     after_copy: Callable[[Path], None] | None = None,
+    copy_on_exdev: bool = True,
 ) -> str:
     """Move `src` to the new path `dst` (whose parent exists); returns "renamed" or "copied".
 
@@ -381,9 +397,10 @@ def transfer(
         try:
             rename_noreplace(src, dst)
         except OSError as err:
-            if err.errno != errno.EXDEV:
+            if err.errno != errno.EXDEV or not copy_on_exdev:
                 journal.mark(seq, "failed", error=err.strerror or str(err))
-                raise TransferError(f"cannot move {src} to {dst}: {err.strerror or err}") from None
+                kind = CrossDeviceError if err.errno == errno.EXDEV else TransferError
+                raise kind(f"cannot move {src} to {dst}: {err.strerror or err}") from None
         else:
             fsync_dir(src.parent)
             fsync_dir(dst.parent)
@@ -436,12 +453,56 @@ def transfer(
 
 
 def delete(journal: Journal, path: Path, *, purpose: str, meta: dict[str, Any]) -> None:
-    """Delete `path` for good (purge, backup mode none); recovery finishes a half-done one."""
-    seq = journal.intent("delete", path=str(path), purpose=purpose, meta=meta)
+    """Delete `path` for good (purge, backup mode none); recovery finishes a half-done one.
+
+    The path is first renamed to a hidden name of this operation beside it, whose device+inode the
+    journal holds: recovery then deletes only that, never a path a writer recreated meanwhile.
+    """
+    doomed = path.parent / f".{path.name}.{PARTIAL_TAG}-{journal.op_id}.deleting"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return  # already gone: re-runs are safe
+    seq = journal.intent(
+        "delete", path=str(path), doomed=str(doomed), identity=[st.st_dev, st.st_ino], purpose=purpose, meta=meta
+    )
     crash_point(f"{purpose}_intent_written")
-    remove_tree(path, step=f"{purpose}_deleting")
+    rename_noreplace(path, doomed)
+    fsync_dir(path.parent)
+    journal.mark(seq, "renamed")
+    crash_point(f"{purpose}_renamed_for_delete")
+    remove_tree(doomed, step=f"{purpose}_deleting")
     journal.mark(seq, "done")
     crash_point(f"{purpose}_done_written")
+
+
+def _recover_delete(intent: dict[str, Any], states: list[str]) -> tuple[str, str]:
+    """Finish deleting the renamed path if it is still the one recorded; never the original path."""
+    path = Path(intent["path"])
+    doomed = Path(intent["doomed"]) if intent.get("doomed") else None
+    if doomed is None:  # a journal from before deletes were renamed first
+        return "kept_both", f"{path} left in place: the journal does not say what exactly was being deleted"
+    try:
+        st = os.lstat(doomed)
+    except FileNotFoundError:
+        if "renamed" in states:
+            return "completed", "already deleted"
+        try:
+            same = [os.lstat(path).st_dev, os.lstat(path).st_ino] == intent.get("identity")
+        except FileNotFoundError:
+            return "completed", f"{path} is gone"
+        # A purge deletes a trash entry, which no writer addresses: finish it. An eviction without
+        # backup may have been written to since: keep it; the next run plans it again.
+        if same and intent.get("purpose") == "purge":
+            rename_noreplace(path, doomed)
+            fsync_dir(path.parent)
+            remove_tree(doomed)
+            return "completed", f"finished deleting {path}"
+        return "rolled_back", f"{path} was never renamed for deletion; left in place"
+    if [st.st_dev, st.st_ino] != intent.get("identity"):
+        return "kept_both", f"{doomed} is not what was being deleted (device/inode differ); left untouched"
+    remove_tree(doomed)
+    return "completed", f"finished deleting {path}"
 
 
 # ---- recovery --------------------------------------------------------------------------------
@@ -545,9 +606,16 @@ def recover(state_path: Path) -> list[Recovered]:
                 results.append(
                     Recovered(op_id, action, purpose, outcome, meta, str(intent["src"]), str(intent["dst"]), detail)
                 )
+            elif action == "staged_transfer":
+                from cleaner import staged  # it builds on this module
+
+                outcome, detail = staged.recover(intent, states, records)
+                results.append(
+                    Recovered(op_id, action, purpose, outcome, meta, str(intent["src"]), str(intent["dst"]), detail)
+                )
             elif action == "delete":
-                remove_tree(Path(intent["path"]))
-                results.append(Recovered(op_id, action, purpose, "completed", meta, str(intent["path"]), "", ""))
+                outcome, detail = _recover_delete(intent, states)
+                results.append(Recovered(op_id, action, purpose, outcome, meta, str(intent["path"]), "", detail))
         os.unlink(path)
     if results or any(directory.iterdir()):
         fsync_dir(directory)

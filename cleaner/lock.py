@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from shared.errors import PreconditionError
+from shared.errors import FilesystemError, PreconditionError
 
 LOCK_NAME = "cleaner.lock"
 
@@ -24,8 +24,11 @@ class CleanerLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as err:
+            raise FilesystemError.from_os(err, "open the lock file", self.path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -35,8 +38,12 @@ class CleanerLock:
                 f"another cleaner is running (pid {holder}, lock {self.path}); nothing was changed",
                 hint="wait for it to finish",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            os.close(fd)
+            raise FilesystemError.from_os(err, "write the lock holder's pid to", self.path) from None
         self._fd = fd
 
     def release(self) -> None:

@@ -5,6 +5,7 @@ Deciding (policies) and acting (apply) both speak this model; neither touches th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.audit import AuditLog
-from shared.errors import ConfigError
+from shared.errors import ConfigError, FilesystemError
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -31,6 +32,7 @@ class ModelFacts:
     requests: float | None = None  # requests in the usage window; None = unknown
     partial: bool = False  # holds *.incomplete/*.partial/*.tmp/*.lock: a download in progress
     hold: str = ""  # why the filesystem check keeps it (a `.keep` marker, unreadable); empty = nothing
+    hold_code: str = ""  # the shared.reasons.Reason of `hold`
 
     @property
     def key(self) -> str:
@@ -55,8 +57,9 @@ class Kept:
     tier: str
     model: str
     bytes: int
-    reason: str  # protected, grace, partial download, in use, unknown usage, blast radius ...
+    reason: str  # the sentence, derived from `code` (shared.reasons)
     policy: str | None = None  # the policy that would have evicted it, if any
+    code: str = ""  # a shared.reasons.Reason; "" in plans saved before codes existed
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,15 +122,20 @@ def plans_dir(state_path: Path) -> Path:
 def save_plan(plan: Plan, state_path: Path) -> Path:
     """Write the plan once, atomically, read-only: a saved plan is never edited."""
     directory = plans_dir(state_path)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{plan.plan_id}.json"
     tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(plan.to_json(), handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o444)
-    os.replace(tmp, path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(plan.to_json(), handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o444)
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise FilesystemError.from_os(err, "save the plan", path) from None
     return path
 
 

@@ -12,8 +12,10 @@ from cleaner.inventory import Inventory, fetch
 from cleaner.plan import ModelFacts, Plan, new_plan_id
 from cleaner.policies import Coverage, Decision, PolicyView, decide
 from cleaner.prom import PromClient
+from cleaner.walk import walk_selected
 from shared.config import Settings
 from shared.logs import get_logger
+from shared.reasons import Reason, sentence
 
 PARTIAL_SUFFIXES = (".incomplete", ".partial", ".tmp", ".lock")
 KEEP_MARKER = ".keep"
@@ -37,33 +39,25 @@ def model_dir(settings: Settings, facts: ModelFacts) -> Path:
     return settings.models_path / settings.layout.dir_for_tier(facts.tier) / facts.model
 
 
-def partial_file(path: Path) -> str | None:
-    """The first partial-download file under `path` (symlinks not followed), or None."""
-    if path.name.endswith(PARTIAL_SUFFIXES):
-        return str(path)
-    pending = [str(path)]
-    while pending:
-        current = pending.pop()
-        with os.scandir(current) as entries:
-            for entry in entries:
-                if entry.name.endswith(PARTIAL_SUFFIXES):
-                    return entry.path
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append(entry.path)
-    return None
-
-
 def check_partial(settings: Settings, facts: ModelFacts) -> ModelFacts:
+    """A selected model, checked on disk: a partial download in it, and what evicting it frees.
+
+    The exporter charges an inode shared by several models once; evicting one of them frees only
+    the bytes whose last link it holds (cleaner.walk), which is what the run re-checks too.
+    """
     path = model_dir(settings, facts)
     try:
         if not path.is_dir():
             return replace(facts, partial=path.name.endswith(PARTIAL_SUFFIXES))
-        found = partial_file(path)
+        if path.name.endswith(PARTIAL_SUFFIXES):
+            return replace(facts, partial=True)
+        found, freed = walk_selected(path, PARTIAL_SUFFIXES)
     except FileNotFoundError:
         return facts  # gone since the scrape: applying will find nothing to move
     except OSError as err:
-        return replace(facts, hold=f"model directory unreadable, cannot check for partial downloads: {err.strerror}")
-    return replace(facts, partial=found is not None)
+        why = f"cannot check for partial downloads: {err.strerror}"
+        return replace(facts, hold=sentence(Reason.UNREADABLE, why), hold_code=Reason.UNREADABLE)
+    return replace(facts, partial=found is not None, bytes=freed)
 
 
 def mark_kept(settings: Settings, facts: Sequence[ModelFacts]) -> list[ModelFacts]:
@@ -71,7 +65,11 @@ def mark_kept(settings: Settings, facts: Sequence[ModelFacts]) -> list[ModelFact
     marked = []
     for f in facts:
         if os.path.lexists(model_dir(settings, f) / KEEP_MARKER):
-            f = replace(f, hold=f"protected: {KEEP_MARKER} marker in the model directory")
+            f = replace(
+                f,
+                hold=sentence(Reason.PROTECTED, f"{KEEP_MARKER} marker in the model directory"),
+                hold_code=Reason.PROTECTED,
+            )
         marked.append(f)
     return marked
 

@@ -20,6 +20,7 @@ from typing import Any
 from cleaner.plan import Eviction, Kept, ModelFacts, Plan
 from shared.config import DAY_SECONDS, GB, HOUR_SECONDS, Settings
 from shared.errors import ConfigError
+from shared.reasons import Reason, sentence
 
 USAGE_PLACEHOLDERS = ("window", "matchers")
 _PLACEHOLDER = re.compile(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")
@@ -104,14 +105,19 @@ class Coverage:
     covered_seconds: float
     resolution_seconds: float = 0.0
     queried: bool = True
+    # Queried, and no usage series at all in the window (a fresh install with no model server yet):
+    # the usage policy is blind, so everything it would judge is kept.
+    blind: bool = False
 
     @property
     def complete(self) -> bool:
-        return self.queried and self.covered_seconds + self.resolution_seconds >= self.window_seconds
+        return self.queried and not self.blind and self.covered_seconds + self.resolution_seconds >= self.window_seconds
 
     def describe(self) -> str:
         if not self.queried:
             return "usage not queried (no enabled policy reads it)"
+        if self.blind:
+            return f"no usage series at all in the {fmt_duration(self.window_seconds)} window (usage blind)"
         return (
             f"usage data covers {fmt_duration(self.covered_seconds)} of the {fmt_duration(self.window_seconds)} window"
         )
@@ -123,6 +129,7 @@ class Coverage:
             "covered_seconds": self.covered_seconds,
             "resolution_seconds": self.resolution_seconds,
             "complete": self.complete,
+            "blind": self.blind,
         }
 
 
@@ -197,28 +204,35 @@ def protection(facts: ModelFacts, globs: Sequence[str]) -> str:
     for glob in globs:
         target = facts.key if "/" in glob else facts.model
         if fnmatch.fnmatchcase(target, glob):
-            return f"protected: matches protect glob {glob!r}"
-    if facts.hold.startswith("protected"):
+            return sentence(Reason.PROTECTED, f"matches protect glob {glob!r}")
+    if facts.hold_code == Reason.PROTECTED:
         return facts.hold
     return ""
 
 
-def guard(facts: ModelFacts, view: PolicyView, now: float) -> str:
-    """The reason no policy may evict this model, or "" when policies may."""
+Why = tuple[Reason, str]  # a code and the sentence derived from it
+Verdict = tuple[str, Reason | None, str]  # ("evict"|"keep", the keep code, the sentence)
+
+
+def guard(facts: ModelFacts, view: PolicyView, now: float) -> Why | None:
+    """Why no policy may evict this model, or None when policies may."""
     protected = protection(facts, view.protect)
     if protected:
-        return protected
+        return Reason.PROTECTED, protected
     if facts.hold:
-        return facts.hold
+        return Reason(facts.hold_code or Reason.UNREADABLE), facts.hold
     if facts.partial:
-        return "partial download in progress (*.incomplete, *.partial, *.tmp or .lock inside)"
+        return Reason.PARTIAL_DOWNLOAD, sentence(
+            Reason.PARTIAL_DOWNLOAD, "*.incomplete, *.partial, *.tmp or .lock inside"
+        )
     changed_ago = now - facts.last_changed
     if changed_ago < view.grace_seconds:
-        return (
-            f"grace: changed {fmt_duration(max(changed_ago, 0.0))} ago, within the "
-            f"{fmt_duration(view.grace_seconds)} grace period"
+        return Reason.GRACE, sentence(
+            Reason.GRACE,
+            f"changed {fmt_duration(max(changed_ago, 0.0))} ago, within the "
+            f"{fmt_duration(view.grace_seconds)} grace period",
         )
-    return ""
+    return None
 
 
 def served(facts: ModelFacts, view: PolicyView) -> bool:
@@ -258,43 +272,45 @@ class _Builder:
             reason=reason,
         )
 
-    def keep(self, facts: ModelFacts, reason: str, policy: str | None) -> None:
+    def keep(self, facts: ModelFacts, why: Why, policy: str | None) -> None:
         if facts.key not in self.evicted and facts.key not in self.kept:
-            self.kept[facts.key] = Kept(facts.tier, facts.model, facts.bytes, reason, policy)
+            self.kept[facts.key] = Kept(facts.tier, facts.model, facts.bytes, why[1], policy, why[0])
 
 
-def age_verdict(facts: ModelFacts, coverage: Coverage, view: PolicyView, now: float) -> tuple[str, str] | None:
+def age_verdict(facts: ModelFacts, coverage: Coverage, view: PolicyView, now: float) -> Verdict | None:
     """("evict"|"keep", reason) when the age policy selects this model; None when it does not apply."""
     age = now - facts.last_changed
     if facts.tier not in view.age_tiers or age <= view.age_seconds:
         return None
     old = f"unchanged for {fmt_duration(age)} (> {fmt_duration(view.age_seconds)})"
     if not served(facts, view):
-        return "evict", old
+        return "evict", None, old
     window = fmt_duration(view.timeframe_seconds)
     if facts.requests is not None and facts.requests >= view.min_requests:
-        return "keep", f"in use: {fmt_requests(facts.requests)} requests in {window} (>= {view.min_requests:g})"
+        enough = f"{fmt_requests(facts.requests)} requests in {window} (>= {view.min_requests:g})"
+        return "keep", Reason.ENOUGH_REQUESTS, sentence(Reason.ENOUGH_REQUESTS, enough)
     if facts.requests is None:
-        return "keep", f"{old}, but usage unknown: no usage series for this model"
+        return "keep", Reason.UNKNOWN_USAGE, sentence(Reason.UNKNOWN_USAGE, f"no usage series for this model; {old}")
     if not coverage.complete:
-        return "keep", f"{old}, but usage unknown: {coverage.describe()}"
-    return "evict", f"{old}, {fmt_requests(facts.requests)} requests in {window} (< {view.min_requests:g})"
+        return "keep", Reason.UNKNOWN_USAGE, sentence(Reason.UNKNOWN_USAGE, f"{coverage.describe()}; {old}")
+    return "evict", None, f"{old}, {fmt_requests(facts.requests)} requests in {window} (< {view.min_requests:g})"
 
 
-def usage_verdict(facts: ModelFacts, view: PolicyView, now: float) -> tuple[str, str] | None:
+def usage_verdict(facts: ModelFacts, view: PolicyView, now: float) -> Verdict | None:
     """The usage policy's view of a model of a served tier (coverage is checked by the caller)."""
     if not served(facts, view):
         return None
     window = fmt_duration(view.timeframe_seconds)
     if facts.requests is None:
-        return "keep", "usage unknown: no usage series for this model"
+        return "keep", Reason.UNKNOWN_USAGE, sentence(Reason.UNKNOWN_USAGE, "no usage series for this model")
     if facts.requests >= view.min_requests:
         return None
     few = f"{fmt_requests(facts.requests)} requests in {window} (< {view.min_requests:g})"
     age = now - facts.last_changed
     if age < view.timeframe_seconds:
-        return "keep", f"{few}, but changed {fmt_duration(max(age, 0.0))} ago: younger than the usage window"
-    return "evict", few
+        young = f"{few}, but changed {fmt_duration(max(age, 0.0))} ago"
+        return "keep", Reason.YOUNGER_THAN_WINDOW, sentence(Reason.YOUNGER_THAN_WINDOW, young)
+    return "evict", None, few
 
 
 def decide(facts: Sequence[ModelFacts], coverage: Coverage, view: PolicyView, now: float) -> Decision:
@@ -304,19 +320,21 @@ def decide(facts: Sequence[ModelFacts], coverage: Coverage, view: PolicyView, no
     notes: dict[str, Any] = {}
     guards = {f.key: guard(f, view, now) for f in facts}
     for f in facts:
-        if guards[f.key].startswith("protected"):
-            build.keep(f, guards[f.key], None)
+        g = guards[f.key]
+        if g is not None and g[0] is Reason.PROTECTED:
+            build.keep(f, g, None)
 
-    def select(f: ModelFacts, policy: str, verdict: tuple[str, str] | None) -> None:
+    def select(f: ModelFacts, policy: str, verdict: Verdict | None) -> None:
         if verdict is None or f.key in build.evicted:
             return
-        action, reason = verdict
-        if action == "evict" and guards[f.key]:
-            build.keep(f, guards[f.key], policy)
+        action, code, reason = verdict
+        g = guards[f.key]
+        if action == "evict" and g is not None:
+            build.keep(f, g, policy)
         elif action == "evict":
             build.evict(f, policy, reason)
         else:
-            build.keep(f, reason, policy)
+            build.keep(f, (code or Reason.UNKNOWN_USAGE, reason), policy)
 
     if view.enabled("age"):
         for f in sorted(facts, key=lambda m: (m.last_changed, m.key)):
@@ -343,7 +361,7 @@ def decide(facts: Sequence[ModelFacts], coverage: Coverage, view: PolicyView, no
 def _size(
     facts: Sequence[ModelFacts],
     view: PolicyView,
-    guards: dict[str, str],
+    guards: dict[str, Why | None],
     build: _Builder,
     warnings: list[str],
     notes: dict[str, Any],
@@ -361,8 +379,12 @@ def _size(
             break
         if f.key in build.evicted:
             continue
-        if served(f, view) and f.requests is None and not guards[f.key]:
-            select(f, "size", ("keep", "usage unknown: no usage series for this model"))
+        if served(f, view) and f.requests is None and guards[f.key] is None:
+            select(
+                f,
+                "size",
+                ("keep", Reason.UNKNOWN_USAGE, sentence(Reason.UNKNOWN_USAGE, "no usage series for this model")),
+            )
             continue
         reason = (
             f"{'+'.join(view.size_tiers)} at {fmt_bytes(total)} > limit {fmt_bytes(limit)}: evicting down to "
@@ -370,7 +392,7 @@ def _size(
         )
         if served(f, view):
             reason += f" ({fmt_requests(f.requests)} requests)"
-        select(f, "size", ("evict", reason))
+        select(f, "size", ("evict", None, reason))
         if f.key in build.evicted:
             total -= f.bytes
     notes["size"]["after_bytes"] = total
@@ -390,13 +412,14 @@ def _cap(
     for index, e in enumerate(evictions):
         if len(taken) + 1 > view.max_evict_models or freed + e.bytes > max_bytes:
             rest = evictions[index:]
-            why = (
-                f"blast radius: evicting it would exceed {view.max_evict_fraction:.0%} of the models' bytes "
-                f"({fmt_bytes(max_bytes)}) or {view.max_evict_models} models in one run; use --allow-large"
+            why = sentence(
+                Reason.BLAST_RADIUS,
+                f"evicting it would exceed {view.max_evict_fraction:.0%} of the models' bytes "
+                f"({fmt_bytes(max_bytes)}) or {view.max_evict_models} models in one run; use --allow-large",
             )
             for r in rest:
                 del build.evicted[f"{r.tier}/{r.model}"]
-                build.kept[f"{r.tier}/{r.model}"] = Kept(r.tier, r.model, r.bytes, why, r.policy)
+                build.kept[f"{r.tier}/{r.model}"] = Kept(r.tier, r.model, r.bytes, why, r.policy, Reason.BLAST_RADIUS)
             warnings.append(
                 f"blast radius: kept {len(rest)} of {len(evictions)} selected models "
                 f"({fmt_bytes(sum(r.bytes for r in rest))}); rerun with --allow-large to evict them"
@@ -425,7 +448,9 @@ def explain(facts: ModelFacts, coverage: Coverage, view: PolicyView, now: float,
         checks.append({"check": name, "verdict": verdict, "detail": detail})
 
     g = guard(facts, view, now)
-    check("guards", "keep" if g else "pass", g or "not protected, no partial download, outside the grace period")
+    check(
+        "guards", "keep" if g else "pass", g[1] if g else "not protected, no partial download, outside the grace period"
+    )
     for policy in ("age", "usage", "size"):
         tiers = {"age": view.age_tiers, "usage": view.usage_tiers, "size": view.size_tiers}[policy]
         if not view.enabled(policy):
@@ -436,14 +461,14 @@ def explain(facts: ModelFacts, coverage: Coverage, view: PolicyView, now: float,
             verdict = age_verdict(facts, coverage, view, now)
             age = fmt_duration(max(now - facts.last_changed, 0.0))
             none = f"changed {age} ago (<= {fmt_duration(view.age_seconds)})"
-            check("age", verdict[0] if verdict else "pass", verdict[1] if verdict else none)
+            check("age", verdict[0] if verdict else "pass", verdict[2] if verdict else none)
         elif policy == "usage":
             if not coverage.complete:
                 check("usage", "skipped", coverage.describe())
             else:
                 verdict = usage_verdict(facts, view, now)
                 enough = f"{fmt_requests(facts.requests)} requests (>= {view.min_requests:g})"
-                check("usage", verdict[0] if verdict else "pass", verdict[1] if verdict else enough)
+                check("usage", verdict[0] if verdict else "pass", verdict[2] if verdict else enough)
         else:
             size = plan.evidence.get("size") or {}
             total, limit = size.get("total_bytes", 0), view.max_size_bytes
@@ -460,7 +485,7 @@ def explain(facts: ModelFacts, coverage: Coverage, view: PolicyView, now: float,
             outcome = {"action": "evict", "policy": e.policy, "reason": e.reason}
     for k in plan.kept:
         if (k.tier, k.model) == (facts.tier, facts.model):
-            outcome = {"action": "keep", "policy": k.policy, "reason": k.reason}
+            outcome = {"action": "keep", "policy": k.policy, "reason": k.reason, "code": k.code}
     return {
         "plan_id": plan.plan_id,
         "tier": facts.tier,

@@ -25,14 +25,15 @@ from cleaner.planner import KEEP_MARKER
 from cleaner.policies import protection
 from cleaner.walk import Inode, Snapshot, snapshot
 from shared.layout import Layout
+from shared.reasons import Reason
 
-MISSING = "missing"
-OUTSIDE = "outside_models_path"
-CHANGED = "changed_since_plan"
-IN_USE = "in_use"
-PROTECTED = "protected"
-UNSUPPORTED = "unsupported_type"
-CHECK_FAILED = "check_failed"  # a check could not be made (an I/O error): never read as "passed"
+MISSING = Reason.MISSING
+OUTSIDE = Reason.OUTSIDE_MODELS_PATH
+CHANGED = Reason.CHANGED_SINCE_PLAN
+IN_USE = Reason.IN_USE
+PROTECTED = Reason.PROTECTED
+UNSUPPORTED = Reason.UNSUPPORTED_TYPE
+CHECK_FAILED = Reason.CHECK_FAILED  # a check could not be made (an I/O error): never read as "passed"
 TIME_TOLERANCE_SECONDS = 1e-3  # timestamps went through float text and Prometheus
 
 _LOCK_DEVICE = re.compile(r"^([0-9a-fA-F]+):([0-9a-fA-F]+):(\d+)$")
@@ -74,8 +75,9 @@ def is_protected(tier: str, model: str, globs: Sequence[str]) -> bool:
 
 def changed_since(snapshot: Snapshot, planned_bytes: int, planned_last_changed: float) -> str | None:
     """Why the model is not what the plan saw, or None when it is the same."""
-    if snapshot.bytes != planned_bytes:
-        return f"size is {snapshot.bytes} bytes, the plan saw {planned_bytes}"
+    if snapshot.freed_bytes != planned_bytes:
+        # Both sides by the same rule (cleaner.walk): the bytes evicting the model would free.
+        return f"it would free {snapshot.freed_bytes} bytes, the plan saw {planned_bytes}"
     if snapshot.newest_change > planned_last_changed + TIME_TOLERANCE_SECONDS:
         return f"changed at {snapshot.newest_change:.3f}, after the plan's snapshot {planned_last_changed:.3f}"
     return None

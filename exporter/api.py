@@ -269,6 +269,7 @@ _SCHEMAS: dict[str, Any] = {
             "evicted_models_total": {"type": "object", "additionalProperties": _COUNT},
             "skipped": {"type": "object", "additionalProperties": _COUNT},
             "trash_bytes": _COUNT,
+            "usage_blind": {"type": "boolean"},
         },
     },
     "Info": {

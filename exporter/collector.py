@@ -46,6 +46,8 @@ class CleanupState(Protocol):
     def skipped(self) -> Mapping[str, int]: ...
     @property
     def trash_bytes(self) -> int: ...
+    @property
+    def usage_blind(self) -> bool: ...
 
 
 def package_version() -> str:
@@ -201,4 +203,9 @@ class StorageCollector(Collector):
         for reason, count in sorted(state.skipped.items()):
             skipped.add_metric([reason], count)
         yield skipped
+        yield GaugeMetricFamily(
+            m.CLEANUP_USAGE_BLIND,
+            "1 when the latest cleanup plan found no usage series at all and kept every model usage would judge.",
+            state.usage_blind,
+        )
         yield GaugeMetricFamily(m.TRASH_BYTES, "Bytes held in the cleaner's trash.", state.trash_bytes)

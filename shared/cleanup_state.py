@@ -25,6 +25,9 @@ class CleanupState:
     evicted_models_total: dict[str, int] = field(default_factory=dict)  # policy -> models, cumulative
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> models, last run
     trash_bytes: int = 0
+    # 1 when the latest plan (a run's or a dry run's) found no usage series at all: the usage policy
+    # kept everything it would have judged. Served as model_storage_cleanup_usage_blind.
+    usage_blind: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": STATE_SCHEMA_VERSION, **asdict(self)}
@@ -48,6 +51,7 @@ class CleanupState:
             evicted_models_total=counts("evicted_models_total"),
             skipped=counts("skipped"),
             trash_bytes=int(data.get("trash_bytes", 0)),
+            usage_blind=bool(data.get("usage_blind", False)),
         )
 
 
@@ -70,6 +74,7 @@ def next_state(
     evicted_models: Mapping[str, int],
     skipped: Mapping[str, int],
     trash_bytes: int,
+    usage_blind: bool = False,
 ) -> CleanupState:
     """The state after a run: counters carried over from `previous` and increased. Pure."""
     return CleanupState(
@@ -82,6 +87,7 @@ def next_state(
         evicted_models_total=add_counts(previous.evicted_models_total if previous else {}, evicted_models),
         skipped=dict(skipped),
         trash_bytes=trash_bytes,
+        usage_blind=usage_blind,
     )
 
 

@@ -32,3 +32,44 @@ class PreconditionError(StorageError):
 
     code = "precondition_failed"
     exit_code = 4
+
+
+_FS_HINTS = {
+    "ENOSPC": "free space on that filesystem, or point the setting at another one",
+    "EDQUOT": "the disk quota is exhausted: free space or raise the quota",
+    "EACCES": "check the owner and mode of that path for the user the cleaner runs as",
+    "EPERM": "check the owner and mode of that path for the user the cleaner runs as",
+    "EROFS": "the filesystem is mounted read-only",
+}
+
+
+class FilesystemError(StorageError):
+    """The filesystem refused an operation (no space, no permission, read-only): exit code 5.
+
+    The message names the operation and the path; what was done before it is journaled, so the
+    next command recovers it.
+    """
+
+    code = "filesystem_error"
+    exit_code = 5
+
+    @classmethod
+    def from_os(cls, err: OSError, operation: str, path: object = None) -> FilesystemError:
+        import errno as errno_names
+
+        where = path if path is not None else err.filename
+        name = errno_names.errorcode.get(err.errno or 0, "")
+        reason = err.strerror or str(err)
+        text = f"cannot {operation} {where}: {reason}" + (f" ({name})" if name else "")
+        return cls(text, hint=_FS_HINTS.get(name, ""))
+
+
+def unplaced_filesystem_error(err: OSError) -> FilesystemError:
+    """An OSError no named step caught: the path from the error, the operation from its kind."""
+    import errno as errno_names
+
+    writing = err.errno in (errno_names.ENOSPC, errno_names.EDQUOT, errno_names.EROFS)
+    return FilesystemError.from_os(err, "write to" if writing else "access", err.filename)
+
+
+FILESYSTEM_ERRNOS = frozenset({28, 122, 13, 1, 30})  # ENOSPC, EDQUOT, EACCES, EPERM, EROFS

@@ -48,6 +48,7 @@ CLEANUP_LAST_SUCCESS: Final = "model_storage_cleanup_last_success"
 CLEANUP_EVICTED_BYTES: Final = "model_storage_cleanup_evicted_bytes"  # counter: _total
 CLEANUP_EVICTED_MODELS: Final = "model_storage_cleanup_evicted_models"  # counter: _total
 CLEANUP_SKIPPED_MODELS: Final = "model_storage_cleanup_skipped_models"
+CLEANUP_USAGE_BLIND: Final = "model_storage_cleanup_usage_blind"
 TRASH_BYTES: Final = "model_storage_trash_bytes"
 TRASH_LIMIT_BYTES: Final = "model_storage_trash_limit_bytes"  # the configured trash cap
 

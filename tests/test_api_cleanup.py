@@ -250,3 +250,34 @@ def test_prometheus_unreachable_is_a_503_with_the_cleaners_message(store: Path, 
         assert tree_state(store / "models") == before
     last = [e for e in audit(store) if e["operation"] == "api.cleanup"][-1]
     assert last["result"] == "failure" and "prometheus" in last["error"]
+
+
+def test_a_fresh_install_without_usage_series_plans_and_runs_and_says_usage_is_blind(
+    store: Path, logs_dir: Path
+) -> None:
+    """Issue 13 case 5: no model server reports usage (the compose stack); the dry run used to answer 503."""
+    build_store(store)
+    fresh = {k: v for k, v in POLICY_ENV.items() if k != "STORAGE_USAGE_TIERS"}  # the default: repository
+    fresh["STORAGE_CLEANUP_POLICIES"] = "age,usage,size"
+    fresh["STORAGE_CLEANUP_SIZE_TIERS"] = "raw,quantized,repository"
+    with api_stack(store, logs_dir, **fresh) as stack:
+        wait_scraped(stack)
+        url = stack.exporter.url
+        response = httpx.post(url + "/storage/cleanup?dry_run=true", headers=AUTH, timeout=120)
+        assert response.status_code == 200, response.text
+        report = response.json()["report"]
+        assert report["evidence"]["usage_coverage"]["blind"] is True
+        assert any(w.startswith("usage blind:") for w in report["warnings"]), report["warnings"]
+        assert ("repository", "served") not in keys(report["evictions"])
+        assert keys(report["evictions"]) == {("raw", "big-a"), ("raw", "big-b")}, report["evictions"]
+
+        response = httpx.post(url + "/storage/cleanup", headers=AUTH, timeout=120)
+        assert response.status_code == 200, response.text
+        assert keys(response.json()["report"]["done"]) == {("raw", "big-a"), ("raw", "big-b")}
+        assert (store / "models" / "repository" / "served").is_dir()
+
+        def blind_served() -> bool:
+            body = httpx.get(url + "/metrics", timeout=10).text
+            return "\nmodel_storage_cleanup_usage_blind 1.0\n" in body
+
+        wait_until(blind_served, timeout=10, what="the exporter serves model_storage_cleanup_usage_blind 1")

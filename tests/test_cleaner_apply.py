@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,7 +143,10 @@ def test_counters_accumulate_across_runs_and_skips_are_per_run(store: Path, caps
     settings = settings_for(store)
     make_model(store / "models", "raw", "a", {"w": b"x" * 100})
     make_model(store / "models", "raw", "b", {"w": b"y" * 50})
-    kept = (Kept("raw", "c", 7, "protected: matches protect glob 'raw/c'", "age"), Kept("raw", "d", 1, "grace", None))
+    kept = (
+        Kept("raw", "c", 7, "protected: matches protect glob 'raw/c'", "age", "protected"),
+        Kept("raw", "d", 1, "grace", None, "grace"),
+    )
     code, _ = run(settings, plan_for(settings, [("raw", "a"), ("raw", "gone")], kept=kept), capsys)
     assert code == 0
     first = read_cleanup_state(settings.cleanup_state_file)
@@ -656,9 +660,11 @@ def test_archive_mode_catches_a_corrupted_copy_and_deletes_nothing(store: Path, 
 
 
 @pytest.mark.parametrize("change", ["append", "new_file", "rewrite"])
-def test_archive_mode_keeps_a_source_changed_during_the_copy_and_skips_it(
+def test_archive_mode_keeps_a_staged_model_changed_during_the_copy_and_skips_it(
     store: Path, other_fs: Path, change: str
 ) -> None:
+    """Only a handle held across the rename could change the staged tree (the holder check sees those):
+    should one be missed, the change is still found after the copy and the model goes back, whole."""
     settings = settings_for(store, STORAGE_BACKUP_MODE="archive", STORAGE_BACKUP_PATH=str(other_fs / "backup"))
     before = three_models(store)["raw/llama"]
     model = store / "models/raw/llama"
@@ -666,14 +672,15 @@ def test_archive_mode_keeps_a_source_changed_during_the_copy_and_skips_it(
     eviction = Eviction("raw", "llama", snap.bytes, snap.files, snap.newest_change, 0, None, "age", "test")
 
     def writer_at_work(_copy: Path) -> None:  # runs once the copy is made, before it is checked
+        (staged,) = (store / "models/raw").glob(".llama.*.staged")
         if change == "append":
-            with open(model / "config.json", "ab") as handle:
+            with open(staged / "config.json", "ab") as handle:
                 handle.write(b" ")
         elif change == "new_file":
-            (model / "weights/extra.safetensors").write_bytes(b"new shard")
+            (staged / "weights/extra.safetensors").write_bytes(b"new shard")
         else:
             later = time.time() + 5
-            os.utime(model / "config.json", (later, later))
+            os.utime(staged / "config.json", (later, later))
 
     ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=time.time())
     journal = Journal(settings.state_path, "r1", command="run")
@@ -685,7 +692,7 @@ def test_archive_mode_keeps_a_source_changed_during_the_copy_and_skips_it(
     assert result.done == [] and result.failed == [] and apply.exit_code_for(result) == 0
     (skip,) = result.skipped
     assert skip.reason == "changed_during_copy" and "changed during the copy" in skip.detail
-    after = tree_manifest(model)  # the original, with what the writer did, is all still there
+    after = tree_manifest(model)  # the original, with what the writer did, is all back in place
     expected = dict(before)
     if change == "append":
         expected["config.json"] = tree_manifest(model / "config.json")[""]
@@ -693,8 +700,42 @@ def test_archive_mode_keeps_a_source_changed_during_the_copy_and_skips_it(
         expected["weights/extra.safetensors"] = tree_manifest(model / "weights/extra.safetensors")[""]
     assert after == expected
     assert list(other_fs.rglob("*llama*")) == []  # no copy, no partial copy left behind
+    assert list((store / "models/raw").glob(".*")) == []
     records = [json.loads(line) for line in settings.audit_log_path.read_text().splitlines()]
     assert [(r["operation"], r["details"]["reason"]) for r in records] == [("skip", "changed_during_copy")]
+
+
+def test_archive_mode_a_writer_at_the_old_path_during_the_copy_recreates_it_and_it_is_never_touched(
+    store: Path, other_fs: Path
+) -> None:
+    settings = settings_for(store, STORAGE_BACKUP_MODE="archive", STORAGE_BACKUP_PATH=str(other_fs / "backup"))
+    before = three_models(store)["raw/llama"]
+    model = store / "models/raw/llama"
+    snap = verify.snapshot(model)
+    eviction = Eviction("raw", "llama", snap.bytes, snap.files, snap.newest_change, 0, None, "age", "test")
+    failed_writes: list[str] = []
+
+    def writer_at_work(_copy: Path) -> None:
+        try:
+            with open(model / "config.json", "ab") as handle:
+                handle.write(b" ")
+        except FileNotFoundError as err:
+            failed_writes.append(str(err.filename))
+            (model / "weights").mkdir(parents=True)
+            (model / "weights/extra.safetensors").write_bytes(b"new shard")
+
+    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=time.time())
+    journal = Journal(settings.state_path, "r1", command="run")
+    result = apply.apply_evictions(
+        [eviction], ctx, journal, AuditLog(settings.audit_log_path), after_copy=writer_at_work
+    )
+    journal.close()
+
+    assert failed_writes == [str(model / "config.json")]
+    assert [(d.model, d.how) for d in result.done] == [("llama", "copied")]
+    assert tree_manifest(other_fs / "backup/r1/raw/llama") == before
+    assert sorted(tree_manifest(model)) == ["", "weights", "weights/extra.safetensors"]
+    assert (model / "weights/extra.safetensors").read_bytes() == b"new shard"
 
 
 def test_source_change_names_what_differs() -> None:
@@ -751,7 +792,9 @@ def test_every_protected_model_the_plan_kept_counts_as_skipped_protected() -> No
     old = now - 60 * DAY
     facts = [
         ModelFacts("raw", "by-glob", 10, 1, old),
-        ModelFacts("raw", "by-marker", 10, 1, old, hold="protected: .keep marker in the model directory"),
+        ModelFacts(
+            "raw", "by-marker", 10, 1, old, hold="protected: .keep marker in the model directory", hold_code="protected"
+        ),
         ModelFacts("raw", "evicted", 10, 1, old),
         ModelFacts("raw", "young", 10, 1, now - 60),
     ]
@@ -768,8 +811,8 @@ def test_the_state_file_counts_protected_models_of_the_plan(store: Path, capsys:
     settings = settings_for(store)
     make_model(store / "models", "raw", "a", {"w": b"x"})
     kept = (
-        Kept("raw", "p", 7, "protected: matches protect glob 'raw/p'", None),
-        Kept("raw", "young", 1, "grace: changed 1h ago", None),
+        Kept("raw", "p", 7, "protected: matches protect glob 'raw/p'", None, "protected"),
+        Kept("raw", "young", 1, "grace: changed 1h ago", None, "grace"),
     )
     run(settings, plan_for(settings, [("raw", "a")], kept=kept), capsys)
     state = read_cleanup_state(settings.cleanup_state_file)
@@ -792,11 +835,45 @@ def test_the_state_timestamp_is_when_the_run_finished(store: Path, capsys: pytes
     assert state.timestamp >= last_step  # after the last move was audited, not when the run began
 
 
-def test_kept_reasons_map_to_skip_labels() -> None:
-    assert apply.kept_reason_label("protected: .keep marker in the model directory") == "protected"
-    assert apply.kept_reason_label("unchanged for 40d, but usage unknown: no usage series") == "unknown_usage"
-    assert apply.kept_reason_label("blast radius: evicting it would exceed 50%") == "blast_radius"
-    assert apply.kept_reason_label("in use: 12 requests in 7d (>= 10)") is None
+def test_an_unreadable_model_directory_is_counted_as_unreadable_not_as_a_partial_download(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13 case 6: the sentence "...cannot check for partial downloads" was parsed back as partial_download."""
+    from cleaner import planner
+    from cleaner.plan import ModelFacts
+    from cleaner.policies import Coverage, PolicyView, decide
+
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "locked", {"w": b"1"})
+    make_model(store / "models", "raw", "old", {"w": b"2"})
+
+    def unreadable(path: Path, suffixes: tuple[str, ...]) -> tuple[str | None, int]:
+        if path.name == "locked":  # root reads any directory: the EACCES is made here
+            raise PermissionError(13, "Permission denied", str(path))
+        return None, 1
+
+    monkeypatch.setattr(planner, "walk_selected", unreadable)
+    facts = [planner.check_partial(settings, ModelFacts("raw", m, 1, 1, 0.0)) for m in ("locked", "old")]
+    view = PolicyView(policies=("age",), age_seconds=10.0, grace_seconds=0.0)
+    decision = decide(facts, Coverage(1.0, 1.0), view, 1e6)
+
+    assert [e.model for e in decision.evictions] == ["old"]
+    assert apply.skipped_counts(decision.kept, []) == {"unreadable": 1}
+    (kept,) = decision.kept
+    assert "Permission denied" in kept.reason
+
+
+def test_kept_codes_and_not_sentences_make_the_skip_labels() -> None:
+    from shared.reasons import Reason, sentence
+
+    def kept(code: Reason, text: str) -> Kept:
+        return Kept("raw", "m", 1, text, "age", code)
+
+    # The sentence says "usage unknown"; the code decides, and the sentence is derived from it.
+    assert apply.kept_reason_label(kept(Reason.BLAST_RADIUS, "usage unknown, oddly")) == "blast_radius"
+    assert apply.kept_reason_label(kept(Reason.ENOUGH_REQUESTS, sentence(Reason.ENOUGH_REQUESTS, "12"))) is None
+    assert apply.kept_reason_label(Kept("raw", "m", 1, "protected: an old plan", "age")) is None
+    assert sentence(Reason.UNREADABLE, "EACCES") == "model directory unreadable: EACCES"
 
 
 def test_run_with_prometheus_down_exits_4_but_leaves_a_failed_state_to_alert_on(store: Path) -> None:
@@ -1076,3 +1153,50 @@ def test_a_read_only_tier_directory_of_a_planned_model_exits_4_before_any_move(s
     assert f"{models / 'repository'} is on a read-only mount" in done.stderr
     assert three_models_manifest(models) == before  # raw/llama, planned first, was not moved either
     assert not (store / "trash").exists()
+
+
+# ---- twins: models sharing inodes (cp -al) -------------------------------------------------------
+
+
+def test_a_cp_al_twin_is_planned_at_the_bytes_it_frees_and_is_evictable(store: Path) -> None:
+    """Issue 13 case 3: the exporter charged the twin 0 bytes, every run then skipped it as changed."""
+    from cleaner import planner
+    from cleaner.plan import ModelFacts
+    from cleaner.policies import Coverage, PolicyView, decide
+
+    settings = settings_for(store)
+    models = store / "models"
+    make_model(models, "raw", "llama", {"a.bin": os.urandom(1_200_000), "b.bin": os.urandom(800_000)})
+    subprocess.run(["cp", "-al", str(models / "raw/llama"), str(models / "quantized/llama-twin")], check=True)
+    make_model(models, "quantized", "llama-twin", {"own.bin": os.urandom(5_000)})
+    old = time.time()
+    # What Prometheus says: the exporter charges each shared inode once, to the first model it met.
+    seen = [ModelFacts("raw", "llama", 2_000_000, 2, old), ModelFacts("quantized", "llama-twin", 5_000, 3, old)]
+    view = PolicyView(policies=("age",), age_tiers=("quantized",), age_seconds=0.0, grace_seconds=0.0)
+    now = time.time() + 10
+    decision, _facts = planner.decide_with_disk_checks(settings, seen, Coverage(1.0, 1.0), view, now)
+    (eviction,) = decision.evictions
+    assert (eviction.model, eviction.bytes) == ("llama-twin", 5_000)  # only own.bin's last link goes
+    assert decide(_facts, Coverage(1.0, 1.0), view, now).evictions == decision.evictions
+
+    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=now)
+    journal = Journal(settings.state_path, "r1", command="run")
+    result = apply.apply_evictions([eviction], ctx, journal, AuditLog(settings.audit_log_path))
+    journal.close()
+
+    assert result.skipped == [] and [d.model for d in result.done] == ["llama-twin"]
+    assert (models / "raw/llama/a.bin").stat().st_nlink == 2  # the other link is in the trash now
+    assert verify.snapshot(models / "raw/llama").freed_bytes == 0
+
+
+def test_freed_bytes_count_only_inodes_whose_every_link_is_inside() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "m").mkdir()
+        (root / "m/own").write_bytes(b"x" * 10)
+        (root / "m/inner-1").write_bytes(b"y" * 20)
+        os.link(root / "m/inner-1", root / "m/inner-2")  # both links inside: freed, counted once
+        (root / "m/shared").write_bytes(b"z" * 40)
+        os.link(root / "m/shared", root / "outside")
+        snap = verify.snapshot(root / "m")
+        assert (snap.bytes, snap.freed_bytes, snap.files) == (70, 30, 3)

@@ -87,7 +87,7 @@ def assert_accounted(
         assert tree_manifest(places[0]) == manifest, f"{key} at {places[0]} is not whole"
     for root in (store / "models", *areas(env)):
         if root.is_dir():
-            leftovers = [p for p in root.rglob("*") if p.name.endswith(".partial")]
+            leftovers = [p for p in root.rglob("*") if p.name.endswith((".partial", ".staged", ".deleting"))]
             assert not leftovers, leftovers
     journal = load_settings(env=env).state_path / "journal"
     assert not journal.is_dir() or not list(journal.iterdir())
@@ -134,6 +134,8 @@ RUN_STEPS = [
     ("trash", "evict_metadata_written:2"),
     ("trash", "before_state_written:1"),
     ("exdev", "evict_intent_written:2"),
+    ("exdev", "evict_staged:1"),
+    ("exdev", "evict_staged_written:2"),
     ("exdev", "copying:2"),
     ("exdev", "evict_copied_written:1"),
     ("exdev", "evict_copy_placed:2"),
@@ -141,6 +143,10 @@ RUN_STEPS = [
     ("exdev", "evict_source_deleting:1"),
     ("exdev", "evict_source_deleting:2"),
     ("exdev", "evict_done_written:3"),
+    ("archive", "evict_staged:3"),
+    ("archive", "evict_staged_written:1"),
+    ("archive", "evict_deleting_written:2"),
+    ("archive", "evict_done_written:1"),
     ("archive", "copying:4"),
     ("archive", "evict_copied_written:2"),
     ("archive", "evict_copy_placed:1"),
@@ -161,7 +167,9 @@ def test_run_killed_at_any_step_loses_nothing(store: Path, request: pytest.Fixtu
     recover_and_restore_all(store, env, before)
 
 
-@pytest.mark.parametrize("at", ["evict_intent_written:2", "evict_deleting:1", "evict_deleting:2"])
+@pytest.mark.parametrize(
+    "at", ["evict_intent_written:2", "evict_renamed_for_delete:1", "evict_deleting:1", "evict_deleting:2"]
+)
 def test_backup_mode_none_killed_mid_delete_finishes_the_delete(store: Path, at: str) -> None:
     env = {**exporter_env(store / "models", store), "STORAGE_BACKUP_MODE": "none"}
     before = populate(store)
@@ -201,7 +209,14 @@ def test_restore_killed_at_any_step_loses_nothing(
 
 
 @pytest.mark.parametrize(
-    "at", ["purge_intent_written:1", "purge_deleting:1", "purge_deleting:3", "purge_done_written:2"]
+    "at",
+    [
+        "purge_intent_written:1",
+        "purge_renamed_for_delete:2",
+        "purge_deleting:1",
+        "purge_deleting:3",
+        "purge_done_written:2",
+    ],
 )
 def test_purge_killed_at_any_step_finishes_or_keeps_each_entry_whole(store: Path, at: str) -> None:
     env = exporter_env(store / "models", store)
@@ -251,19 +266,26 @@ def test_two_concurrent_runs_second_exits_4_naming_the_first_and_changes_nothing
         assert "trash" in place.parts and tree_manifest(place) == manifest
 
 
-# ---- a writer changing a model while it is copied ------------------------------------------------
+# ---- writers against a model being evicted by copy (issue 13) -----------------------------------
+
+STAGED_SUFFIXES = (".partial", ".staged", ".deleting")
 
 
-def write_to(model: Path) -> Manifest:
-    """What a downloader or a fine-tuning job might do: append to a file and add a shard."""
-    with open(model / "config.json", "ab") as handle:
-        handle.write(b"\n")
-    (model / "weights/c.safetensors").write_bytes(os.urandom(5_000))
+def recreate(model: Path) -> Manifest:
+    """What a downloader holding the old path does once the model is gone: try to append, then recreate."""
+    try:
+        with open(model / "config.json", "ab") as handle:
+            handle.write(b"\n")
+    except FileNotFoundError:
+        make_model(model.parent.parent, model.parent.name, model.name, {"tokenizer.json": os.urandom(3_000)})
+    else:  # the old path still held the model: add a shard to it
+        (model / "weights").mkdir(exist_ok=True)
+        (model / "weights/c.safetensors").write_bytes(os.urandom(5_000))
     return tree_manifest(model)
 
 
-def start_stopped_mid_copy(env: dict[str, str], plan_id: str, crash_at: str) -> subprocess.Popen[str]:
-    """A real `run` stopped (SIGSTOP) after copying the first file of the first model."""
+def start_stopped_at(env: dict[str, str], plan_id: str, crash_at: str) -> subprocess.Popen[str]:
+    """A real `run` stopped (SIGSTOP) at a crash point."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cleaner", "run", "--json", "--plan", plan_id],
         env={**env, "STORAGE_CLEANER_CRASH_AT": crash_at},
@@ -272,95 +294,141 @@ def start_stopped_mid_copy(env: dict[str, str], plan_id: str, crash_at: str) -> 
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_until(lambda: process_state(proc.pid) == "T", timeout=30, what="cleaner stopped mid-copy")
+    wait_until(lambda: process_state(proc.pid) == "T", timeout=30, what=f"cleaner stopped at {crash_at}")
     return proc
 
 
 def no_partials_and_empty_journal(store: Path, env: dict[str, str]) -> None:
     for root in (store / "models", *areas(env)):
         if root.is_dir():
-            assert not [p for p in root.rglob("*") if p.name.endswith(".partial")]
+            assert not [p for p in root.rglob("*") if p.name.endswith(STAGED_SUFFIXES)]
     journal = load_settings(env=env).state_path / "journal"
     assert not journal.is_dir() or not list(journal.iterdir())
     assert verify_audit(store / "audit.log").ok
 
 
+def old_llama_places(store: Path, env: dict[str, str]) -> list[Path]:
+    """Where the evicted llama may be: in trash/archive, or kept beside its recreated path."""
+    kept = sorted((store / "models/raw").glob("llama.cleaner-kept-*"))
+    return [p for p in places_of(store, env, "raw/llama") if p != store / "models/raw/llama"] + kept
+
+
+WINDOWS = [
+    "copying:1",
+    "evict_staged_written:1",
+    "evict_copied_written:1",
+    "evict_copy_placed:1",
+    "evict_deleting_written:1",
+]
+
+
 @pytest.mark.parametrize("mode", ["exdev", "archive"])
-def test_a_model_written_to_during_its_copy_is_kept_and_skipped(
-    store: Path, request: pytest.FixtureRequest, mode: str
+@pytest.mark.parametrize("window", WINDOWS)
+def test_a_writer_in_any_window_of_a_copy_eviction_loses_nothing_and_its_model_is_never_touched(
+    store: Path, request: pytest.FixtureRequest, mode: str, window: str
 ) -> None:
+    """Issue 13 case 1: a tokenizer.json written after the copy was verified used to be deleted with the source."""
     other = request.getfixturevalue("other_fs") if mode == "exdev" else None
     env = env_for(store, mode, other)
     before = populate(store)
-    proc = start_stopped_mid_copy(env, save_test_plan(env), "copying:1:STOP")
+    proc = start_stopped_at(env, save_test_plan(env), f"{window}:STOP")
     try:
-        changed = write_to(store / "models/raw/llama")
+        written = recreate(store / "models/raw/llama")
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=60)
 
     assert proc.returncode == 0, err
+    assert tree_manifest(store / "models/raw/llama") == written
     report = json.loads(out)
-    assert [(s["tier"], s["model"], s["reason"]) for s in report["skipped"]] == [
-        ("raw", "llama", "changed_during_copy")
-    ]
-    assert places_of(store, env, "raw/llama") == [store / "models/raw/llama"]
-    assert tree_manifest(store / "models/raw/llama") == changed
+    assert ("raw", "llama") in {(d["tier"], d["model"]) for d in report["done"]}, report
+    (old,) = old_llama_places(store, env)
+    assert tree_manifest(old) == before["raw/llama"]
     for key in KEYS[1:]:
         (place,) = places_of(store, env, key)
         assert store / "models" not in place.parents and tree_manifest(place) == before[key]
     no_partials_and_empty_journal(store, env)
 
 
-def test_killed_while_discarding_the_copy_of_a_changed_model_keeps_the_model(store: Path, other_fs: Path) -> None:
-    env = env_for(store, "exdev", other_fs)
-    before = populate(store)
-    proc = start_stopped_mid_copy(env, save_test_plan(env), "copying:1:STOP,evict_source_changed:1")
-    try:
-        changed = write_to(store / "models/raw/llama")
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-
-    run_cleaner(["purge"], env, check=True)
-
-    assert places_of(store, env, "raw/llama") == [store / "models/raw/llama"]
-    assert tree_manifest(store / "models/raw/llama") == changed
-    for key in KEYS[1:]:
-        assert tree_manifest(store / "models" / key) == before[key]
-    no_partials_and_empty_journal(store, env)
+KILLS = [
+    "evict_intent_written:1",
+    "evict_staged:1",
+    "evict_staged_written:1",
+    "copying:1",
+    "evict_copied_written:1",
+    "evict_copy_placed:1",
+    "evict_deleting_written:1",
+    "evict_source_deleting:1",
+    "evict_source_deleting:2",
+    "evict_done_written:1",
+]
 
 
-@pytest.mark.parametrize(
-    ("mode", "at", "outcome"),
-    [
-        ("exdev", "evict_copied_written:1", "rolled_back"),
-        ("archive", "evict_copied_written:1", "rolled_back"),
-        ("exdev", "evict_copy_placed:1", "kept_both"),
-    ],
-)
-def test_recovery_never_deletes_a_source_changed_after_it_was_copied(
-    store: Path, request: pytest.FixtureRequest, mode: str, at: str, outcome: str
+@pytest.mark.parametrize("mode", ["exdev", "archive"])
+@pytest.mark.parametrize("at", KILLS)
+def test_recovery_never_deletes_a_model_recreated_after_the_crash(
+    store: Path, request: pytest.FixtureRequest, mode: str, at: str
 ) -> None:
+    """Issue 13 case 2: recovery used to delete a re-downloaded raw/llama once its journal said "deleting"."""
     other = request.getfixturevalue("other_fs") if mode == "exdev" else None
     env = env_for(store, mode, other)
     before = populate(store)
     crash(["run", "--plan", save_test_plan(env)], env, at)
-    changed = write_to(store / "models/raw/llama")  # between the crash and the next cleaner
+    if os.path.lexists(store / "models/raw/llama"):
+        written = tree_manifest(store / "models/raw/llama")  # not staged yet: recovery leaves it as it is
+        recreated = False
+    else:
+        written = recreate(store / "models/raw/llama")
+        recreated = True
 
     run_cleaner(["purge"], env, check=True)
 
-    places = places_of(store, env, "raw/llama")
-    assert places[0] == store / "models/raw/llama" and tree_manifest(places[0]) == changed
-    if outcome == "kept_both":
-        # The verified copy was already in place: neither it nor the changed model is deleted.
-        assert len(places) == 2 and tree_manifest(places[1]) == before["raw/llama"]
+    assert tree_manifest(store / "models/raw/llama") == written
+    if recreated:
+        (old,) = old_llama_places(store, env)
+        assert tree_manifest(old) == before["raw/llama"]
     else:
-        assert len(places) == 1
+        assert old_llama_places(store, env) == []
     records = [json.loads(line) for line in (store / "audit.log").read_text().splitlines()]
-    (recovered,) = [r for r in records if r["operation"] == "recover"]
-    assert (
-        recovered["details"]["outcome"] == outcome and "changed after it was copied" in recovered["details"]["detail"]
+    assert all(r["details"]["outcome"] != "lost" for r in records if r["operation"] == "recover")
+    no_partials_and_empty_journal(store, env)
+
+
+@pytest.mark.parametrize("at", ["evict_renamed_for_delete:1", "evict_deleting:2"])
+def test_mode_none_recovery_never_deletes_a_model_recreated_after_the_crash(store: Path, at: str) -> None:
+    env = {**exporter_env(store / "models", store), "STORAGE_BACKUP_MODE": "none"}
+    populate(store)
+    crash(["run", "--plan", save_test_plan(env)], env, at)
+    written = recreate(store / "models/raw/llama")
+    run_cleaner(["purge"], env, check=True)
+    assert tree_manifest(store / "models/raw/llama") == written
+    no_partials_and_empty_journal(store, env)
+
+
+def test_a_process_that_opened_a_file_before_staging_puts_the_model_back(store: Path, other_fs: Path) -> None:
+    """A writer holding a file of the model across the rename could still write into the staged tree: the
+    holder check after the rename sees it, and the model goes back to its path, untouched."""
+    env = env_for(store, "exdev", other_fs)
+    populate(store)
+    proc = start_stopped_at(env, save_test_plan(env), "evict_verified:1:STOP")
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; f = open(sys.argv[1], 'ab', 0); f.write(b'1'); input(); f.write(b'2')",
+            str(store / "models/raw/llama/config.json"),
+        ],
+        stdin=subprocess.PIPE,
     )
+    try:
+        wait_until(lambda: (store / "models/raw/llama/config.json").read_bytes().endswith(b"1"), timeout=30)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+        assert writer.stdin is not None
+        writer.communicate(b"\n", timeout=30)
+    assert proc.returncode == 0, err
+    report = json.loads(out)
+    assert [(s["model"], s["reason"]) for s in report["skipped"]] == [("llama", "in_use")], report
+    assert (store / "models/raw/llama/config.json").read_bytes() == b"{}12"
     no_partials_and_empty_journal(store, env)

@@ -398,11 +398,49 @@ def test_a_query_prometheus_rejects_exits_4_with_its_error(stack: Stack) -> None
     assert "bad_data" in done.stderr and stack.prometheus.url in done.stderr
 
 
-def test_an_unknown_metric_in_the_usage_template_is_a_clear_error(stack: Stack) -> None:
-    template = "sum by (model) (increase(vllm_no_such_requests_total{$matchers}[$window]))"
-    done = run_cleaner(["plan"], stack.env(STORAGE_USAGE_QUERY=template.replace("{$matchers}", "")))
-    assert done.returncode == 2
-    assert "the usage query matched no series" in done.stderr and "vllm_no_such_requests_total" in done.stderr
+NO_USAGE_SERIES = "sum by (model) (increase(vllm_no_such_requests_total{$matchers}[$window]))"
+
+
+def test_no_usage_series_at_all_plans_with_age_and_size_and_keeps_what_usage_would_judge(stack: Stack) -> None:
+    """Issue 13 case 5: a fresh install (no model server reporting) used to exit 2 here."""
+    settings = {
+        **age_settings(stack),
+        "STORAGE_CLEANUP_POLICIES": "age,usage,size",
+        "STORAGE_USAGE_QUERY": NO_USAGE_SERIES,
+    }
+    done = run_cleaner(["plan", "--json"], stack.env(**settings))
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["evidence"]["usage_coverage"]["blind"] is True, brief(plan)
+    # Age still evicts the unserved tiers; every served model is kept: usage would judge it.
+    assert set(evictions(plan)) == {"raw/old-raw", "quantized/q-big", "quantized/q-small"}, brief(plan)
+    why = kept(plan)
+    for model in ("busy", "idle", "low", "silent"):
+        assert "usage unknown" in why[f"repository/{model}"], brief(plan)
+    blind = [w for w in plan["warnings"] if w.startswith("usage blind:")]
+    assert len(blind) == 1 and "vllm_no_such_requests_total" in blind[0], plan["warnings"]
+    assert any(w.startswith("usage policy skipped") for w in plan["warnings"])
+    text = run_cleaner(["plan"], stack.env(**settings))
+    assert text.returncode == 0 and "usage blind" in text.stdout
+
+
+def test_no_usage_series_at_all_still_lets_size_evict_unserved_tiers(stack: Stack) -> None:
+    plan = plan_json(
+        stack,
+        STORAGE_CLEANUP_POLICIES="size",
+        STORAGE_CLEANUP_MAX_SIZE_GB="0.000008",  # 8 kB: the store holds ~16.6 kB
+        STORAGE_CLEANUP_MAX_EVICT_FRACTION="0.9",
+        STORAGE_USAGE_QUERY=NO_USAGE_SERIES,
+    )
+    assert plan["evictions"], brief(plan)
+    assert all(not e.startswith("repository/") for e in evictions(plan)), brief(plan)
+    assert plan["evidence"]["usage_coverage"]["blind"] is True
+
+
+def test_a_usage_query_that_errors_is_still_an_error_not_blindness(stack: Stack) -> None:
+    done = run_cleaner(["plan"], stack.env(STORAGE_USAGE_QUERY="sum by (model) (increase(x[$window])"))
+    assert done.returncode == 4, done.stderr
+    assert "usage blind" not in done.stderr + done.stdout
 
 
 @pytest.mark.parametrize(

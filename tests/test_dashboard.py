@@ -223,6 +223,7 @@ def test_dashboard_shows_what_the_spec_and_the_issue_ask_for() -> None:
         "instance:model_storage_full_after_cleanup:seconds",  # time to full net of the last plan
         "model_storage_cleanup_planned_bytes",
         "model_storage_cleanup_plan_timestamp_seconds",
+        "model_storage_cleanup_usage_blind",  # issue 13: usage policy without data
     }
     assert wanted <= shown, wanted - shown
     kinds = {p["type"] for p in panels()}

@@ -250,7 +250,12 @@ def test_protect_globs_match_tier_slash_model_or_a_bare_model_name() -> None:
 
 
 def test_protected_models_are_listed_even_when_no_policy_selects_them() -> None:
-    decision = decide([model("young", days=1, hold="protected: .keep marker in the model directory")], FULL, BASE, NOW)
+    decision = decide(
+        [model("young", days=1, hold="protected: .keep marker in the model directory", hold_code="protected")],
+        FULL,
+        BASE,
+        NOW,
+    )
     assert "repository/young" in kept(decision)
 
 
@@ -294,6 +299,7 @@ facts_lists = st.lists(
             requests=requests,
             partial=partial,
             hold="protected: .keep" if keep else "",
+            hold_code="protected" if keep else "",
         ),
         tiers,
         names,
