@@ -76,7 +76,7 @@ def two_models(store: Path) -> Path:
 def pooled(two_models: Path) -> Iterator[tuple[ExporterService, Client, list[int]]]:
     """A service whose scanner has two worker processes, both stopped (SIGSTOP): a scan waits."""
     scanner = Scanner(2)
-    svc = ExporterService(make_service(two_models, STORAGE_ADMIN_TOKEN=f"ops={ADMIN}").settings, scanner=scanner)
+    svc = ExporterService(make_service(two_models, STORAGE_ADMIN_TOKEN=f"ops:{ADMIN}").settings, scanner=scanner)
     scanner.start()
     pids = workers_of(scanner)
     for pid in pids:

@@ -314,7 +314,7 @@ ADMIN = "page-admin-token-0123456789abcdef"
 
 def test_with_a_read_token_configured_model_rows_need_a_token_and_figures_do_not(store: Path, logs_dir: Path) -> None:
     build_store(store)
-    env = {"STORAGE_READ_TOKEN": f"viewer={READ}", "STORAGE_ADMIN_TOKEN": f"ops={ADMIN}"}
+    env = {"STORAGE_READ_TOKEN": f"viewer:{READ}", "STORAGE_ADMIN_TOKEN": f"ops:{ADMIN}"}
     with running(start_exporter(store / "models", store, logs_dir, **env)) as exporter:
         url = exporter.url + "/"
         anonymous = httpx.get(url, timeout=10)
