@@ -7,7 +7,7 @@ SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metri
 SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps run test check lint fmt typecheck bench clean
+.PHONY: all install system-deps run test check lint fmt typecheck bench stress-exporter clean
 
 all: test
 
@@ -50,6 +50,13 @@ test: $(STAMP) system-deps check
 
 bench: $(STAMP)
 	$(PY) -m bench
+
+# Chaos rounds against the real exporter with both cores busy: ROUNDS (500), SEED (random), SCRUB (off|on).
+ROUNDS ?= 500
+SEED ?=
+SCRUB ?= off
+stress-exporter: $(STAMP)
+	$(PY) -m tests.chaos --rounds $(ROUNDS) --scrub $(SCRUB) $(if $(SEED),--seed $(SEED))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -304,9 +304,11 @@ class IndexUpdater:
             return stats
         sizes = {tree.inode_size(inode) for inode in missing}
         found: list[tuple[Parts, os.stat_result]] = []
+        checked: set[Parts] = set()
         for parts, size in plain:
             if size not in sizes:
                 continue
+            checked.add(parts)
             stats += 1
             try:
                 st = os.lstat(self.path(parts))
@@ -314,6 +316,22 @@ class IndexUpdater:
                 continue
             if (st.st_dev, st.st_ino) in missing and stat.S_ISREG(st.st_mode):
                 found.append((parts, st))
+        # cp -al, then a write through the new links before the index learnt of them: the old name is
+        # indexed at its old size. Inodes still short of links are searched among every plain file,
+        # once per state of the inode (`_searched`), so a link from outside costs one pass, not one per event.
+        short = set(missing) - {(st.st_dev, st.st_ino) for _, st in found}
+        if short:
+            _, every = tree.find_links(short, any_size=True)
+            for parts, _size in every:
+                if parts in checked:
+                    continue
+                stats += 1
+                try:
+                    st = os.lstat(self.path(parts))
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) in short and stat.S_ISREG(st.st_mode):
+                    found.append((parts, st))
         for start in range(0, len(found), LINK_SLICE):
             with lock:
                 for parts, st in found[start : start + LINK_SLICE]:
