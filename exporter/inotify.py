@@ -204,11 +204,12 @@ class InotifyReader:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 return -1  # gone already; its delete event follows
             if err.errno in _UNWATCHABLE:
-                if len(self._unwatched) >= UNWATCHED_LIMIT:
-                    del self._unwatched[next(iter(self._unwatched))]
-                self._unwatched[path] = None
-                return -1
+                return self._unwatchable(path)
             raise
+        if wd < 0:
+            # watchdog answers EACCES with wd -1 (and keeps a placeholder watch for it) rather than raising.
+            self._fd._watch_for_wd.pop(wd, None)
+            return self._unwatchable(path)
         if self._unwatched:
             self._unwatched.pop(path, None)
         old = self._paths.get(wd)
@@ -218,6 +219,12 @@ class InotifyReader:
         self._wds[path] = wd
         self._added[wd] = self._seq
         return wd
+
+    def _unwatchable(self, path: str) -> int:
+        if len(self._unwatched) >= UNWATCHED_LIMIT:
+            del self._unwatched[next(iter(self._unwatched))]
+        self._unwatched[path] = None
+        return -1
 
     def _watch_tree(self, top: str, *, strict: bool = False) -> int:
         """Watch `top` and every directory below it; a watch comes before its directory is listed.

@@ -16,8 +16,10 @@ What the updater guarantees, given the reader's guarantees (see exporter.inotify
 - U3 (unreadable is retried): a directory the updater could not read (its scan failed, or an lstat
   below it was refused) is scanned again at the next hint for it or for a directory above it; a change
   of permissions is such a hint (IN_ATTRIB).
-- U4 (moves re-key): a move inside the tree re-keys the indexed subtree without a stat; when the
-  reader could not vouch for the moved directory's watch it announces the destination too (U1).
+- U4 (moves re-key): a move inside the tree re-keys the indexed subtree without a stat, and the moved
+  directory is scanned again `settle_seconds` later (hints inside it read after the move lstat the
+  old path). A move whose source the index does not hold announces its destination (U1), and so
+  does the reader when it cannot vouch for the moved directory's watch (R2).
 """
 
 from __future__ import annotations
@@ -113,11 +115,16 @@ class IndexUpdater:
                 stats += self._flush(tree, dirty, lock)
                 if src is not None and dst is not None:
                     with lock:
-                        moved_dir = tree.move(src, dst) and isinstance(tree.lookup(dst), DirNode)
+                        rekeyed = tree.move(src, dst)
+                        moved_dir = rekeyed and isinstance(tree.lookup(dst), DirNode)
                     if moved_dir:
                         # Watches are added by path when their event is read, which can be after the
                         # directory moved and a new one took its place: re-check the moved one later.
                         self._on_moved_dir(dst)
+                    elif not rekeyed:
+                        # Nothing indexed at the source (made and moved before its hints were applied,
+                        # whose lstats then found it gone): what is at the destination is new to us.
+                        dirty[dst] = True
                 elif dst is not None:
                     dirty[dst] = True  # moved in from outside the models path: new to us
                 for parts in (src, dst):

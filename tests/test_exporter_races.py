@@ -322,7 +322,7 @@ def test_a_directory_that_cannot_be_watched_yet_is_not_a_failure_and_is_watched_
 
     def add_callback(path: bytes, *args: object) -> object:
         if refusing[0] and path.startswith(os.fsencode(models / "raw" / "m")):
-            raise PermissionError(13, "Permission denied")
+            return -1  # what watchdog answers for EACCES
         return real_add(path, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(reader._fd, "add_callback", add_callback)
@@ -334,3 +334,30 @@ def test_a_directory_that_cannot_be_watched_yet_is_not_a_failure_and_is_watched_
     assert m in reader._wds and m + "/sub" in reader._wds
     # A directory watched in full: its IN_ATTRIB is a plain hint.
     assert reader.translate([(tier, C.IN_ATTRIB | C.IN_ISDIR, 0, b"m")]) == [RawEvent("modified", m)]
+
+
+def test_a_directory_made_and_moved_before_its_hints_were_applied_is_scanned_at_its_destination(
+    models: Path,
+) -> None:
+    """mkdir raw/.new; (files); rm -rf raw/m; mv raw/.new raw/m, all before the batch is applied:
+    the hints for .new find it gone, so the index has nothing to re-key, and the old m is still
+    indexed when the move is applied. The destination must be scanned, not kept as the old m."""
+    fill(models / "raw" / "m", 3)
+    tree, updater, _ = index_of(models)
+    new = models / "raw" / ".new"
+    fill(new / "d", 6, size=50)
+    shutil.rmtree(models / "raw" / "m")
+    os.rename(new, models / "raw" / "m")
+    m = str(models / "raw" / "m")
+    updater.apply(
+        tree,
+        [
+            RawEvent("created", str(new)),
+            RawEvent("created", str(new / "d")),
+            RawEvent("created", str(new / "d" / "f0")),
+            RawEvent("deleted", m + "/f0"),
+            RawEvent("deleted", m),
+            RawEvent("moved", str(new), m),
+        ],
+    )
+    assert_index_exact(tree, models)
