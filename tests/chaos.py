@@ -446,7 +446,9 @@ def run_round(proc: Proc, models: Path, scratch: Path, seed: int) -> Outcome:
 @contextlib.contextmanager
 def cpu_hogs(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     """`count` busy-looping processes (one per core keeps both cores busy); stopped by PID."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    # Each hog also ends when its parent is gone (a harness killed outright leaves no spinning orphans).
+    spin = f"import os\nwhile os.getppid() == {os.getpid()}:\n    for _ in range(1000000): pass\n"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
     try:
         yield hogs
     finally:
@@ -514,10 +516,9 @@ def run_chaos(
             outcomes.append(outcome)
             if echo is not None and (outcome.seconds is None or (i + 1) % 50 == 0):
                 done = sum(o.seconds is not None for o in outcomes)
-                echo(
-                    f"round {i + 1}/{rounds}: {done} exact"
-                    + ("" if outcome.seconds else f", seed {outcome.seed} WRONG")
-                )
+                echo(f"round {i + 1}/{rounds}: {done} exact")
+                if outcome.seconds is None:
+                    echo(f"  seed {outcome.seed} WRONG ({', '.join(outcome.workloads)}): {outcome.differences[:5]}")
         corrections = parse_metrics(scrape(proc)).get((SCRUB_METRIC, frozenset()))
     times = [o.seconds for o in outcomes if o.seconds is not None]
     failures = [o for o in outcomes if o.seconds is None]
@@ -535,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds: the exporter and the hogs are stopped by PID
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"chaos: {args.rounds} rounds from seed {seed}, scrub {args.scrub}, {args.hogs} CPU hogs", flush=True)
     summary = run_chaos(
         args.rounds,
