@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -361,3 +362,20 @@ def test_a_directory_made_and_moved_before_its_hints_were_applied_is_scanned_at_
         ],
     )
     assert_index_exact(tree, models)
+
+
+def test_the_thread_guard_sees_a_service_left_running(store: Path) -> None:
+    """Every exporter thread is a daemon: the guard must count them, and let a stopped one go."""
+    from tests.conftest import leaked_threads
+    from tests.support import make_service, wait_until
+
+    before = set(threading.enumerate())
+    svc = make_service(store)
+    svc.start()
+    try:
+        wait_until(svc.ready.is_set, timeout=10, what="initial scan")
+        left = leaked_threads(before, stopping_seconds=0.2)
+        assert "index-updater (daemon)" in left and "inotify-reader (daemon)" in left
+    finally:
+        svc.stop()
+    assert leaked_threads(before) == []
