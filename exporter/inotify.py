@@ -404,13 +404,11 @@ class InotifyReader:
         return out
 
     def _attrib_announces(self, path: str) -> bool:
-        """Whether an IN_ATTRIB on this directory may have made it (or one below it) watchable."""
+        """Whether an IN_ATTRIB on this directory may have made it, or a directory in it, watchable
+        (watching needs read on the directory and search on its parent; deeper ones were never listed)."""
         if path not in self._wds:
             return True
-        if not self._unwatched:
-            return False
-        prefix = path + "/"
-        return any(p.startswith(prefix) for p in self._unwatched)
+        return bool(self._unwatched) and any(p.rpartition("/")[0] == path for p in self._unwatched)
 
     def _recover_from_overflow(self) -> None:
         # Directories made while events were lost have no watch yet: add them before the rescan.

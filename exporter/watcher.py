@@ -14,8 +14,8 @@ What the updater guarantees, given the reader's guarantees (see exporter.inotify
 - U2 (last write wins): a path's hints are applied by one lstat taken after the last of them was
   queued, so the size of a file after its last write (IN_MODIFY/IN_CLOSE_WRITE) is what the index holds.
 - U3 (unreadable is retried): a directory the updater could not read (its scan failed, or an lstat
-  below it was refused) is scanned again at the next hint for it or for a directory above it; a change
-  of permissions is such a hint (IN_ATTRIB).
+  in it was refused) is scanned again at the next hint for it or for its parent (reading needs read
+  on it and search on its parent); a change of permissions is such a hint (IN_ATTRIB).
 - U4 (moves re-key): a move inside the tree re-keys the indexed subtree without a stat, and the moved
   directory is scanned again `settle_seconds` later (hints inside it read after the move lstat the
   old path). A move whose source the index does not hold announces its destination (U1), and so
@@ -203,11 +203,11 @@ class IndexUpdater:
             self.note_unreadable(parts)
 
     def _retry_unreadable(self, parts: Parts) -> bool:
-        """Whether a directory at or below `parts` could not be read; forgets them (a scan follows)."""
+        """Whether `parts` or a directory in it could not be read (a permission change of either is a
+        hint for `parts`); forgets them, as a scan follows."""
         if not self._unreadable:
             return False
-        depth = len(parts)
-        below = [u for u in self._unreadable if u[:depth] == parts]
+        below = [u for u in self._unreadable if u == parts or u[:-1] == parts]
         for u in below:
             del self._unreadable[u]
         return bool(below)
