@@ -3,8 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metrics
-SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics
+SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metrics rsync
+SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics rsync
 PYTEST_ARGS ?=
 
 .PHONY: all install system-deps run test check lint fmt typecheck bench stress-exporter clean
