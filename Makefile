@@ -3,11 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metrics chromium
-SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium
+SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metrics chromium rsync openssl
+SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium rsync openssl
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps run test test-compose test-kubernetes kubernetes check lint fmt typecheck bench stress-cleaner clean
+.PHONY: all install system-deps run test test-compose test-kubernetes kubernetes check lint fmt typecheck bench stress stress-exporter stress-cleaner clean
 
 all: test
 
@@ -64,10 +64,24 @@ test-kubernetes: $(STAMP) system-deps
 bench: $(STAMP)
 	$(PY) -m bench
 
+# Chaos rounds against the real exporter with both cores busy: ROUNDS (500), SEED (random), SCRUB (off|on).
+ROUNDS ?= 500
+SEED ?=
+SCRUB ?= off
+stress-exporter: $(STAMP)
+	$(PY) -m tests.chaos --rounds $(ROUNDS) --scrub $(SCRUB) $(if $(SEED),--seed $(SEED))
+
 # Writers against the cleaner killed at every crash point and held in every window, in every mode
 # (mounts a tmpfs: run as root). `make test` runs a reduced set of it.
 stress-cleaner: $(STAMP)
 	$(PY) -m tests.cleaner_torture --full
+
+# Both stress runs at full size: the exporter's chaos rounds with the scrub off (the event path
+# alone must be exact) and on, then the cleaner's torture. `make test` runs a short version of each.
+stress: $(STAMP)
+	$(MAKE) stress-exporter SCRUB=off
+	$(MAKE) stress-exporter SCRUB=on
+	$(MAKE) stress-cleaner
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -4,6 +4,23 @@ watchdog's Observer builds a FileSystemEvent per inotify event and passes it thr
 and four locked queues; that capped a burst at about 11,000 creates/s applied. Here one thread
 reads the kernel queue in large chunks, keeps a wd -> directory map, pairs moves by cookie,
 collapses the create/modify/close of one file into one hint, and hands each chunk over as one list.
+
+What the reader guarantees (the updater's guarantees build on these, see exporter.watcher):
+- R1 (watch before announce): a directory is announced (a `created` hint: made, moved in from
+  outside, or newly readable) only after a watch was added at its path, and its subdirectories
+  found by listing it were watched too. A directory that cannot be watched yet (EACCES) is not a
+  failure: it is remembered and watched, and announced again, at its next IN_ATTRIB.
+- R2 (every directory ends up watched under its path): watches are added by path when an event is
+  read, which can be after the directory moved on. Each directory's last announcement or move is read
+  after its last rename, and each one re-adds the watch at the path it names: inotify answers with the
+  directory's existing wd, so a move whose destination answers with a different wd than the one we
+  moved (we had watched another directory at the source) re-watches and announces the destination.
+- R3 (moves out forget only what left): a directory moved out of the tree (a move-from with no
+  move-to in the same read) is forgotten by the wds it had when it left, except those re-added since
+  (moved back in at once: `mv m out/x; mv out/x m` leaves m watched).
+- R4 (no lost hints): one hint per path between moves, in kernel order; a move-from whose move-to is
+  in the same read is one `moved` hint; an unpaired move-to is a `created` hint, an unpaired
+  move-from a `deleted` one.
 """
 
 from __future__ import annotations
@@ -47,6 +64,10 @@ _IN_CREATE = C.IN_CREATE
 _IN_DELETE = C.IN_DELETE
 _IN_MOVED_FROM = C.IN_MOVED_FROM
 _IN_MOVED_TO = C.IN_MOVED_TO
+_IN_ATTRIB = C.IN_ATTRIB
+# Errors that mean "not now" for one directory, not "events can no longer be trusted" (R1).
+_UNWATCHABLE = (errno.EACCES, errno.EPERM)
+UNWATCHED_LIMIT = 10_000
 
 
 class _NoCallback:
@@ -127,6 +148,11 @@ class InotifyReader:
         self._paths: dict[int, str] = {}  # wd -> directory path
         self._wds: dict[str, int] = {}  # directory path -> wd
         self._map_lock = threading.Lock()  # the maps: the reader's, and `rewatch` from the updater
+        # Directories that could not be watched (EACCES): watched at their next IN_ATTRIB (R1).
+        self._unwatched: dict[str, None] = {}
+        # Within one translated chunk: the event number at which each wd was last (re-)added (R3).
+        self._added: dict[int, int] = {}
+        self._seq = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Events can no longer be trusted (a watch could not be added, the read failed): the service
@@ -166,7 +192,9 @@ class InotifyReader:
         with self._map_lock:
             self._watch_tree(path)
 
-    def _add_watch(self, path: str) -> bool:
+    def _add_watch(self, path: str) -> int:
+        """The directory's wd (an existing one when it was watched already), or -1 when it is gone
+        or cannot be watched yet (remembered for its next IN_ATTRIB)."""
         try:
             with warnings.catch_warnings():
                 # Adding an existing watch is how we re-check it; watchdog warns about that.
@@ -174,28 +202,48 @@ class InotifyReader:
                 wd = self._fd.add_callback(os.fsencode(path), MASK, self._callback, _CALLBACK_ID)
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
-                return False  # gone already; its delete event follows
+                return -1  # gone already; its delete event follows
+            if err.errno in _UNWATCHABLE:
+                return self._unwatchable(path)
             raise
+        if wd < 0:
+            # watchdog answers EACCES with wd -1 (and keeps a placeholder watch for it) rather than raising.
+            self._fd._watch_for_wd.pop(wd, None)
+            return self._unwatchable(path)
+        if self._unwatched:
+            self._unwatched.pop(path, None)
         old = self._paths.get(wd)
         if old is not None and old != path and self._wds.get(old) == wd:
             del self._wds[old]
         self._paths[wd] = path
         self._wds[path] = wd
-        return True
+        self._added[wd] = self._seq
+        return wd
 
-    def _watch_tree(self, top: str, *, strict: bool = False) -> None:
-        """Watch `top` and every directory below it; a watch comes before its directory is listed."""
+    def _unwatchable(self, path: str) -> int:
+        if len(self._unwatched) >= UNWATCHED_LIMIT:
+            del self._unwatched[next(iter(self._unwatched))]
+        self._unwatched[path] = None
+        return -1
+
+    def _watch_tree(self, top: str, *, strict: bool = False) -> int:
+        """Watch `top` and every directory below it; a watch comes before its directory is listed.
+        Returns `top`'s wd (-1: gone or not watchable)."""
         pending = [top]
+        top_wd = -1
         while pending:
             path = pending.pop()
             try:
-                if not self._add_watch(path):
-                    continue
+                wd = self._add_watch(path)
             except OSError as err:
                 if strict:
                     raise
                 self._fail(path, err, "cannot add inotify watches for new directories")
-                return
+                return -1
+            if path == top:
+                top_wd = wd
+            if wd < 0:
+                continue
             if self._leaf_device is not None and self._is_leaf(path):
                 continue
             try:
@@ -203,6 +251,7 @@ class InotifyReader:
                     pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
             except OSError:
                 continue  # unreadable or gone: the scan reports it
+        return top_wd
 
     def _is_leaf(self, path: str) -> bool:
         """No subdirectories, by the link count. Asked after the watch was added: a subdirectory
@@ -213,21 +262,29 @@ class InotifyReader:
             return False  # the listing says what is wrong, or finds it gone
         return st.st_nlink == 2 and st.st_dev == self._leaf_device
 
-    def _forget_tree(self, top: str) -> None:
-        """Stop watching a subtree that left the models path (a watch follows its inode)."""
+    def _subtree(self, top: str) -> list[tuple[str, int]]:
         prefix = top + "/"
-        gone = [(p, wd) for p, wd in self._wds.items() if p == top or p.startswith(prefix)]
-        for path, wd in gone:
-            del self._wds[path]
-            self._paths.pop(wd, None)
-        self._fd.remove_callbacks([(WatchDescriptor(wd), _CALLBACK_ID) for _, wd in gone])
+        return [(p, wd) for p, wd in self._wds.items() if p == top or p.startswith(prefix)]
 
-    def _move_tree(self, src: str, dst: str) -> None:
+    def _forget(self, gone: list[tuple[str, int]], since: int) -> None:
+        """Stop watching a subtree that left the models path (a watch follows its inode), bar the
+        wds added again after event number `since` (R3)."""
+        dropped = []
+        for path, wd in gone:
+            if self._added.get(wd, -1) > since:
+                continue  # back in the tree under a path re-added since: keep it
+            if self._wds.get(path) == wd:
+                del self._wds[path]
+            if self._paths.get(wd) == path:
+                del self._paths[wd]
+                dropped.append((WatchDescriptor(wd), _CALLBACK_ID))
+        self._fd.remove_callbacks(dropped)
+
+    def _move_tree(self, src: str, dst: str, moved: list[tuple[str, int]]) -> None:
         """A watched directory moved inside the tree: its watches (and their wds) go with it."""
-        prefix = src + "/"
-        moved = [(p, wd) for p, wd in self._wds.items() if p == src or p.startswith(prefix)]
-        for path, _wd in moved:
-            del self._wds[path]
+        for path, wd in moved:
+            if self._wds.get(path) == wd:
+                del self._wds[path]
         for path, wd in moved:
             new = dst + path[len(src) :]
             self._wds[new] = wd
@@ -279,15 +336,19 @@ class InotifyReader:
         """One chunk of kernel events to hints: one per path between moves, moves paired by cookie."""
         out: list[RawEvent] = []
         touched: dict[str, str] = {}  # path -> created | deleted (the parent changes too) | modified
-        moved_from: dict[int, tuple[str, bool]] = {}  # cookie -> (path, is_dir)
+        # cookie -> (path, is_dir, its watched subtree then, event number)
+        moved_from: dict[int, tuple[str, bool, list[tuple[str, int]], int]] = {}
         paths = self._paths
         fsdecode = os.fsdecode
+        self._added.clear()
+        self._seq = 0
 
         def flush() -> None:
             out.extend(RawEvent(kind, path) for path, kind in touched.items())
             touched.clear()
 
         for wd, mask, cookie, name in raw:
+            self._seq += 1
             if mask & _IN_Q_OVERFLOW:
                 self._recover_from_overflow()
                 continue
@@ -299,20 +360,28 @@ class InotifyReader:
                 continue  # a watch we dropped (moved out); its events are stale
             path = parent + "/" + fsdecode(name) if name else parent
             if mask & _IN_MOVED_FROM:
-                moved_from[cookie] = (path, bool(mask & _IN_ISDIR))
+                is_dir = bool(mask & _IN_ISDIR)
+                moved_from[cookie] = (path, is_dir, self._subtree(path) if is_dir else [], self._seq)
                 continue
             if mask & _IN_MOVED_TO:
                 source = moved_from.pop(cookie, None)
                 flush()
                 if source is None:
-                    # Moved in from outside: new to us, like a create.
+                    # Moved in from outside (or back in): new to us, like a create (R1).
                     if mask & _IN_ISDIR:
                         self._watch_tree(path)
                     out.append(RawEvent("created", path))
-                else:
-                    if source[1]:
-                        self._move_tree(source[0], path)
-                    out.append(RawEvent("moved", source[0], path))
+                    continue
+                out.append(RawEvent("moved", source[0], path))
+                if source[1]:
+                    moved = source[2]
+                    self._move_tree(source[0], path, moved)
+                    expected = next((w for p, w in moved if p == source[0]), -1)
+                    if self._add_watch(path) not in (expected, -1):
+                        # What we watched at the source was another directory (R2): watch this
+                        # one's tree and have it scanned.
+                        self._watch_tree(path)
+                        out.append(RawEvent("created", path))
                 continue
             if mask & _IN_DELETE:
                 touched[path] = "deleted"
@@ -320,15 +389,26 @@ class InotifyReader:
                 if mask & _IN_ISDIR:
                     self._watch_tree(path)
                 touched[path] = "created"
+            elif mask & _IN_ATTRIB and mask & _IN_ISDIR and self._attrib_announces(path):
+                # Permissions changed on a directory we could not watch or read in full (R1).
+                self._watch_tree(path)
+                touched[path] = "created"
             elif path not in touched:
                 touched[path] = "modified"
         flush()
         # A move whose other half never came in this chunk left the tree: a delete.
-        for path, is_dir in moved_from.values():
+        for path, is_dir, subtree, since in moved_from.values():
             if is_dir:
-                self._forget_tree(path)
+                self._forget(subtree, since)
             out.append(RawEvent("deleted", path))
         return out
+
+    def _attrib_announces(self, path: str) -> bool:
+        """Whether an IN_ATTRIB on this directory may have made it, or a directory in it, watchable
+        (watching needs read on the directory and search on its parent; deeper ones were never listed)."""
+        if path not in self._wds:
+            return True
+        return bool(self._unwatched) and any(p.rpartition("/")[0] == path for p in self._unwatched)
 
     def _recover_from_overflow(self) -> None:
         # Directories made while events were lost have no watch yet: add them before the rescan.

@@ -421,6 +421,7 @@ class ExporterService:
             return ReconcileResult(time.monotonic() - started, 0, 0, 0, reason, error=str(outcome))
         for path, why in outcome.errors:
             self._record_error("scan", path, why)
+            self.updater.note_unreadable_path(path)
         fresh = Tree(self.settings.layout)
         if outcome.node is not None:
             fresh.graft((), outcome.node)

@@ -324,10 +324,14 @@ class Tree:
         self.suspects.clear()
         return suspects
 
-    def find_links(self, inodes: Iterable[InodeKey]) -> tuple[dict[InodeKey, Parts], list[tuple[Parts, int]]]:
+    def find_links(
+        self, inodes: Iterable[InodeKey], *, any_size: bool = False
+    ) -> tuple[dict[InodeKey, Parts], list[tuple[Parts, int]]]:
         """One walk of the directories, no I/O: for each known inode the path of one of its links,
         and every plain file whose size is one of theirs (where a link the index took for a plain
-        file must be). Costs O(directories) plus a C-level pass over each directory's sizes."""
+        file must be; with `any_size`, every plain file: one indexed before the inode was resized
+        through another link has its old size). Costs O(directories) plus a C-level pass over each
+        directory's sizes."""
         wanted: dict[int, list[tuple[str, InodeKey]]] = {}
         sizes: set[int] = set()
         for inode in inodes:
@@ -344,7 +348,10 @@ class Tree:
             node, where = stack.pop()
             for name, inode in wanted.pop(id(node), ()):
                 known[inode] = (*where, name)
-            if sizes and not sizes.isdisjoint(node.files.sizes):
+            if any_size and sizes:
+                hard = node.hard or {}
+                plain.extend(((*where, name), size) for name, size in node.files.items() if name not in hard)
+            elif sizes and not sizes.isdisjoint(node.files.sizes):
                 hard = node.hard or {}
                 plain.extend(
                     ((*where, name), size) for name, size in node.files.items() if size in sizes and name not in hard

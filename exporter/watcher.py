@@ -3,11 +3,29 @@
 Events are hints, not deltas: each batch marks paths dirty and one lstat per dirty path decides
 what the index holds. That makes replaying an event harmless, which is what lets a full scan run
 while events keep arriving (they are applied again to the scanned tree before it is swapped in).
+
+What the updater guarantees, given the reader's guarantees (see exporter.inotify):
+- U1 (announced directories are scanned): a directory at a path named by a `created` hint (made,
+  moved in from outside, moved back in, put there by rename() over another, recreated under the same
+  name, or newly readable) is scanned from scratch, whatever the index holds at that path. The scan
+  runs after the hint was queued, so after the directory's watch was added: everything made before
+  the watch is in the scan and everything after it has its own event. A same-named directory the
+  index already holds is never merely "touched" (a replaced directory has a new identity).
+- U2 (last write wins): a path's hints are applied by one lstat taken after the last of them was
+  queued, so the size of a file after its last write (IN_MODIFY/IN_CLOSE_WRITE) is what the index holds.
+- U3 (unreadable is retried): a directory the updater could not read (its scan failed, or an lstat
+  in it was refused) is scanned again at the next hint for it or for its parent (reading needs read
+  on it and search on its parent); a change of permissions is such a hint (IN_ATTRIB).
+- U4 (moves re-key): a move inside the tree re-keys the indexed subtree without a stat, and the moved
+  directory is scanned again `settle_seconds` later (hints inside it read after the move lstat the
+  old path). A move whose source the index does not hold announces its destination (U1), and so
+  does the reader when it cannot vouch for the moved directory's watch (R2).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import stat
@@ -23,6 +41,9 @@ from exporter.tree import DirNode, InodeKey, Parts, Tree
 # Inodes remembered as searched, so a file whose other links are outside the tree is not searched
 # for again on each of its events; past this many the memory starts over.
 SEARCHED_LIMIT = 100_000
+# Unreadable directories remembered for a retry (U3); past this many the oldest are dropped (the
+# hourly reconcile still covers them).
+UNREADABLE_LIMIT = 10_000
 # Index changes of a link pass are applied this many at a time, so a scrape never waits long for the lock.
 LINK_SLICE = 500
 
@@ -43,7 +64,9 @@ def _link_state(st: os.stat_result) -> tuple[int, int]:
 class RawEvent:
     """What the index needs of a filesystem event; plain values, easy to build in a test."""
 
-    kind: str  # created | modified | deleted | moved (created and deleted also re-stat the parent)
+    # created | modified | deleted | moved (created and deleted also re-stat the parent). `created`
+    # announces the path: a directory found there is scanned whatever the index holds (U1).
+    kind: str
     src: str
     dst: str = ""
 
@@ -61,6 +84,8 @@ class IndexUpdater:
         # Inodes an lstat saw with more links than the index knows: a link may be counted as plain.
         self._wanted: dict[InodeKey, None] = {}
         self._searched: dict[InodeKey, tuple[int, int]] = {}
+        # Directories that could not be read: scanned again at their next hint (U3).
+        self._unreadable: dict[Parts, None] = {}
 
     def parts(self, path: str) -> Parts | None:
         """Path components relative to the models path, or None when outside it."""
@@ -80,7 +105,8 @@ class IndexUpdater:
         changes hold it, so a scrape waits for a few milliseconds of arithmetic, not for syscalls.
         The updater is the index's only writer: reading the tree without the lock is safe here.
         """
-        dirty: dict[Parts, None] = {}
+        # path -> announced (a directory there is to be scanned, U1)
+        dirty: dict[Parts, bool] = {}
         stats = 0
         for event in events:
             src = self.parts(event.src)
@@ -89,37 +115,47 @@ class IndexUpdater:
                 stats += self._flush(tree, dirty, lock)
                 if src is not None and dst is not None:
                     with lock:
-                        moved_dir = tree.move(src, dst) and isinstance(tree.lookup(dst), DirNode)
+                        rekeyed = tree.move(src, dst)
+                        moved_dir = rekeyed and isinstance(tree.lookup(dst), DirNode)
                     if moved_dir:
                         # Watches are added by path when their event is read, which can be after the
                         # directory moved and a new one took its place: re-check the moved one later.
                         self._on_moved_dir(dst)
+                    elif not rekeyed:
+                        # Nothing indexed at the source (made and moved before its hints were applied,
+                        # whose lstats then found it gone): what is at the destination is new to us.
+                        dirty[dst] = True
+                elif dst is not None:
+                    dirty[dst] = True  # moved in from outside the models path: new to us
                 for parts in (src, dst):
                     if parts is not None:
-                        dirty[parts] = None
+                        dirty.setdefault(parts, False)
                         if parts:
-                            dirty[parts[:-1]] = None
+                            dirty.setdefault(parts[:-1], False)
                 continue
             if src is None:
                 continue
-            dirty[src] = None
+            if event.kind == "created":
+                dirty[src] = True
+            else:
+                dirty.setdefault(src, False)
             if event.kind != "modified" and src:
                 # A create or delete moves the parent's mtime, later than the entry's own ctime (they
                 # are separate clock reads): it is the model's newest change now.
-                dirty[src[:-1]] = None
+                dirty.setdefault(src[:-1], False)
         stats += self._flush(tree, dirty, lock)
         return stats
 
-    def _flush(self, tree: Tree, dirty: dict[Parts, None], lock: Lock) -> int:
+    def _flush(self, tree: Tree, dirty: dict[Parts, bool], lock: Lock) -> int:
         seen: list[tuple[Parts, _Seen]] = []
         scanned: set[Parts] = set()
         stats = 0
-        for parts in dirty:
+        for parts, announced in dirty.items():
             if scanned and any(parts[:depth] in scanned for depth in range(len(parts))):
                 # Inside a directory scanned in this flush, after every event of the batch was
                 # queued: that scan already holds what this path's lstat would say.
                 continue
-            found = self._look(tree, parts)
+            found = self._look(tree, parts, announced)
             stats += 1
             if isinstance(found, ScanResult):
                 scanned.add(parts)
@@ -132,9 +168,9 @@ class IndexUpdater:
 
     def refresh(self, tree: Tree, parts: Parts) -> None:
         """Make the index agree with the filesystem at one path (scanning it if it is a new dir)."""
-        self._settle(tree, parts, self._look(tree, parts))
+        self._settle(tree, parts, self._look(tree, parts, False))
 
-    def _look(self, tree: Tree, parts: Parts) -> _Seen:
+    def _look(self, tree: Tree, parts: Parts, announced: bool) -> _Seen:
         """What is at `parts` now: the syscalls of `refresh`, with no change to the index."""
         full = self.path(parts)
         try:
@@ -142,12 +178,39 @@ class IndexUpdater:
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
+            if err.errno in (errno.EACCES, errno.EPERM) and parts:
+                self.note_unreadable(parts[:-1])
             return err
-        if stat.S_ISDIR(st.st_mode) and not isinstance(tree.lookup(parts), DirNode):
-            # New to the index: its watch was added before this hint was queued, so a scan now
-            # sees every file made before the watch and events report the rest.
+        if stat.S_ISDIR(st.st_mode) and (
+            announced or self._retry_unreadable(parts) or not isinstance(tree.lookup(parts), DirNode)
+        ):
+            # New to the index, or announced anew (U1): its watch was added before this hint was
+            # queued, so a scan now sees every file made before the watch and events report the rest.
             return scan_local(full)
         return st
+
+    def note_unreadable(self, parts: Parts) -> None:
+        """`parts` could not be read: scan it again at its next hint (U3)."""
+        if parts in self._unreadable:
+            return
+        if len(self._unreadable) >= UNREADABLE_LIMIT:
+            del self._unreadable[next(iter(self._unreadable))]
+        self._unreadable[parts] = None
+
+    def note_unreadable_path(self, path: str) -> None:
+        parts = self.parts(path)
+        if parts is not None:
+            self.note_unreadable(parts)
+
+    def _retry_unreadable(self, parts: Parts) -> bool:
+        """Whether `parts` or a directory in it could not be read (a permission change of either is a
+        hint for `parts`); forgets them, as a scan follows."""
+        if not self._unreadable:
+            return False
+        below = [u for u in self._unreadable if u == parts or u[:-1] == parts]
+        for u in below:
+            del self._unreadable[u]
+        return bool(below)
 
     def _settle(self, tree: Tree, parts: Parts, found: _Seen) -> None:
         """Make the index say what `_look` found (runs under the index lock)."""
@@ -179,6 +242,7 @@ class IndexUpdater:
     def _graft(self, tree: Tree, parts: Parts, result: ScanResult) -> None:
         for path, reason in result.errors:
             self._on_error("scan", path, reason)
+            self.note_unreadable_path(path)
         if result.node is None:
             self.refresh_missing(tree, parts)
         else:
@@ -247,9 +311,11 @@ class IndexUpdater:
             return stats
         sizes = {tree.inode_size(inode) for inode in missing}
         found: list[tuple[Parts, os.stat_result]] = []
+        checked: set[Parts] = set()
         for parts, size in plain:
             if size not in sizes:
                 continue
+            checked.add(parts)
             stats += 1
             try:
                 st = os.lstat(self.path(parts))
@@ -257,6 +323,22 @@ class IndexUpdater:
                 continue
             if (st.st_dev, st.st_ino) in missing and stat.S_ISREG(st.st_mode):
                 found.append((parts, st))
+        # cp -al, then a write through the new links before the index learnt of them: the old name is
+        # indexed at its old size. Inodes still short of links are searched among every plain file,
+        # once per state of the inode (`_searched`), so a link from outside costs one pass, not one per event.
+        short = set(missing) - {(st.st_dev, st.st_ino) for _, st in found}
+        if short:
+            _, every = tree.find_links(short, any_size=True)
+            for parts, _size in every:
+                if parts in checked:
+                    continue
+                stats += 1
+                try:
+                    st = os.lstat(self.path(parts))
+                except OSError:
+                    continue
+                if (st.st_dev, st.st_ino) in short and stat.S_ISREG(st.st_mode):
+                    found.append((parts, st))
         for start in range(0, len(found), LINK_SLICE):
             with lock:
                 for parts, st in found[start : start + LINK_SLICE]:

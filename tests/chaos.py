@@ -1,0 +1,559 @@
+"""Chaos harness: seeded rounds of real model-pipeline workloads against the real exporter process,
+with both cores kept busy, each round checked against an independent walk (tests/oracle.py).
+
+A round resets the store to a base state made from the round's seed, waits until the exporter is
+exact (not timed), runs 1-4 workloads picked by the seed (tar -x, cp -r, cp -al, rsync -a --delete,
+rsync --inplace, blue/green swaps, moves out and back, rm -rf and recreate, a tier removed and
+recreated, mkdir -p bursts with echo, deep chains, rename loops, hard links, truncation, concurrent
+writers in all three tiers), then measures the time until /metrics equals the walk. "Wrong" means
+not exact within 5 s after the workload ended. A round depends on its seed only, so a failing
+round is replayed with `--seed SEED --rounds 1` (`make stress-exporter SEED=... ROUNDS=1`).
+
+    python -m tests.chaos --rounds 500 --seed 1 --scrub off
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.layout import Layout
+from tests.oracle import Truth, walk_truth
+from tests.support import Proc, http_get, parse_metrics, start_exporter
+
+TIERS = ("raw", "quantized", "repository")
+EXACT_WITHIN = 5.0
+SCRUB_METRIC = "model_storage_scrub_corrections_total"
+# Ways of attributing shared hard links tried one by one; past this, bounds (see _bounds_differences).
+ATTRIBUTIONS = 4096
+
+
+@dataclass
+class Ctx:
+    """One round's world: the models path, a scratch directory outside it, and the round's dice."""
+
+    models: Path
+    scratch: Path
+    rng: random.Random
+    serial: int = 0
+
+    def name(self, prefix: str = "m") -> str:
+        self.serial += 1
+        return f"{prefix}{self.serial}"
+
+    def tier(self) -> str:
+        return self.rng.choice(TIERS)
+
+    def model(self) -> Path | None:
+        """An existing model directory, or None."""
+        found = [p for t in TIERS if (self.models / t).is_dir() for p in (self.models / t).iterdir() if p.is_dir()]
+        found = [p for p in found if not p.is_symlink()]
+        return self.rng.choice(sorted(found)) if found else None
+
+
+def make_tree(ctx: Ctx, root: Path, dirs: int = 3, files: int = 6, depth: int = 2) -> None:
+    """A small model-like tree of `files` files spread over nested directories."""
+    root.mkdir(parents=True, exist_ok=True)
+    places = [root]
+    for _ in range(dirs):
+        parent = ctx.rng.choice(places)
+        if len(parent.relative_to(root).parts) < depth:
+            child = parent / ctx.name("d")
+            child.mkdir()
+            places.append(child)
+    for _ in range(files):
+        (ctx.rng.choice(places) / ctx.name("f")).write_bytes(os.urandom(ctx.rng.randint(0, 3000)))
+
+
+def run(*argv: str) -> None:
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def sh(script: str) -> None:
+    subprocess.run(["bash", "-c", script], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# ----- workloads: each makes real changes with real tools -----
+
+
+def w_tar_x(ctx: Ctx) -> None:
+    source = ctx.scratch / ctx.name("src")
+    make_tree(ctx, source, dirs=4, files=30)
+    archive = ctx.scratch / (source.name + ".tar")
+    run("tar", "-cf", str(archive), "-C", str(source), ".")
+    target = ctx.models / ctx.tier() / ctx.name("tar")
+    target.mkdir()
+    run("tar", "-xf", str(archive), "-C", str(target))
+
+
+def w_cp_r(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    run("cp", "-r", str(model), str(ctx.models / ctx.tier() / ctx.name("copy")))
+
+
+def w_cp_al(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    run("cp", "-al", str(model), str(ctx.models / ctx.tier() / ctx.name("links")))
+
+
+def w_rsync_delete(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    source = ctx.scratch / ctx.name("rs")
+    make_tree(ctx, source, dirs=3, files=15)
+    run("rsync", "-a", "--delete", str(source) + "/", str(model) + "/")
+
+
+def w_rsync_inplace(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    source = ctx.scratch / ctx.name("rsi")
+    shutil.copytree(model, source, symlinks=True)
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        if ctx.rng.random() < 0.5:
+            with open(path, "ab") as handle:
+                handle.write(os.urandom(ctx.rng.randint(1, 4000)))
+    run("rsync", "-a", "--inplace", str(source) + "/", str(model) + "/")
+
+
+def w_blue_green(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    fresh = ctx.scratch / ctx.name("green")
+    make_tree(ctx, fresh, dirs=3, files=12)
+    sh(f"mv '{model}' '{ctx.scratch / ctx.name('blue')}' && mv '{fresh}' '{model}'")
+
+
+def w_move_out_and_back(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    away = ctx.scratch / ctx.name("away")
+    sh(f"mv '{model}' '{away}' && mv '{away}' '{model}'")
+    (model / ctx.name("after")).write_bytes(b"a" * ctx.rng.randint(1, 500))
+    sub = [p for p in model.rglob("*") if p.is_dir()]
+    if sub:
+        (ctx.rng.choice(sorted(sub)) / ctx.name("late")).write_bytes(b"l" * ctx.rng.randint(1, 500))
+
+
+def w_rm_recreate(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    if ctx.rng.random() < 0.5:
+        shutil.rmtree(model)
+        make_tree(ctx, model, dirs=2, files=10)
+    else:
+        source = ctx.scratch / ctx.name("re")
+        make_tree(ctx, source, dirs=3, files=10)
+        archive = ctx.scratch / (source.name + ".tar")
+        run("tar", "-cf", str(archive), "-C", str(source), ".")
+        sh(f"rm -rf '{model}' && mkdir '{model}' && tar -xf '{archive}' -C '{model}'")
+
+
+def w_tier_recreate(ctx: Ctx) -> None:
+    tier = ctx.models / ctx.tier()
+    shutil.rmtree(tier)
+    model = tier / ctx.name("fresh")
+    model.mkdir(parents=True)
+    for i in range(20):
+        (model / f"shard{i}").write_bytes(os.urandom(ctx.rng.randint(1, 2000)))
+
+
+def w_mkdir_burst(ctx: Ctx) -> None:
+    model = ctx.models / ctx.tier() / ctx.name("burst")
+    count = ctx.rng.randint(5, 40)
+    name = model.name
+    sh(f"cd '{model.parent}' && for i in $(seq {count}); do mkdir -p {name}/d$i/e/f; echo $i > {name}/d$i/e/f/x; done")
+
+
+def w_deep_chain(ctx: Ctx) -> None:
+    model = ctx.models / ctx.tier() / ctx.name("deep")
+    levels = ctx.rng.choice((50, 100, 200))
+    sh(
+        f"cd '{model.parent}' && mkdir {model.name} && cd {model.name} && "
+        f"for i in $(seq {levels}); do mkdir d && cd d; if [ $((i % 10)) = 0 ]; then echo $i > f; fi; done"
+    )
+
+
+def w_rename_loop(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    here = model
+    for _ in range(ctx.rng.randint(2, 6)):
+        there = ctx.models / ctx.tier() / ctx.name("ren")
+        os.rename(here, there)
+        here = there
+    if ctx.rng.random() < 0.5:
+        files = sorted(p for p in here.rglob("*") if p.is_file())
+        if files:
+            first = ctx.rng.choice(files)
+            second = first.with_name(first.name + ".r")
+            os.rename(first, second)
+            os.rename(second, first)
+
+
+def w_hard_links(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    files = sorted(p for p in model.rglob("*") if p.is_file())
+    target = ctx.models / ctx.tier() / ctx.name("hl")
+    target.mkdir()
+    for path in files[: ctx.rng.randint(1, 5)]:
+        os.link(path, target / ctx.name("l"))
+    if files and ctx.rng.random() < 0.5:
+        with open(files[0], "ab") as handle:  # written through one of its in-tree names
+            handle.write(b"h" * ctx.rng.randint(1, 300))
+    if files and ctx.rng.random() < 0.3:
+        files[-1].unlink()
+
+
+def w_truncate(ctx: Ctx) -> None:
+    model = ctx.model()
+    if model is None:
+        return
+    for path in sorted(p for p in model.rglob("*") if p.is_file())[:6]:
+        run("truncate", "-s", str(ctx.rng.randint(0, 5000)), str(path))
+
+
+def w_rename_over_empty(ctx: Ctx) -> None:
+    tier = ctx.models / ctx.tier()
+    empty = tier / ctx.name("empty")
+    empty.mkdir()
+    source = tier / ctx.name("full") if ctx.rng.random() < 0.5 else ctx.scratch / ctx.name("full")
+    make_tree(ctx, source, dirs=2, files=8)
+    os.rename(source, empty)
+
+
+def w_concurrent_writers(ctx: Ctx) -> None:
+    """One writer per tier at once: create, append, delete and recreate models."""
+    seeds = [ctx.rng.randrange(1 << 30) for _ in TIERS]
+
+    def writer(tier: str, seed: int) -> None:
+        rng = random.Random(seed)
+        base = ctx.models / tier
+        for i in range(rng.randint(10, 40)):
+            name = base / f"cw-{tier}-{i % 4}"
+            choice = rng.random()
+            with contextlib.suppress(FileNotFoundError, FileExistsError, NotADirectoryError, OSError):
+                if choice < 0.4:
+                    name.mkdir(exist_ok=True)
+                    (name / f"w{i}").write_bytes(b"c" * rng.randint(0, 2000))
+                elif choice < 0.6 and name.is_dir():
+                    files = sorted(name.iterdir())
+                    if files and files[0].is_file():
+                        with open(files[0], "ab") as handle:
+                            handle.write(b"+" * rng.randint(1, 500))
+                elif choice < 0.8:
+                    shutil.rmtree(name)
+                    name.mkdir()
+                    (name / "again").write_bytes(b"r" * rng.randint(0, 900))
+                else:
+                    shutil.rmtree(name)
+
+    threads = [threading.Thread(target=writer, args=(t, s)) for t, s in zip(TIERS, seeds, strict=True)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+WORKLOADS: dict[str, Callable[[Ctx], None]] = {
+    "tar-x": w_tar_x,
+    "cp-r": w_cp_r,
+    "cp-al": w_cp_al,
+    "rsync-delete": w_rsync_delete,
+    "rsync-inplace": w_rsync_inplace,
+    "blue-green": w_blue_green,
+    "move-out-and-back": w_move_out_and_back,
+    "rm-recreate": w_rm_recreate,
+    "tier-recreate": w_tier_recreate,
+    "mkdir-burst": w_mkdir_burst,
+    "deep-chain": w_deep_chain,
+    "rename-loop": w_rename_loop,
+    "hard-links": w_hard_links,
+    "truncate": w_truncate,
+    "rename-over-empty": w_rename_over_empty,
+    "concurrent-writers": w_concurrent_writers,
+}
+
+
+# ----- the oracle against the real exporter's /metrics -----
+
+
+def metrics_differences(body: str, models: Path, layout: Layout | None = None) -> list[str]:
+    """What /metrics says (tier and model bytes, files, models) that a fresh walk does not."""
+    samples = parse_metrics(body)
+    tiers: dict[str, tuple[int, int, int]] = {}
+    index: dict[tuple[str, str], tuple[int, int]] = {}
+    for (name, labels), value in samples.items():
+        label = dict(labels)
+        if name in ("model_storage_bytes", "model_storage_files", "model_storage_models"):
+            slot = ("model_storage_bytes", "model_storage_files", "model_storage_models").index(name)
+            row = list(tiers.get(label["tier"], (0, 0, 0)))
+            row[slot] = int(value)
+            tiers[label["tier"]] = (row[0], row[1], row[2])
+        elif name in ("model_storage_model_bytes", "model_storage_model_files"):
+            key = (label["tier"], label["model"])
+            row2 = list(index.get(key, (0, 0)))
+            row2[name == "model_storage_model_files"] = int(value)
+            index[key] = (row2[0], row2[1])
+    truth = walk_truth(models, layout)
+    problems: list[str] = []
+    if set(index) != set(truth.models):
+        problems.append(f"models differ: {sorted(set(index) ^ set(truth.models))[:5]}")
+    if math.prod(len(places) for _, places in truth.shared) > ATTRIBUTIONS:
+        return problems + _bounds_differences(tiers, index, truth)
+    best: list[str] | None = None
+    for truth_tiers, truth_models in truth.attributions(ATTRIBUTIONS):
+        mismatches = [
+            f"tier {tier}: exporter {tiers.get(tier)} walk {tuple(values)}"
+            for tier, values in truth_tiers.items()
+            if tiers.get(tier) != tuple(values)
+        ]
+        mismatches += [
+            f"{key}: exporter {index[key]} walk {(int(v[0]), int(v[1]))}"
+            for key, v in truth_models.items()
+            if key in index and index[key] != (int(v[0]), int(v[1]))
+        ]
+        if not mismatches:
+            return problems
+        if best is None:
+            best = mismatches
+    return problems + (best or [])
+
+
+def _bounds_differences(
+    tiers: dict[str, tuple[int, int, int]], index: dict[tuple[str, str], tuple[int, int]], truth: Truth
+) -> list[str]:
+    """Too many ways to attribute shared hard links to try each: every tier and model must lie
+    between its count without them and with all of those it holds, and the totals must add up."""
+    problems = []
+    low_t = {tier: (v[0], v[1]) for tier, v in truth.tiers.items()}
+    high_t = dict(low_t)
+    low_m = {key: (int(v[0]), int(v[1])) for key, v in truth.models.items()}
+    high_m = dict(low_m)
+    total = [sum(v[0] for v in truth.tiers.values()), sum(v[1] for v in truth.tiers.values())]
+    for size, places in truth.shared:
+        total[0] += size
+        total[1] += 1
+        for tier, model in places:
+            high_t[tier] = (high_t[tier][0] + size, high_t[tier][1] + 1)
+            if model is not None:
+                high_m[(tier, model)] = (high_m[(tier, model)][0] + size, high_m[(tier, model)][1] + 1)
+    for tier, (nbytes, nfiles, nmodels) in tiers.items():
+        lo, hi = low_t.get(tier, (0, 0)), high_t.get(tier, (0, 0))
+        if not (lo[0] <= nbytes <= hi[0] and lo[1] <= nfiles <= hi[1]) or nmodels != truth.tiers[tier][2]:
+            problems.append(f"tier {tier}: exporter {(nbytes, nfiles, nmodels)} outside walk {lo}..{hi}")
+    for key, (nbytes, nfiles) in index.items():
+        lo, hi = low_m.get(key, (0, 0)), high_m.get(key, (0, 0))
+        if not (lo[0] <= nbytes <= hi[0] and lo[1] <= nfiles <= hi[1]):
+            problems.append(f"{key}: exporter {(nbytes, nfiles)} outside walk {lo}..{hi}")
+    sums = [sum(v[0] for v in tiers.values()), sum(v[1] for v in tiers.values())]
+    if sums != total:
+        problems.append(f"totals: exporter {sums} walk {total}")
+    return problems
+
+
+def scrape(proc: Proc) -> str:
+    status, body = http_get(proc.url + "/metrics", timeout=10)
+    if status != 200:
+        raise OSError(f"/metrics answered {status}")
+    return body.decode()
+
+
+def time_to_exact(proc: Proc, models: Path, within: float) -> tuple[float | None, list[str]]:
+    """Seconds from now until /metrics equals the walk (None: not within `within`), and the last differences."""
+    started = time.monotonic()
+    last: list[str] = []
+    while True:
+        try:
+            last = metrics_differences(scrape(proc), models)
+        except (OSError, ValueError) as err:
+            last = [f"scrape failed: {err}"]
+        elapsed = time.monotonic() - started
+        if not last:
+            return elapsed, []
+        if elapsed > within:
+            return None, last
+        time.sleep(0.05)
+
+
+# ----- rounds -----
+
+
+@dataclass
+class Outcome:
+    seed: int
+    workloads: list[str]
+    seconds: float | None  # time to exact; None when wrong
+    differences: list[str] = field(default_factory=list)
+
+
+def reset_store(ctx: Ctx) -> None:
+    """The round's base state: a few models per tier, made from the round's seed."""
+    for tier in TIERS:
+        shutil.rmtree(ctx.models / tier, ignore_errors=True)
+    for extra in ctx.models.iterdir():
+        if extra.is_dir() and not extra.is_symlink():
+            shutil.rmtree(extra)
+        else:
+            extra.unlink()
+    shutil.rmtree(ctx.scratch, ignore_errors=True)
+    ctx.scratch.mkdir()
+    for tier in TIERS:
+        (ctx.models / tier).mkdir()
+        for _ in range(ctx.rng.randint(1, 3)):
+            make_tree(ctx, ctx.models / tier / ctx.name("base"), dirs=3, files=8)
+
+
+def run_round(proc: Proc, models: Path, scratch: Path, seed: int) -> Outcome:
+    ctx = Ctx(models, scratch, random.Random(seed))
+    reset_store(ctx)
+    settled, diffs = time_to_exact(proc, models, 30.0)
+    if settled is None:
+        return Outcome(seed, ["reset"], None, diffs)
+    names = ctx.rng.sample(sorted(WORKLOADS), ctx.rng.randint(1, 4))
+    for name in names:
+        WORKLOADS[name](ctx)
+    seconds, diffs = time_to_exact(proc, models, EXACT_WITHIN)
+    return Outcome(seed, names, seconds, diffs)
+
+
+@contextlib.contextmanager
+def cpu_hogs(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`count` busy-looping processes (one per core keeps both cores busy); stopped by PID."""
+    # Each hog also ends when its parent is gone (a harness killed outright leaves no spinning orphans).
+    spin = f"import os\nwhile os.getppid() == {os.getpid()}:\n    for _ in range(1000000): pass\n"
+    hogs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        yield hogs
+    finally:
+        for hog in hogs:
+            hog.send_signal(signal.SIGKILL)
+            hog.wait()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@dataclass
+class Summary:
+    rounds: int
+    exact: int
+    times: list[float]
+    failures: list[Outcome]
+    scrub_corrections: float | None
+
+    def lines(self) -> list[str]:
+        out = [f"rounds exact: {self.exact}/{self.rounds}"]
+        if self.times:
+            p50, p99, top = statistics.median(self.times), percentile(self.times, 0.99), max(self.times)
+            out.append(f"time to exact: p50 {p50:.3f}s p99 {p99:.3f}s max {top:.3f}s")
+        out.append(
+            "scrub: not present" if self.scrub_corrections is None else f"scrub corrections: {self.scrub_corrections:g}"
+        )
+        for failure in self.failures:
+            what = "; ".join(failure.differences[:5])
+            out.append(
+                f"WRONG round seed {failure.seed} ({', '.join(failure.workloads)}): {what}"
+                f" -- replay: make stress-exporter SEED={failure.seed} ROUNDS=1"
+            )
+        return out
+
+
+def run_chaos(
+    rounds: int,
+    seed: int,
+    *,
+    scrub: bool = False,
+    hogs: int = 2,
+    workdir: Path | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> Summary:
+    """Run `rounds` rounds (round i has seed `seed + i`) against one real exporter."""
+    with contextlib.ExitStack() as stack:
+        base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-", dir=workdir)))
+        storage = base / "storage"
+        models = storage / "models"
+        for tier in TIERS:
+            (models / tier).mkdir(parents=True)
+        scratch = base / "scratch"
+        logs = base / "logs"
+        logs.mkdir()
+        env = {} if scrub else {"STORAGE_SCRUB_STATS_PER_SECOND": "0"}
+        proc = start_exporter(models, storage, logs, **env)
+        stack.callback(proc.stop)
+        stack.enter_context(cpu_hogs(hogs))
+        outcomes: list[Outcome] = []
+        for i in range(rounds):
+            outcome = run_round(proc, models, scratch, seed + i)
+            outcomes.append(outcome)
+            if echo is not None and (outcome.seconds is None or (i + 1) % 50 == 0):
+                done = sum(o.seconds is not None for o in outcomes)
+                echo(f"round {i + 1}/{rounds}: {done} exact")
+                if outcome.seconds is None:
+                    echo(f"  seed {outcome.seed} WRONG ({', '.join(outcome.workloads)}): {outcome.differences[:5]}")
+        corrections = parse_metrics(scrape(proc)).get((SCRUB_METRIC, frozenset()))
+    times = [o.seconds for o in outcomes if o.seconds is not None]
+    failures = [o for o in outcomes if o.seconds is None]
+    return Summary(rounds, len(times), times, failures, corrections)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=None, help="first round's seed (default: random)")
+    parser.add_argument("--scrub", choices=("off", "on"), default="off")
+    parser.add_argument("--hogs", type=int, default=os.cpu_count() or 2, help="CPU-hog processes")
+    parser.add_argument("--workdir", type=Path, default=None, help="where the temp store goes")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds: the exporter and the hogs are stopped by PID
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"chaos: {args.rounds} rounds from seed {seed}, scrub {args.scrub}, {args.hogs} CPU hogs", flush=True)
+    summary = run_chaos(
+        args.rounds,
+        seed,
+        scrub=args.scrub == "on",
+        hogs=args.hogs,
+        workdir=args.workdir,
+        echo=lambda line: print(line, flush=True),
+    )
+    for line in summary.lines():
+        print(line)
+    return 0 if not summary.failures else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
