@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shared.atomic_json import write_json_atomically
 
 STATE_SCHEMA_VERSION = 1
 
@@ -102,17 +103,4 @@ def read_cleanup_state(path: Path | str) -> CleanupState | None:
 
 def write_cleanup_state(path: Path | str, state: CleanupState) -> None:
     """Atomically replace the state file: a reader sees the old state or the new one, never half."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(state.to_json(), handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_json_atomically(path, state.to_json())

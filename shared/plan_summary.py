@@ -17,11 +17,12 @@ Invariants:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shared.atomic_json import write_json_atomically
 
 SUMMARY_SCHEMA_VERSION = 1
 SUMMARY_FILE = "last-plan.json"
@@ -127,17 +128,4 @@ def read_plan_summary(path: Path | str) -> PlanSummary | None:
 
 def write_plan_summary(path: Path | str, summary: PlanSummary) -> None:
     """Atomically replace the summary file; model names that are not UTF-8 survive the round trip."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as handle:
-        json.dump(summary.to_json(), handle, indent=2, sort_keys=True, ensure_ascii=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_json_atomically(path, summary.to_json())
