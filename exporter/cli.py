@@ -48,12 +48,6 @@ def load(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, env)
 
 
-LANDING_LINKS = (
-    '<li><a href="/storage/info">/storage/info</a></li>'
-    '<li><a href="/docs">/docs</a> (API; <a href="/openapi.json">OpenAPI</a>)</li>'
-)
-
-
 def storage_api(service: ExporterService, settings: Settings, config_file: str | None) -> StorageApi:
     state_file = settings.cleanup_state_file
     return StorageApi(
@@ -81,9 +75,7 @@ def exporter_routes(service: ExporterService, settings: Settings, api: StorageAp
         build_renderer(service, settings),
         readiness=service.readiness,
         is_alive=service.is_alive,
-        extra_links=LANDING_LINKS,
     )
-    # The front page first: it answers `/` before the plain list of links in exporter/http.py.
     page = page_routes(
         api, state_path=settings.state_path, trash_limit_bytes=round(settings["cleaner.trash.max_gb"] * GB)
     )

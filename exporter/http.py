@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from uvicorn import Config, Server
 
@@ -27,19 +27,11 @@ from shared.logs import FAILURE, get_logger
 
 log = get_logger("exporter.http")
 
-LANDING = """<!doctype html>
-<html><head><title>model-storage exporter</title></head>
-<body><h1>model-storage exporter</h1>
-<ul><li><a href="/metrics">/metrics</a></li><li><a href="/readyz">/readyz</a></li>
-<li><a href="/healthz">/healthz</a></li>{extra}</ul></body></html>
-"""
-
 
 def metrics_routes(
     render_metrics: Callable[[], bytes],
     readiness: Callable[[], str],
     is_alive: Callable[[], bool],
-    extra_links: str = "",
 ) -> list[BaseRoute]:
     # Sync endpoints run in Starlette's thread pool, so a slow scrape never blocks the event loop.
     def metrics(_request: Request) -> Response:
@@ -55,11 +47,7 @@ def metrics_routes(
             return JSONResponse({"status": "alive"})
         return JSONResponse({"status": "updater stopped"}, status_code=503)
 
-    def landing(_request: Request) -> Response:
-        return HTMLResponse(LANDING.format(extra=extra_links))
-
     return [
-        Route("/", landing),
         Route("/metrics", metrics),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
