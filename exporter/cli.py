@@ -77,7 +77,10 @@ def exporter_routes(service: ExporterService, settings: Settings, api: StorageAp
         is_alive=service.is_alive,
     )
     page = page_routes(
-        api, state_path=settings.state_path, trash_limit_bytes=round(settings["cleaner.trash.max_gb"] * GB)
+        api,
+        state_path=settings.state_path,
+        trash_limit_bytes=round(settings["cleaner.trash.max_gb"] * GB),
+        scrub_enabled=service.scrubber is not None,
     )
     return page + routes + api.routes() + docs_routes()
 

@@ -10,7 +10,7 @@ Invariants:
   as on `/metrics`. Nothing is ever placed in a URL, a script or a style.
 - No script, no external asset, no inline `style` attribute: the only CSS is the one <style>
   element, allowed by hash in PAGE_CSP; SVG uses presentation attributes, which CSP does not govern.
-- A figure the exporter does not measure yet (allocated bytes, last opened, the scrub) is a marked
+- A figure the exporter does not measure yet (allocated bytes, last opened; the scrub while it is off) is a marked
   gap on the page, never a made-up or zero figure.
 - Rendering is O(rows shown), not O(models): the caller picks the largest models (`page_data`).
 """
@@ -57,6 +57,17 @@ class ModelRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ScrubView:
+    """The scrub's figures as /metrics serves them (`model_storage_scrub_*`)."""
+
+    corrections_total: int
+    drift_bytes_total: int
+    last_cycle_seconds: float  # 0 until the first full cycle ends
+    last_cycle_timestamp: float
+    expected_cycle_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class LastRun:
     """The cleaner's last run, as its state file says (shared/cleanup_state.py)."""
 
@@ -86,7 +97,7 @@ class PageData:
     trash_bytes: int | None = None
     trash_limit_bytes: int = 0
     plan: PlanSummary | None = None
-    scrub: Mapping[str, float] | None = None  # the scrub's figures once it exports them; None: no scrub
+    scrub: ScrubView | None = None  # None: the scrub is off (STORAGE_SCRUB_STATS_PER_SECOND=0)
     allocated_tracked: bool = False
     last_opened_tracked: bool = False
     links: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (path, label): fixed by the caller
@@ -113,6 +124,7 @@ def page_data(
     plan: PlanSummary | None = None,
     token_rejected: bool = False,
     links: tuple[tuple[str, str], ...] = (),
+    scrub: ScrubView | None = None,
 ) -> PageData:
     """The page's data from a snapshot's parts: the largest models picked in O(models log k). Pure."""
     largest = heapq.nsmallest(LARGEST_SHOWN, models, key=lambda s: (-s.bytes, s.tier, s.model)) if show_details else []
@@ -135,6 +147,7 @@ def page_data(
         trash_limit_bytes=trash_limit_bytes,
         plan=plan,
         links=links,
+        scrub=scrub,
     )
 
 
@@ -431,16 +444,27 @@ def _cleanup(data: PageData) -> str:
 
 
 def _scrub(data: PageData) -> str:
-    if data.scrub is None:
+    scrub = data.scrub
+    if scrub is None:
         return (
-            "<section id='scrub'><h2>Scrub</h2><p class='gap' id='scrub-gap'>This exporter exports no scrub "
-            "figures yet.</p></section>"
+            "<section id='scrub'><h2>Scrub</h2><p class='gap' id='scrub-gap'>The scrub is off "
+            "(<code>STORAGE_SCRUB_STATS_PER_SECOND=0</code>): only events and the hourly reconcile keep "
+            "the figures exact.</p></section>"
         )
-    rows = "".join(
-        f"<tr><th scope='row'>{_h(name)}</th><td class='num'>{value:g}</td></tr>"
-        for name, value in sorted(data.scrub.items())
+    if scrub.last_cycle_seconds > 0:
+        cycle = (
+            f"last full cycle took {human_age(scrub.last_cycle_seconds)}, ended "
+            f"{human_age(data.generated_at - scrub.last_cycle_timestamp)} ago"
+        )
+    else:
+        cycle = "first cycle under way"
+    state = "found drift: the event path missed changes" if scrub.corrections_total else "found no drift"
+    return (
+        f"<section id='scrub'><h2>Scrub</h2><p id='scrub-state' data-corrections='{scrub.corrections_total}'>"
+        f"Every directory is checked against the disk about every {human_age(scrub.expected_cycle_seconds)} "
+        f"({cycle}). Since the exporter started it {state}: {scrub.corrections_total} correction(s), "
+        f"{human_bytes(scrub.drift_bytes_total)} of drift.</p></section>"
     )
-    return f"<section id='scrub'><h2>Scrub</h2><table><tbody>{rows}</tbody></table></section>"
 
 
 def _links(data: PageData) -> str:

@@ -18,7 +18,8 @@ from starlette.routing import BaseRoute, Route
 
 from exporter.api import BadRequestError, StorageApi, error_response, parse_none
 from exporter.auth import authorize
-from exporter.page import PAGE_CSP, LastRun, page_data, render_page
+from exporter.page import PAGE_CSP, LastRun, ScrubView, page_data, render_page
+from exporter.scrub import ScrubFigures
 from shared.plan_summary import read_plan_summary, summary_path
 
 LINKS = (
@@ -37,7 +38,7 @@ PAGE_HEADERS = {
 }
 
 
-def page_routes(api: StorageApi, *, state_path: Path, trash_limit_bytes: int) -> list[BaseRoute]:
+def page_routes(api: StorageApi, *, state_path: Path, trash_limit_bytes: int, scrub_enabled: bool) -> list[BaseRoute]:
     plan_file = summary_path(state_path)
 
     def build(show_details: bool, token_rejected: bool) -> str:
@@ -70,6 +71,7 @@ def page_routes(api: StorageApi, *, state_path: Path, trash_limit_bytes: int) ->
             plan=read_plan_summary(plan_file),
             token_rejected=token_rejected,
             links=LINKS,
+            scrub=_scrub_view(snap.scrub) if scrub_enabled else None,
         )
         return render_page(data)
 
@@ -85,3 +87,13 @@ def page_routes(api: StorageApi, *, state_path: Path, trash_limit_bytes: int) ->
         return HTMLResponse(body, headers=PAGE_HEADERS)
 
     return [Route("/", page, methods=["GET"])]
+
+
+def _scrub_view(figures: ScrubFigures) -> ScrubView:
+    return ScrubView(
+        corrections_total=figures.corrections_total,
+        drift_bytes_total=figures.drift_bytes_total,
+        last_cycle_seconds=figures.cycle_seconds,
+        last_cycle_timestamp=figures.last_cycle_timestamp,
+        expected_cycle_seconds=figures.expected_cycle_seconds,
+    )

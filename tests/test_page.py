@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from exporter.fsinfo import FsUsage
-from exporter.page import PAGE_CSP, PAGE_STYLE, LastRun, _csp_hash, human_bytes, page_data, render_page
+from exporter.page import PAGE_CSP, PAGE_STYLE, LastRun, ScrubView, _csp_hash, human_bytes, page_data, render_page
 from exporter.tree import ModelStat
 from shared.cleanup_state import CleanupState, write_cleanup_state
 from shared.plan_summary import PlannedEviction, summarize, summary_path, write_plan_summary
@@ -113,6 +113,18 @@ def test_figures_the_exporter_does_not_measure_are_marked_gaps_not_numbers() -> 
     page = sample()
     assert "id='allocated-gap'" in page and "id='last-opened-gap'" in page and "id='scrub-gap'" in page
     assert ">allocated<" not in page and ">last opened<" not in page
+
+
+def test_the_scrub_section_says_what_the_scrub_found_or_that_it_is_off() -> None:
+    off = sample()
+    assert "id='scrub-gap'" in off and "STORAGE_SCRUB_STATS_PER_SECOND=0" in off
+    clean = sample(scrub=ScrubView(0, 0, 510.0, 1.7e9 + 3000, 500.0))
+    assert "id='scrub-gap'" not in clean
+    assert "data-corrections='0'" in clean and "found no drift" in clean
+    assert "took 8 min, ended 10 min ago" in clean
+    drifted = sample(scrub=ScrubView(3, 4096, 0.0, 1.7e9, 500.0))
+    assert "data-corrections='3'" in drifted and "4.00 KiB of drift" in drifted
+    assert "first cycle under way" in drifted and "event path missed changes" in drifted
 
 
 def test_the_csp_allows_exactly_the_one_style_and_nothing_else() -> None:
