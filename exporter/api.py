@@ -188,7 +188,8 @@ _ERRORS = {
     408: "A request body announced but not received within the request timeout",
     413: "A request body (these endpoints take none) over 1 KiB",
     502: "The cleaner failed (exit code 1) or printed no report",
-    503: "The cleaner could not run: Prometheus unreachable, configuration rejected, or the command missing",
+    503: "The cleaner could not run or finish: Prometheus unreachable, configuration rejected, the command "
+    "missing, or the filesystem refused an operation (no space, read-only)",
     504: "The operation did not finish within its timeout",
 }
 

@@ -26,7 +26,7 @@ from shared.logs import FAILURE, SUCCESS, get_logger
 log = get_logger("exporter.cleanup")
 
 PROG = "model-storage-cleaner"
-EXIT_OK, EXIT_UNEXPECTED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_PRECONDITION = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_UNEXPECTED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_PRECONDITION, EXIT_FILESYSTEM = 0, 1, 2, 3, 4, 5
 _HOLDER = re.compile(r"another cleaner is running \(pid (?P<pid>[^,)\s]+)")
 _MESSAGE_LIMIT = 500
 _TERMINATE_GRACE_SECONDS = 10.0
@@ -131,7 +131,9 @@ def interpret_run(result: CleanerResult, *, dry_run: bool, actor: str) -> Answer
 
     0 -> 200 with the report; 3 (some evictions failed, the rest done) -> 207 with the report;
     4 with the lock held -> 409 naming the holder; 4 otherwise (Prometheus unreachable) -> 503;
-    2 (the cleaner rejects the configuration) -> 503; 1 or anything else -> 502; never a 500.
+    2 (the cleaner rejects the configuration) -> 503; 5 (the filesystem refused an operation: no
+    space, read-only, no permission; the message names the operation and the path) -> 503;
+    1 or anything else -> 502; never a 500.
     """
     early = _not_run(result)
     if early is not None:
@@ -163,6 +165,8 @@ def interpret_run(result: CleanerResult, *, dry_run: bool, actor: str) -> Answer
         return _failure(503, "precondition_failed", message or "the cleaner's precondition failed", exit_code=code)
     if code == EXIT_CONFIG:
         return _failure(503, "cleaner_config", message or "the cleaner rejected its configuration", exit_code=code)
+    if code == EXIT_FILESYSTEM:
+        return _failure(503, "filesystem_error", message or "the filesystem refused an operation", exit_code=code)
     return _failure(502, "cleaner_failed", message or f"the cleaner exited with {code}", exit_code=code)
 
 

@@ -197,6 +197,13 @@ LOCK_MESSAGE = (
         (4, "", '{"event": "log line"}\n' + LOCK_MESSAGE + "\n", 409, "cleanup_running"),
         (4, "", "model-storage-cleaner: prometheus http://p:9090: unreachable\n", 503, "precondition_failed"),
         (2, "", "model-storage-cleaner: config: cleaner.age_days=-1: expected a number > 0\n", 503, "cleaner_config"),
+        (
+            5,
+            "",
+            "model-storage-cleaner: write /s/state/journal: No space left on device [ENOSPC]\n",
+            503,
+            "filesystem_error",
+        ),
         (1, "", "model-storage-cleaner: unexpected error: KeyError: 'x'\n", 502, "cleaner_failed"),
         (-9, "", "", 502, "cleaner_failed"),
     ],
