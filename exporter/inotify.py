@@ -18,6 +18,9 @@ What the reader guarantees (the updater's guarantees build on these, see exporte
 - R3 (moves out forget only what left): a directory moved out of the tree (a move-from with no
   move-to in the same read) is forgotten by the wds it had when it left, except those re-added since
   (moved back in at once: `mv m out/x; mv out/x m` leaves m watched).
+- R5 (mounts): a directory covered or uncovered by a mount is another directory at the same path:
+  `remount` (called by exporter.mounts' watcher, which sees the change) drops the old watches
+  under the path and watches the new tree before the service announces it.
 - R4 (no lost hints): one hint per path between moves, in kernel order; a move-from whose move-to is
   in the same read is one `moved` hint; an unpaired move-to is a `created` hint, an unpaired
   move-from a `deleted` one.
@@ -190,6 +193,20 @@ class InotifyReader:
     def rewatch(self, path: str) -> None:
         """Make sure `path` and everything below it is watched (and mapped) as it is now."""
         with self._map_lock:
+            self._watch_tree(path)
+
+    def remount(self, path: str) -> None:
+        """A mount at `path` appeared or went: what is there now is another directory (another
+        inode, often another device). Drop the watches of what was there, then watch what is."""
+        with self._map_lock:
+            gone = self._subtree(path)
+            for sub, wd in gone:
+                if self._wds.get(sub) == wd:
+                    del self._wds[sub]
+                if self._paths.get(wd) == sub:
+                    del self._paths[wd]
+            # Those of an unmounted filesystem are gone already (IN_IGNORED is on its way): no error.
+            self._fd.remove_callbacks([(WatchDescriptor(wd), _CALLBACK_ID) for _, wd in gone])
             self._watch_tree(path)
 
     def _add_watch(self, path: str) -> int:

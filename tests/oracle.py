@@ -49,7 +49,8 @@ def _add(
 
 
 def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
-    """du -b semantics: regular files' st_size, each inode once, symlinks not followed.
+    """du -b semantics: regular files' st_size, each inode once, symlinks not followed, mount
+    points crossed (os.walk does not stop at them, as du without -x does not).
 
     A model's `changed` is the newest mtime or ctime of its own entry and of every regular file and
     directory inside it, as floats exactly as `os.lstat` gives them: the index must equal it, not
