@@ -21,6 +21,9 @@ What the reader guarantees (the updater's guarantees build on these, see exporte
 - R5 (mounts): a directory covered or uncovered by a mount is another directory at the same path:
   `remount` (called by exporter.mounts' watcher, which sees the change) drops the old watches
   under the path and watches the new tree before the service announces it.
+- R6 (no path too long): a directory whose path passes PATH_MAX is watched through an O_PATH
+  descriptor opened by an openat chain (/proc/self/fd/N names it for inotify_add_watch), and listed
+  through its descriptor: depth alone never makes the reader fail (exporter.longpath).
 - R4 (no lost hints): one hint per path between moves, in kernel order; a move-from whose move-to is
   in the same read is one `moved` hint; an unpaired move-to is a `created` hint, an unpaired
   move-from a `deleted` one.
@@ -39,6 +42,7 @@ from collections.abc import Callable, Iterable
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchDescriptor
 from watchdog.observers.inotify_c import InotifyConstants as C
 
+from exporter.longpath import PATH_FLAGS, lstat, open_path, too_long
 from exporter.watcher import RawEvent
 
 # Reads are not events: no IN_OPEN, IN_ACCESS or IN_CLOSE_NOWRITE ever reach the kernel queue.
@@ -71,6 +75,25 @@ _IN_ATTRIB = C.IN_ATTRIB
 # Errors that mean "not now" for one directory, not "events can no longer be trusted" (R1).
 _UNWATCHABLE = (errno.EACCES, errno.EPERM)
 UNWATCHED_LIMIT = 10_000
+
+
+_LONG_MASK = Mask(MASK & ~C.IN_DONT_FOLLOW)
+
+
+def _subdirs(path: str) -> list[str]:
+    """Names of the subdirectories of `path` (relative to its descriptor past PATH_MAX)."""
+    try:
+        with os.scandir(path) as entries:
+            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError as err:
+        if not too_long(err):
+            raise
+    fd = open_path(path)
+    try:
+        with os.scandir(fd) as entries:
+            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    finally:
+        os.close(fd)
 
 
 class _NoCallback:
@@ -213,10 +236,7 @@ class InotifyReader:
         """The directory's wd (an existing one when it was watched already), or -1 when it is gone
         or cannot be watched yet (remembered for its next IN_ATTRIB)."""
         try:
-            with warnings.catch_warnings():
-                # Adding an existing watch is how we re-check it; watchdog warns about that.
-                warnings.simplefilter("ignore", RuntimeWarning)
-                wd = self._fd.add_callback(os.fsencode(path), MASK, self._callback, _CALLBACK_ID)
+            wd = self._add_callback(path)
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 return -1  # gone already; its delete event follows
@@ -236,6 +256,25 @@ class InotifyReader:
         self._wds[path] = wd
         self._added[wd] = self._seq
         return wd
+
+    def _add_callback(self, path: str) -> WatchDescriptor:
+        with warnings.catch_warnings():
+            # Adding an existing watch is how we re-check it; watchdog warns about that.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            try:
+                return self._fd.add_callback(os.fsencode(path), MASK, self._callback, _CALLBACK_ID)
+            except OSError as err:
+                if not too_long(err):
+                    raise
+            # Past PATH_MAX (R6): watch the directory through an O_PATH descriptor's /proc entry.
+            # That entry is a symlink to the directory, so it must be followed: no IN_DONT_FOLLOW (the
+            # descriptor was opened O_NOFOLLOW, so the directory itself is no symlink).
+            fd = open_path(path, PATH_FLAGS)
+            try:
+                proc = f"/proc/self/fd/{fd}".encode()
+                return self._fd.add_callback(proc, _LONG_MASK, self._callback, _CALLBACK_ID)
+            finally:
+                os.close(fd)
 
     def _unwatchable(self, path: str) -> int:
         if len(self._unwatched) >= UNWATCHED_LIMIT:
@@ -264,8 +303,7 @@ class InotifyReader:
             if self._leaf_device is not None and self._is_leaf(path):
                 continue
             try:
-                with os.scandir(path) as entries:
-                    pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+                pending.extend(path + "/" + name for name in _subdirs(path))
             except OSError:
                 continue  # unreadable or gone: the scan reports it
         return top_wd
@@ -274,7 +312,7 @@ class InotifyReader:
         """No subdirectories, by the link count. Asked after the watch was added: a subdirectory
         made since then has its own create event, which adds its watch."""
         try:
-            st = os.lstat(path)
+            st = lstat(path)
         except OSError:
             return False  # the listing says what is wrong, or finds it gone
         return st.st_nlink == 2 and st.st_dev == self._leaf_device

@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exporter.longpath import lstat, open_path
 from exporter.tree import DirNode, FileInfo
 
 
@@ -55,13 +56,13 @@ def _scan_one(path: str, node: DirNode, result: ScanResult, pending: list[tuple[
     files = node.files
     add_name = files.names.append
     add_size = files.sizes.append
-    lstat = os.stat
+    statat = os.stat
     is_dir = stat.S_ISDIR
     is_reg = stat.S_ISREG
     changed = node.changed
     count = 0
     try:
-        fd = os.open(path, _DIR_FLAGS)
+        fd = open_path(path, _DIR_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return  # removed (or replaced) while we looked: its event follows
     except OSError as err:
@@ -70,7 +71,7 @@ def _scan_one(path: str, node: DirNode, result: ScanResult, pending: list[tuple[
     try:
         for name in os.listdir(fd):
             try:
-                st = lstat(name, dir_fd=fd, follow_symlinks=False)
+                st = statat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             mode = st.st_mode
@@ -104,7 +105,7 @@ def scan_local(path: str, progress: Progress | None = None, *, progress_every: i
     """Scan `path` in this process. The root's own times count as changes of its subtree."""
     started = time.monotonic()
     try:
-        root_stat = os.lstat(path)
+        root_stat = lstat(path)
     except OSError:
         return ScanResult(None, seconds=time.monotonic() - started)
     if not stat.S_ISDIR(root_stat.st_mode):
@@ -172,7 +173,7 @@ class Scanner:
             return scan_local(path, progress)
         started = time.monotonic()
         try:
-            root_stat = os.lstat(path)
+            root_stat = lstat(path)
         except OSError:
             return ScanResult(None)
         if not stat.S_ISDIR(root_stat.st_mode):

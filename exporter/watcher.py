@@ -35,6 +35,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from exporter.longpath import lstat
 from exporter.scan import ScanResult, file_info, scan_local, stat_changed
 from exporter.tree import DirNode, InodeKey, Parts, Tree
 
@@ -174,7 +175,7 @@ class IndexUpdater:
         """What is at `parts` now: the syscalls of `refresh`, with no change to the index."""
         full = self.path(parts)
         try:
-            st = os.lstat(full)
+            st = lstat(full)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
@@ -254,7 +255,7 @@ class IndexUpdater:
         """Give single-file models under `parts` their own times: one lstat each, O(models)."""
         for model in tree.single_file_models(parts):
             try:
-                st = os.lstat(self.path(model))
+                st = lstat(self.path(model))
             except OSError:
                 continue  # gone or unreadable since the scan: its event follows
             if stat.S_ISREG(st.st_mode):
@@ -295,7 +296,7 @@ class IndexUpdater:
         for parts in known.values():
             stats += 1
             try:
-                seen.append((parts, os.lstat(self.path(parts))))
+                seen.append((parts, lstat(self.path(parts))))
             except OSError:
                 continue  # gone: its event follows
         missing: dict[InodeKey, tuple[int, int]] = {}
@@ -318,7 +319,7 @@ class IndexUpdater:
             checked.add(parts)
             stats += 1
             try:
-                st = os.lstat(self.path(parts))
+                st = lstat(self.path(parts))
             except OSError:
                 continue
             if (st.st_dev, st.st_ino) in missing and stat.S_ISREG(st.st_mode):
@@ -334,7 +335,7 @@ class IndexUpdater:
                     continue
                 stats += 1
                 try:
-                    st = os.lstat(self.path(parts))
+                    st = lstat(self.path(parts))
                 except OSError:
                     continue
                 if (st.st_dev, st.st_ino) in short and stat.S_ISREG(st.st_mode):
@@ -352,7 +353,7 @@ class IndexUpdater:
 
     def refresh_missing(self, tree: Tree, parts: Parts) -> None:
         try:
-            st = os.lstat(self.path(parts))
+            st = lstat(self.path(parts))
         except OSError:
             tree.remove(parts)
             return
