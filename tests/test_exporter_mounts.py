@@ -224,3 +224,33 @@ def test_random_mounts_and_writes_stay_exact(store: Path, mounts: Mounts, tmp_pa
         assert not svc.polling
     finally:
         svc.stop()
+
+
+def test_the_watcher_is_woken_by_the_kernel_not_by_its_periodic_read(
+    tmp_path: Path, mounts: Mounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """POLLPRI on /proc/self/mountinfo wakes it: with the periodic read pushed out of reach, a mount
+    and an unmount are still reported, each once, at the mount point."""
+    import threading
+
+    from exporter import mounts as mounts_module
+
+    monkeypatch.setattr(mounts_module, "REREAD_SECONDS", 3600.0)
+    (tmp_path / "models" / "raw" / "m").mkdir(parents=True)
+    reported: list[str] = []
+    stop = threading.Event()
+    watcher = mounts_module.MountWatcher(str(tmp_path / "models"), reported.append, stop)
+    watcher.start()
+    try:
+        point = tmp_path / "models" / "raw" / "m"
+        mounts.tmpfs(point)
+        wait_until(lambda: reported == [str(point)], timeout=20, what="the mount reported")
+        elsewhere = tmp_path / "elsewhere"  # outside the models path: not reported
+        elsewhere.mkdir()
+        mounts.tmpfs(elsewhere)
+        mounts.umount(point)
+        wait_until(lambda: reported == [str(point), str(point)], timeout=20, what="the unmount reported")
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert reported == [str(point), str(point)]
