@@ -232,9 +232,9 @@ class InotifyReader:
             self._fd.remove_callbacks([(WatchDescriptor(wd), _CALLBACK_ID) for _, wd in gone])
             self._watch_tree(path)
 
-    def _add_watch(self, path: str) -> int:
+    def _add_watch(self, path: str, ancestors: frozenset[int] = frozenset()) -> int:
         """The directory's wd (an existing one when it was watched already), or -1 when it is gone
-        or cannot be watched yet (remembered for its next IN_ATTRIB)."""
+        or cannot be watched yet (remembered for its next IN_ATTRIB), or is one of `ancestors`."""
         try:
             wd = self._add_callback(path)
         except OSError as err:
@@ -247,6 +247,8 @@ class InotifyReader:
             # watchdog answers EACCES with wd -1 (and keeps a placeholder watch for it) rather than raising.
             self._fd._watch_for_wd.pop(wd, None)
             return self._unwatchable(path)
+        if wd in ancestors:
+            return -1  # a directory cycle: the scan reports it
         if self._unwatched:
             self._unwatched.pop(path, None)
         old = self._paths.get(wd)
@@ -285,12 +287,17 @@ class InotifyReader:
     def _watch_tree(self, top: str, *, strict: bool = False) -> int:
         """Watch `top` and every directory below it; a watch comes before its directory is listed.
         Returns `top`'s wd (-1: gone or not watchable)."""
-        pending = [top]
+        # The wds of the directories above each pending one: a directory whose wd is one of them is
+        # its own ancestor (a bind mount into its own subtree) and is neither re-mapped nor listed.
+        above: frozenset[int] = frozenset(
+            wd for wd in (self._wds.get(top[:i]) for i, c in enumerate(top) if c == "/" and i) if wd is not None
+        )
+        pending = [(top, above)]
         top_wd = -1
         while pending:
-            path = pending.pop()
+            path, ancestors = pending.pop()
             try:
-                wd = self._add_watch(path)
+                wd = self._add_watch(path, ancestors)
             except OSError as err:
                 if strict:
                     raise
@@ -303,7 +310,8 @@ class InotifyReader:
             if self._leaf_device is not None and self._is_leaf(path):
                 continue
             try:
-                pending.extend(path + "/" + name for name in _subdirs(path))
+                inner = ancestors | {wd}
+                pending.extend((path + "/" + name, inner) for name in _subdirs(path))
             except OSError:
                 continue  # unreadable or gone: the scan reports it
         return top_wd

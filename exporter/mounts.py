@@ -98,6 +98,10 @@ class MountWatcher:
             self._thread.join(timeout)
             self._thread = None
 
+    def has_inner(self) -> bool:
+        """Whether something is mounted strictly below the root (where a bind mount can make a cycle)."""
+        return any(point != self.root for point, _ in self._table)
+
     def check(self) -> list[str]:
         """Read the table now and report what changed since the last read."""
         table = read_table(self.root)

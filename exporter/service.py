@@ -115,6 +115,7 @@ class ExporterService:
         self._scrub_findings: queue.Queue[Finding] = queue.Queue()
         budget = settings["exporter.scrub_stats_per_second"]
         self.mounts = MountWatcher(self.root, self._mount_changed, self._stop)
+        self.updater.inner_mounts = self.mounts.has_inner
         self.scrubber = (
             Scrubber(
                 self.root, budget, self._with_tree, self._scrub_findings.put, self._rewatch, self.ready, self._stop

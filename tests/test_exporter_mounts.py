@@ -254,3 +254,42 @@ def test_the_watcher_is_woken_by_the_kernel_not_by_its_periodic_read(
         stop.set()
         watcher.join(timeout=10)
     assert reported == [str(point), str(point)]
+
+
+@pytest.mark.parametrize(
+    ("when", "source", "workers"),
+    [("before-start", "m", "1"), ("while-running", "m", "1"), ("before-start", "", "2"), ("while-running", "", "2")],
+)
+def test_a_bind_mount_into_its_own_subtree_is_a_reported_cycle_not_an_endless_walk(
+    store: Path, mounts: Mounts, when: str, source: str, workers: str
+) -> None:
+    """The model (or its whole tier, above the scan pool's subtrees) bind-mounted onto a directory
+    inside itself: its files count once, the loop is not descended (by the scan, its workers or the
+    watches), the exporter stays ready and on events."""
+    model = store / "models" / "raw" / "m"
+    (model / "sub" / "loop").mkdir(parents=True)
+    (model / "w").write_bytes(b"w" * 100)
+    (model / "sub" / "x").write_bytes(b"x" * 10)
+    looped = store / "models" / "raw" / source
+    if when == "before-start":
+        mounts.bind(looped, model / "sub" / "loop")
+    svc = make_service(store, STORAGE_SCAN_WORKERS=workers)
+    svc.start()
+    wait_until(svc.ready.is_set, timeout=30, what="initial scan")
+    try:
+        if when == "while-running":
+            assert svc.snapshot().tiers["raw"] == (110, 2, 1)
+            mounts.bind(looped, model / "sub" / "loop")
+            svc.reconcile("test")  # the pool's full scan too
+        wait_until(lambda: svc.counters.errors["scan"] >= 1, timeout=20, what="the cycle reported")
+        assert svc.snapshot().tiers["raw"] == (110, 2, 1)
+        (model / "sub" / "y").write_bytes(b"y" * 5)  # still watched, once
+        wait_until(lambda: svc.snapshot().tiers["raw"] == (115, 3, 1), timeout=10, what="the write seen")
+        assert svc.is_ready() and not svc.polling
+        reader = svc._reader
+        assert reader is not None
+        assert not any("/loop/" in path for path in reader._wds), "nothing watched through the loop"
+        mounts.umount(model / "sub" / "loop")
+        assert_exact(svc)
+    finally:
+        svc.stop()
