@@ -3,6 +3,7 @@ mounts that appear and go while the exporter runs. Real tmpfs and bind mounts: t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from exporter.mounts import changed_points, mounts_under
 from exporter.service import ExporterService
+from tests.chaos import cpu_hogs
 from tests.oracle import assert_exact, walk_truth
 from tests.support import make_service, wait_until
 
@@ -188,7 +190,8 @@ def test_mounts_that_appear_and_go_while_running(store: Path, mounts: Mounts, tm
 
 @pytest.mark.parametrize("seed", range(ROUNDS))
 def test_random_mounts_and_writes_stay_exact(store: Path, mounts: Mounts, tmp_path: Path, seed: int) -> None:
-    """Seeded rounds of mounts, unmounts and writes at random depths, each step checked against the oracle."""
+    """Seeded rounds of mounts, unmounts and writes at random depths, with both cores kept busy, each
+    step checked against the oracle (replay one with `-k 'random and SEED'`)."""
     rng = random.Random(seed)
     models = store / "models"
     places = []
@@ -200,6 +203,8 @@ def test_random_mounts_and_writes_stay_exact(store: Path, mounts: Mounts, tmp_pa
             places.append(place)
     svc = started(store)
     mounted: list[Path] = []
+    busy = contextlib.ExitStack()
+    busy.enter_context(cpu_hogs(2))  # both cores busy
     try:
         assert_exact(svc)
         for step in range(8):
@@ -223,6 +228,7 @@ def test_random_mounts_and_writes_stay_exact(store: Path, mounts: Mounts, tmp_pa
             assert_exact(svc)
         assert not svc.polling
     finally:
+        busy.close()
         svc.stop()
 
 
