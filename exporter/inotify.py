@@ -18,6 +18,12 @@ What the reader guarantees (the updater's guarantees build on these, see exporte
 - R3 (moves out forget only what left): a directory moved out of the tree (a move-from with no
   move-to in the same read) is forgotten by the wds it had when it left, except those re-added since
   (moved back in at once: `mv m out/x; mv out/x m` leaves m watched).
+- R5 (mounts): a directory covered or uncovered by a mount is another directory at the same path:
+  `remount` (called by exporter.mounts' watcher, which sees the change) drops the old watches
+  under the path and watches the new tree before the service announces it.
+- R6 (no path too long): a directory whose path passes PATH_MAX is watched through an O_PATH
+  descriptor opened by an openat chain (/proc/self/fd/N names it for inotify_add_watch), and listed
+  through its descriptor: depth alone never makes the reader fail (exporter.longpath).
 - R4 (no lost hints): one hint per path between moves, in kernel order; a move-from whose move-to is
   in the same read is one `moved` hint; an unpaired move-to is a `created` hint, an unpaired
   move-from a `deleted` one.
@@ -36,6 +42,7 @@ from collections.abc import Callable, Iterable
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchDescriptor
 from watchdog.observers.inotify_c import InotifyConstants as C
 
+from exporter.longpath import PATH_FLAGS, lstat, open_path, too_long
 from exporter.watcher import RawEvent
 
 # Reads are not events: no IN_OPEN, IN_ACCESS or IN_CLOSE_NOWRITE ever reach the kernel queue.
@@ -68,6 +75,25 @@ _IN_ATTRIB = C.IN_ATTRIB
 # Errors that mean "not now" for one directory, not "events can no longer be trusted" (R1).
 _UNWATCHABLE = (errno.EACCES, errno.EPERM)
 UNWATCHED_LIMIT = 10_000
+
+
+_LONG_MASK = Mask(MASK & ~C.IN_DONT_FOLLOW)
+
+
+def _subdirs(path: str) -> list[str]:
+    """Names of the subdirectories of `path` (relative to its descriptor past PATH_MAX)."""
+    try:
+        with os.scandir(path) as entries:
+            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    except OSError as err:
+        if not too_long(err):
+            raise
+    fd = open_path(path)
+    try:
+        with os.scandir(fd) as entries:
+            return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    finally:
+        os.close(fd)
 
 
 class _NoCallback:
@@ -192,14 +218,25 @@ class InotifyReader:
         with self._map_lock:
             self._watch_tree(path)
 
-    def _add_watch(self, path: str) -> int:
+    def remount(self, path: str) -> None:
+        """A mount at `path` appeared or went: what is there now is another directory (another
+        inode, often another device). Drop the watches of what was there, then watch what is."""
+        with self._map_lock:
+            gone = self._subtree(path)
+            for sub, wd in gone:
+                if self._wds.get(sub) == wd:
+                    del self._wds[sub]
+                if self._paths.get(wd) == sub:
+                    del self._paths[wd]
+            # Those of an unmounted filesystem are gone already (IN_IGNORED is on its way): no error.
+            self._fd.remove_callbacks([(WatchDescriptor(wd), _CALLBACK_ID) for _, wd in gone])
+            self._watch_tree(path)
+
+    def _add_watch(self, path: str, ancestors: frozenset[int] = frozenset()) -> int:
         """The directory's wd (an existing one when it was watched already), or -1 when it is gone
-        or cannot be watched yet (remembered for its next IN_ATTRIB)."""
+        or cannot be watched yet (remembered for its next IN_ATTRIB), or is one of `ancestors`."""
         try:
-            with warnings.catch_warnings():
-                # Adding an existing watch is how we re-check it; watchdog warns about that.
-                warnings.simplefilter("ignore", RuntimeWarning)
-                wd = self._fd.add_callback(os.fsencode(path), MASK, self._callback, _CALLBACK_ID)
+            wd = self._add_callback(path)
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 return -1  # gone already; its delete event follows
@@ -210,6 +247,8 @@ class InotifyReader:
             # watchdog answers EACCES with wd -1 (and keeps a placeholder watch for it) rather than raising.
             self._fd._watch_for_wd.pop(wd, None)
             return self._unwatchable(path)
+        if wd in ancestors:
+            return -1  # a directory cycle: the scan reports it
         if self._unwatched:
             self._unwatched.pop(path, None)
         old = self._paths.get(wd)
@@ -220,6 +259,25 @@ class InotifyReader:
         self._added[wd] = self._seq
         return wd
 
+    def _add_callback(self, path: str) -> WatchDescriptor:
+        with warnings.catch_warnings():
+            # Adding an existing watch is how we re-check it; watchdog warns about that.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            try:
+                return self._fd.add_callback(os.fsencode(path), MASK, self._callback, _CALLBACK_ID)
+            except OSError as err:
+                if not too_long(err):
+                    raise
+            # Past PATH_MAX (R6): watch the directory through an O_PATH descriptor's /proc entry.
+            # That entry is a symlink to the directory, so it must be followed: no IN_DONT_FOLLOW (the
+            # descriptor was opened O_NOFOLLOW, so the directory itself is no symlink).
+            fd = open_path(path, PATH_FLAGS)
+            try:
+                proc = f"/proc/self/fd/{fd}".encode()
+                return self._fd.add_callback(proc, _LONG_MASK, self._callback, _CALLBACK_ID)
+            finally:
+                os.close(fd)
+
     def _unwatchable(self, path: str) -> int:
         if len(self._unwatched) >= UNWATCHED_LIMIT:
             del self._unwatched[next(iter(self._unwatched))]
@@ -229,12 +287,17 @@ class InotifyReader:
     def _watch_tree(self, top: str, *, strict: bool = False) -> int:
         """Watch `top` and every directory below it; a watch comes before its directory is listed.
         Returns `top`'s wd (-1: gone or not watchable)."""
-        pending = [top]
+        # The wds of the directories above each pending one: a directory whose wd is one of them is
+        # its own ancestor (a bind mount into its own subtree) and is neither re-mapped nor listed.
+        above: frozenset[int] = frozenset(
+            wd for wd in (self._wds.get(top[:i]) for i, c in enumerate(top) if c == "/" and i) if wd is not None
+        )
+        pending = [(top, above)]
         top_wd = -1
         while pending:
-            path = pending.pop()
+            path, ancestors = pending.pop()
             try:
-                wd = self._add_watch(path)
+                wd = self._add_watch(path, ancestors)
             except OSError as err:
                 if strict:
                     raise
@@ -247,8 +310,8 @@ class InotifyReader:
             if self._leaf_device is not None and self._is_leaf(path):
                 continue
             try:
-                with os.scandir(path) as entries:
-                    pending.extend(e.path for e in entries if e.is_dir(follow_symlinks=False))
+                inner = ancestors | {wd}
+                pending.extend((path + "/" + name, inner) for name in _subdirs(path))
             except OSError:
                 continue  # unreadable or gone: the scan reports it
         return top_wd
@@ -257,7 +320,7 @@ class InotifyReader:
         """No subdirectories, by the link count. Asked after the watch was added: a subdirectory
         made since then has its own create event, which adds its watch."""
         try:
-            st = os.lstat(path)
+            st = lstat(path)
         except OSError:
             return False  # the listing says what is wrong, or finds it gone
         return st.st_nlink == 2 and st.st_dev == self._leaf_device

@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exporter.longpath import lstat, open_path
 from exporter.tree import DirNode, FileInfo
 
 
@@ -47,7 +48,25 @@ Progress = Callable[[int], None]
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _scan_one(path: str, node: DirNode, result: ScanResult, pending: list[tuple[str, DirNode]]) -> None:
+# The (st_dev, st_ino) of a directory and of each directory above it in this scan, innermost first:
+# a bind mount of a directory into its own subtree would make a scan endless (paths past PATH_MAX
+# no longer stop it), so a directory that is one of its own ancestors is reported, not descended.
+Chain = tuple[int, int, "Chain"] | None
+CYCLE = "directory cycle (a bind mount of a directory above it): not descended"
+
+
+def _in_chain(dev: int, ino: int, chain: Chain) -> bool:
+    while chain is not None:
+        if chain[1] == ino and chain[0] == dev:
+            return True
+        chain = chain[2]
+    return False
+
+
+Pending = list[tuple[str, DirNode, Chain]]
+
+
+def _scan_one(path: str, node: DirNode, result: ScanResult, pending: Pending, chain: Chain) -> None:
     # The hot loop of a million-file scan: listdir + fstatat on the directory's descriptor is about
     # a quarter faster than scandir (no DirEntry objects, no path joins, one stat per entry which
     # also tells directories apart). Appending straight to the table is safe: listdir never
@@ -55,13 +74,13 @@ def _scan_one(path: str, node: DirNode, result: ScanResult, pending: list[tuple[
     files = node.files
     add_name = files.names.append
     add_size = files.sizes.append
-    lstat = os.stat
+    statat = os.stat
     is_dir = stat.S_ISDIR
     is_reg = stat.S_ISREG
     changed = node.changed
     count = 0
     try:
-        fd = os.open(path, _DIR_FLAGS)
+        fd = open_path(path, _DIR_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return  # removed (or replaced) while we looked: its event follows
     except OSError as err:
@@ -70,7 +89,7 @@ def _scan_one(path: str, node: DirNode, result: ScanResult, pending: list[tuple[
     try:
         for name in os.listdir(fd):
             try:
-                st = lstat(name, dir_fd=fd, follow_symlinks=False)
+                st = statat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             mode = st.st_mode
@@ -91,7 +110,10 @@ def _scan_one(path: str, node: DirNode, result: ScanResult, pending: list[tuple[
             elif is_dir(mode):
                 child = DirNode(max(st.st_mtime, st.st_ctime))
                 node.dirs[name] = child
-                pending.append((os.path.join(path, name), child))
+                if _in_chain(st.st_dev, st.st_ino, chain):
+                    result.errors.append((os.path.join(path, name), CYCLE))
+                    continue
+                pending.append((os.path.join(path, name), child, (st.st_dev, st.st_ino, chain)))
     except OSError as err:
         result.errors.append((path, err.strerror or type(err).__name__))
     finally:
@@ -100,23 +122,44 @@ def _scan_one(path: str, node: DirNode, result: ScanResult, pending: list[tuple[
         result.files += count
 
 
-def scan_local(path: str, progress: Progress | None = None, *, progress_every: int = 200_000) -> ScanResult:
-    """Scan `path` in this process. The root's own times count as changes of its subtree."""
+def ancestors(root: str, path: str) -> Chain:
+    """The chain of the directories from `root` down to `path`'s parent (one lstat each): what a
+    scan of `path` needs to tell a cycle through a mount above it. None when one is gone."""
+    chain: Chain = None
+    current = root
+    rest = path[len(root) :].strip("/").split("/")[:-1] if path.startswith(root + "/") else []
+    for name in ["", *rest]:
+        current = current + "/" + name if name else current
+        try:
+            st = lstat(current)
+        except OSError:
+            return None
+        chain = (st.st_dev, st.st_ino, chain)
+    return chain
+
+
+def scan_local(
+    path: str, progress: Progress | None = None, *, progress_every: int = 200_000, above: Chain = None
+) -> ScanResult:
+    """Scan `path` in this process. The root's own times count as changes of its subtree. `above`:
+    the chain of the directories above `path` (see `ancestors`), where a mount could make a cycle."""
     started = time.monotonic()
     try:
-        root_stat = os.lstat(path)
+        root_stat = lstat(path)
     except OSError:
         return ScanResult(None, seconds=time.monotonic() - started)
     if not stat.S_ISDIR(root_stat.st_mode):
         return ScanResult(None, seconds=time.monotonic() - started)
     root = DirNode(stat_changed(root_stat))
     result = ScanResult(root)
-    pending: list[tuple[str, DirNode]] = [(path, root)]
+    if _in_chain(root_stat.st_dev, root_stat.st_ino, above):
+        return ScanResult(DirNode(stat_changed(root_stat)), [(path, CYCLE)], seconds=time.monotonic() - started)
+    pending: Pending = [(path, root, (root_stat.st_dev, root_stat.st_ino, above))]
     next_report = progress_every
     while pending:
-        current_path, node = pending.pop()
+        current_path, node, chain = pending.pop()
         result.dirs += 1
-        _scan_one(current_path, node, result, pending)
+        _scan_one(current_path, node, result, pending, chain)
         if progress is not None and result.files >= next_report:
             progress(result.files)
             next_report += progress_every
@@ -128,8 +171,8 @@ class ScanFailedError(Exception):
     """A scan that did not complete: its result must never be used (an empty or partial tree)."""
 
 
-def _scan_in_worker(path: str) -> ScanResult:
-    return scan_local(path)
+def _scan_in_worker(path: str, above: Chain) -> ScanResult:
+    return scan_local(path, above=above)
 
 
 class Scanner:
@@ -172,7 +215,7 @@ class Scanner:
             return scan_local(path, progress)
         started = time.monotonic()
         try:
-            root_stat = os.lstat(path)
+            root_stat = lstat(path)
         except OSError:
             return ScanResult(None)
         if not stat.S_ISDIR(root_stat.st_mode):
@@ -180,12 +223,12 @@ class Scanner:
         root = DirNode(stat_changed(root_stat))
         result = ScanResult(root)
         # Breadth-first until there are enough subtrees to keep every worker busy.
-        frontier: list[tuple[str, DirNode]] = [(path, root)]
+        frontier: Pending = [(path, root, (root_stat.st_dev, root_stat.st_ino, None))]
         for _level in range(2):
-            next_frontier: list[tuple[str, DirNode]] = []
-            for current_path, node in frontier:
+            next_frontier: Pending = []
+            for current_path, node, chain in frontier:
                 result.dirs += 1
-                _scan_one(current_path, node, result, next_frontier)
+                _scan_one(current_path, node, result, next_frontier, chain)
             frontier = next_frontier
             if len(frontier) >= 4 * self.workers:
                 break
@@ -197,11 +240,12 @@ class Scanner:
         result.seconds = time.monotonic() - started
         return result
 
-    def _gather(self, jobs: list[tuple[str, DirNode]], result: ScanResult, progress: Progress | None) -> None:
+    def _gather(self, jobs: Pending, result: ScanResult, progress: Progress | None) -> None:
         assert self._pool is not None
         next_report = 200_000
         futures: list[tuple[DirNode, Future[ScanResult]]] = [
-            (placeholder, self._pool.submit(_scan_in_worker, job_path)) for job_path, placeholder in jobs
+            (placeholder, self._pool.submit(_scan_in_worker, job_path, chain[2] if chain else None))
+            for job_path, placeholder, chain in jobs
         ]
         for placeholder, future in futures:
             sub = future.result()

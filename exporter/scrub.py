@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from exporter.drift import Difference, DirView, Listing, LogBudget, Pacer, compare, held, recent
+from exporter.longpath import lstat, open_path
 from exporter.tree import DirNode, Parts, Tree
 from exporter.watcher import IndexUpdater, RawEvent
 from shared.logs import FAILURE, SUCCESS, get_logger
@@ -92,7 +93,7 @@ def list_dir(path: str) -> Listing | None:
     """What the directory holds, one lstat per name relative to its descriptor; None when `path`
     is gone or no longer a directory. Other OSErrors (EACCES, EMFILE) propagate."""
     try:
-        fd = os.open(path, _DIR_FLAGS)
+        fd = open_path(path, _DIR_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as err:
@@ -103,14 +104,14 @@ def list_dir(path: str) -> Listing | None:
     linked: list[str] = []
     dirs: list[str] = []
     others: list[str] = []
-    lstat = os.stat
+    statat = os.stat
     is_reg = stat.S_ISREG
     is_dir = stat.S_ISDIR
     try:
         own = os.fstat(fd)
         for name in os.listdir(fd):
             try:
-                st = lstat(name, dir_fd=fd, follow_symlinks=False)
+                st = statat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             mode = st.st_mode
@@ -132,7 +133,7 @@ def entry_times(path: str, names: Iterable[str]) -> dict[str, float]:
     times: dict[str, float] = {}
     for name in names:
         try:
-            st = os.lstat(os.path.join(path, name))
+            st = lstat(os.path.join(path, name))
         except OSError:
             continue
         times[name] = max(st.st_mtime, st.st_ctime)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from exporter.fsinfo import network_filesystem, subdir_counting_device, watch_limit
 from exporter.inotify import Handoff, InotifyReader
+from exporter.mounts import MountWatcher
 from exporter.scan import ScanFailedError, Scanner
 from exporter.scrub import Finding, Scrubber, ScrubFigures, apply_finding
 from exporter.tree import ModelStat, Parts, Tree
@@ -113,6 +114,8 @@ class ExporterService:
         # Names the scrub found different from the disk, for the updater thread (the only writer).
         self._scrub_findings: queue.Queue[Finding] = queue.Queue()
         budget = settings["exporter.scrub_stats_per_second"]
+        self.mounts = MountWatcher(self.root, self._mount_changed, self._stop)
+        self.updater.inner_mounts = self.mounts.has_inner
         self.scrubber = (
             Scrubber(
                 self.root, budget, self._with_tree, self._scrub_findings.put, self._rewatch, self.ready, self._stop
@@ -148,6 +151,7 @@ class ExporterService:
             log.warning("watch.polling", path=self.root, reason=self.polling_reason, **outcome)
         self._thread = threading.Thread(target=self._run, name="index-updater", daemon=True)
         self._thread.start()
+        self.mounts.start()
         if self.scrubber is not None:
             self.scrubber.start()  # it waits for the initial scan
 
@@ -172,6 +176,7 @@ class ExporterService:
             self._reader.stop()
             self._reader = None
         self.scanner.close()
+        self.mounts.join(timeout=30)
         if self.scrubber is not None:
             self.scrubber.join(timeout=30)
         if self._thread is not None:
@@ -333,6 +338,23 @@ class ExporterService:
         reader = self._reader
         if reader is not None:
             reader.rewatch(path)
+
+    def _mount_changed(self, path: str) -> None:
+        """A mount at or under the models path appeared or went (from the mount watcher's thread):
+        the directory there is another one; watch it, then have it scanned from scratch (U1)."""
+        log.info("mount.changed", path=path, outcome=SUCCESS)
+        reader = self._reader
+        if reader is not None:
+            reader.remount(path)
+        if path == self.root:
+            # The whole tree is another one: a full scan, as an operator's reconcile would.
+            self._rescan_requests.put(("mount", queue.Queue(maxsize=1)))
+            return
+        # The whole model is scanned again, not only the mount point: its last change is the newest
+        # time of what it holds now, which an unmount can make older (no event raises it).
+        parts = self.updater.parts(path) or ()
+        if not self.events.put([RawEvent("created", self.updater.path(parts[:2]))]):
+            self._on_overflow("handoff_queue_full")
 
     def _apply_scrub_findings(self) -> None:
         scrubber = self.scrubber

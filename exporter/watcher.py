@@ -16,6 +16,9 @@ What the updater guarantees, given the reader's guarantees (see exporter.inotify
 - U3 (unreadable is retried): a directory the updater could not read (its scan failed, or an lstat
   in it was refused) is scanned again at the next hint for it or for its parent (reading needs read
   on it and search on its parent); a change of permissions is such a hint (IN_ATTRIB).
+- U5 (no endless walk): a directory that is one of its own ancestors (a bind mount into its own
+  subtree) is reported as a scan error and not descended, also when the cycle passes through the
+  directories above a scanned one (their chain is given to the scan while mounts exist below the root).
 - U4 (moves re-key): a move inside the tree re-keys the indexed subtree without a stat, and the moved
   directory is scanned again `settle_seconds` later (hints inside it read after the move lstat the
   old path). A move whose source the index does not hold announces its destination (U1), and so
@@ -35,7 +38,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.scan import ScanResult, file_info, scan_local, stat_changed
+from exporter.longpath import lstat
+from exporter.scan import ScanResult, ancestors, file_info, scan_local, stat_changed
 from exporter.tree import DirNode, InodeKey, Parts, Tree
 
 # Inodes remembered as searched, so a file whose other links are outside the tree is not searched
@@ -86,6 +90,8 @@ class IndexUpdater:
         self._searched: dict[InodeKey, tuple[int, int]] = {}
         # Directories that could not be read: scanned again at their next hint (U3).
         self._unreadable: dict[Parts, None] = {}
+        # Whether anything is mounted below the models path (set by the service from the mount table).
+        self.inner_mounts: Callable[[], bool] = lambda: False
 
     def parts(self, path: str) -> Parts | None:
         """Path components relative to the models path, or None when outside it."""
@@ -174,7 +180,7 @@ class IndexUpdater:
         """What is at `parts` now: the syscalls of `refresh`, with no change to the index."""
         full = self.path(parts)
         try:
-            st = os.lstat(full)
+            st = lstat(full)
         except (FileNotFoundError, NotADirectoryError):
             return None
         except OSError as err:
@@ -186,7 +192,8 @@ class IndexUpdater:
         ):
             # New to the index, or announced anew (U1): its watch was added before this hint was
             # queued, so a scan now sees every file made before the watch and events report the rest.
-            return scan_local(full)
+            # Below a mount, a cycle could pass through the directories above this one (U5).
+            return scan_local(full, above=ancestors(self.root, full) if self.inner_mounts() else None)
         return st
 
     def note_unreadable(self, parts: Parts) -> None:
@@ -254,7 +261,7 @@ class IndexUpdater:
         """Give single-file models under `parts` their own times: one lstat each, O(models)."""
         for model in tree.single_file_models(parts):
             try:
-                st = os.lstat(self.path(model))
+                st = lstat(self.path(model))
             except OSError:
                 continue  # gone or unreadable since the scan: its event follows
             if stat.S_ISREG(st.st_mode):
@@ -295,7 +302,7 @@ class IndexUpdater:
         for parts in known.values():
             stats += 1
             try:
-                seen.append((parts, os.lstat(self.path(parts))))
+                seen.append((parts, lstat(self.path(parts))))
             except OSError:
                 continue  # gone: its event follows
         missing: dict[InodeKey, tuple[int, int]] = {}
@@ -318,7 +325,7 @@ class IndexUpdater:
             checked.add(parts)
             stats += 1
             try:
-                st = os.lstat(self.path(parts))
+                st = lstat(self.path(parts))
             except OSError:
                 continue
             if (st.st_dev, st.st_ino) in missing and stat.S_ISREG(st.st_mode):
@@ -334,7 +341,7 @@ class IndexUpdater:
                     continue
                 stats += 1
                 try:
-                    st = os.lstat(self.path(parts))
+                    st = lstat(self.path(parts))
                 except OSError:
                     continue
                 if (st.st_dev, st.st_ino) in short and stat.S_ISREG(st.st_mode):
@@ -352,7 +359,7 @@ class IndexUpdater:
 
     def refresh_missing(self, tree: Tree, parts: Parts) -> None:
         try:
-            st = os.lstat(self.path(parts))
+            st = lstat(self.path(parts))
         except OSError:
             tree.remove(parts)
             return

@@ -49,7 +49,8 @@ def _add(
 
 
 def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
-    """du -b semantics: regular files' st_size, each inode once, symlinks not followed.
+    """du -b semantics: regular files' st_size, each inode once, symlinks not followed, mount
+    points crossed (os.fwalk does not stop at them, as du without -x does not).
 
     A model's `changed` is the newest mtime or ctime of its own entry and of every regular file and
     directory inside it, as floats exactly as `os.lstat` gives them: the index must equal it, not
@@ -58,12 +59,13 @@ def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
     layout = layout or Layout()
     truth = Truth({t: [0, 0, 0] for t in (*layout.tiers, "other")})
     links: dict[tuple[int, int], tuple[int, dict[Place, None]]] = {}
-    for dirpath, dirnames, filenames in os.walk(models_path):
+    # fwalk, relative to each directory's descriptor: paths past PATH_MAX are reached too.
+    for dirpath, dirnames, filenames, dir_fd in os.fwalk(models_path):
         rel = Path(dirpath).relative_to(models_path).parts
         for name in [*dirnames, *filenames]:
             full = Path(dirpath, name)
             try:
-                st = os.lstat(full)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             parts = (*rel, name)
