@@ -33,10 +33,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cleaner import verify
-from cleaner.plan import Eviction, Plan, new_plan_id, save_plan
 from shared.config import load_settings
-from tests.support import ROOT, exporter_env, run_cleaner, wait_until
+from tests.support import ROOT, exporter_env, run_cleaner, save_age_plan, wait_until
 
 MODES = ("rename", "exdev", "archive")
 MODELS = ("raw/a", "quantized/b", "repository/c", "raw/busy")
@@ -283,16 +281,7 @@ def populate(store: Path, oracle: Oracle, rng: random.Random) -> None:
 
 
 def save_plan_for(env: dict[str, str]) -> str:
-    settings = load_settings(env=env)
-    now = time.time()
-    evictions = []
-    for key in MODELS:
-        tier, model = key.split("/")
-        snap = verify.snapshot(settings.models_path / key)
-        evictions.append(Eviction(tier, model, snap.bytes, snap.files, snap.newest_change, 9e6, None, "age", "t"))
-    plan = Plan(new_plan_id(now), now, tuple(evictions), (), sum(e.bytes for e in evictions))
-    save_plan(plan, settings.state_path)
-    return plan.plan_id
+    return save_age_plan(env, MODELS)
 
 
 def env_for(store: Path, mode: str, other: Path) -> dict[str, str]:

@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -295,3 +295,21 @@ def start_victoria_metrics(data_dir: Path, log_dir: Path, scrape_config: Path | 
         # Prometheus configs carry keys VictoriaMetrics ignores (evaluation_interval, rule_files).
         argv += [f"-promscrape.config={scrape_config}", "-promscrape.config.strictParse=false"]
     return start_process(argv, log_dir / f"victoria-metrics-{port}.log", f"http://127.0.0.1:{port}", "/health")
+
+
+def save_age_plan(env: dict[str, str], keys: Iterable[str]) -> str:
+    """A saved plan evicting each `tier/model` in `keys` by age, at its size on disk now; its id."""
+    from cleaner import verify  # imported here, as in make_service: support stays light to import
+    from cleaner.plan import Eviction, Plan, new_plan_id, save_plan
+    from shared.config import load_settings
+
+    settings = load_settings(env=env)
+    now = time.time()
+    evictions = []
+    for key in keys:
+        tier, model = key.split("/")
+        snap = verify.snapshot(settings.models_path / key)
+        evictions.append(Eviction(tier, model, snap.bytes, snap.files, snap.newest_change, 9e6, None, "age", "t"))
+    plan = Plan(new_plan_id(now), now, tuple(evictions), (), sum(e.bytes for e in evictions))
+    save_plan(plan, settings.state_path)
+    return plan.plan_id

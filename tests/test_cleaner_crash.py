@@ -19,12 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from cleaner import verify
 from cleaner.journal import Manifest, tree_manifest
-from cleaner.plan import Eviction, Plan, new_plan_id, save_plan
 from shared.audit import verify_audit
 from shared.config import load_settings
-from tests.support import ROOT, exporter_env, make_model, run_cleaner, wait_until
+from tests.support import ROOT, exporter_env, make_model, run_cleaner, save_age_plan, wait_until
 
 KEYS = ("raw/llama", "quantized/llama-q4", "repository/bert")
 
@@ -50,16 +48,7 @@ def populate(store: Path) -> dict[str, Manifest]:
 
 
 def save_test_plan(env: dict[str, str]) -> str:
-    settings = load_settings(env=env)
-    now = time.time()
-    evictions = []
-    for key in KEYS:
-        tier, model = key.split("/")
-        snap = verify.snapshot(settings.models_path / key)
-        evictions.append(Eviction(tier, model, snap.bytes, snap.files, snap.newest_change, 9e6, None, "age", "t"))
-    plan = Plan(new_plan_id(now), now, tuple(evictions), (), sum(e.bytes for e in evictions))
-    save_plan(plan, settings.state_path)
-    return plan.plan_id
+    return save_age_plan(env, KEYS)
 
 
 def areas(env: dict[str, str]) -> list[Path]:
