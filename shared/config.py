@@ -2,6 +2,19 @@
 
 Every setting is declared once in `FIELDS` with its YAML key, its environment variable, its
 default and its parser, so the loader, the `policies` listing and the README's reference agree.
+Its type lives in `shared/typed_settings.py`, where the attribute path is the YAML key: code reads
+`settings.cleaner.age_days` (a float to mypy), never a string-keyed lookup, and hands inward the
+smallest section it needs (`settings.cleaner`, `settings.cleaner.prometheus`, `settings.exporter`).
+`settings.sources[key]` says where each value came from (default, file or env) for the listings.
+
+To add a setting (two edits, both one line):
+1. a `Field(...)` row in `FIELDS` below (YAML key, variable, default, parser, doc);
+2. `name: type` in the class of its section in `shared/typed_settings.py`, named as the last part
+   of the key, typed as its parser returns (e.g. `cleaner.usage_source` -> `usage_source: str` in
+   `CleanerSettings`). A new section (`exporter.opens.*`) is a new frozen class there and one
+   attribute naming it in its parent.
+Importing this module fails, naming the key, if a row and an attribute do not match one to one;
+building the settings fails if a parser returns another type than the attribute declares.
 """
 
 from __future__ import annotations
@@ -13,21 +26,33 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
 from shared.errors import ConfigError
 from shared.layout import Layout
+from shared.typed_settings import (
+    ApiSettings,
+    BackupMode,
+    CleanerSettings,
+    ExporterSettings,
+    LogFormat,
+    LogLevel,
+    LogSettings,
+    StorageSettings,
+    build,
+    missing_and_extra,
+)
 
 GB = 10**9
 DAY_SECONDS = 86400.0
 HOUR_SECONDS = 3600.0
 TIERS = ("raw", "quantized", "repository")
 POLICIES = ("age", "usage", "size")
-BACKUP_MODES = ("trash", "archive", "none")
-LOG_FORMATS = ("auto", "json", "console")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+BACKUP_MODES: tuple[str, ...] = get_args(BackupMode)
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 
 # Triton's success plus failure counters, each summed on its own: increase() drops the metric
 # name, so one regex selector over both fails ("vector cannot contain metrics with the same
@@ -512,49 +537,76 @@ FIELDS: tuple[Field, ...] = (
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}
 
 
+_missing, _extra = missing_and_extra([f.key for f in FIELDS])
+if _missing or _extra:
+    raise TypeError(
+        f"settings: FIELDS keys without a typed attribute {_missing}, attributes without a FIELDS row {_extra}; "
+        "see the top of shared/config.py"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Effective settings. `sources[key]` says where each value came from: default, file or env."""
+    """Effective settings, one typed section per YAML section. `sources[key]` says where each value
+    came from: default, file or env. Built only by `load_settings` (or `from_values`)."""
 
-    values: Mapping[str, Any]
+    storage: StorageSettings
+    exporter: ExporterSettings
+    log: LogSettings
+    api: ApiSettings
+    cleaner: CleanerSettings
+    values: Mapping[str, object] = field(repr=False)
     sources: Mapping[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def from_values(cls, values: Mapping[str, object], sources: Mapping[str, str]) -> Settings:
+        """Parsed values by YAML key (every key of `FIELDS`) into the typed sections."""
+        return cls(
+            storage=build(StorageSettings, values, "storage"),
+            exporter=build(ExporterSettings, values, "exporter"),
+            log=build(LogSettings, values, "log"),
+            api=build(ApiSettings, values, "api"),
+            cleaner=build(CleanerSettings, values, "cleaner"),
+            values=dict(values),
+            sources=dict(sources),
+        )
+
     def __getitem__(self, key: str) -> Any:
+        # Transitional: the use sites move to the typed sections, then this goes.
         return self.values[key]
 
     # The paths everything else derives from.
     @property
     def base_path(self) -> Path:
-        path: Path = self.values["storage.base_path"]
-        return path
+        return self.storage.base_path
 
     @property
     def models_path(self) -> Path:
-        return self._derived("storage.models.path", "models")
+        return self._derived(self.storage.models.path, "models")
 
     @property
     def metrics_path(self) -> Path:
-        return self._derived("storage.metrics.path", "metrics")
+        return self._derived(self.storage.metrics.path, "metrics")
 
     @property
     def grafana_path(self) -> Path:
-        return self._derived("storage.grafana.path", "grafana")
+        return self._derived(self.storage.grafana.path, "grafana")
 
     @property
     def state_path(self) -> Path:
-        return self._derived("storage.state_path", "state")
+        return self._derived(self.storage.state_path, "state")
 
     @property
     def audit_log_path(self) -> Path:
-        return self._derived("storage.audit_log", "audit.log")
+        return self._derived(self.storage.audit_log, "audit.log")
 
     @property
     def trash_path(self) -> Path:
-        return self._derived("cleaner.trash.path", "trash")
+        return self._derived(self.cleaner.trash.path, "trash")
 
     @property
     def backup_path(self) -> Path:
-        return self._derived("cleaner.backup.path", "backup")
+        return self._derived(self.cleaner.backup.path, "backup")
 
     @property
     def cleanup_state_file(self) -> Path:
@@ -563,28 +615,23 @@ class Settings:
 
     @property
     def layout(self) -> Layout:
-        return Layout(
-            raw_dir=self.values["storage.models.raw_dir"],
-            quantized_dir=self.values["storage.models.quantized_dir"],
-            repository_dir=self.values["storage.models.repository_dir"],
-        )
+        models = self.storage.models
+        return Layout(raw_dir=models.raw_dir, quantized_dir=models.quantized_dir, repository_dir=models.repository_dir)
 
     @property
     def capacity_bytes(self) -> int:
-        size_gb: float = self.values["storage.max_size_gb"]
-        return round(size_gb * GB)
+        return round(self.storage.max_size_gb * GB)
 
-    def _derived(self, key: str, name: str) -> Path:
-        value: Path | None = self.values[key]
+    def _derived(self, value: Path | None, name: str) -> Path:
         return value if value is not None else self.base_path / name
 
-    def public(self) -> dict[str, Any]:
-        """Values safe to show or log: secrets replaced by whether they are set."""
-        shown: dict[str, Any] = {}
+    def public(self) -> dict[str, object]:
+        """Values safe to show or log, by YAML key: secrets replaced by whether they are set."""
+        shown: dict[str, object] = {}
         for f in FIELDS:
             value = self.values[f.key]
             if f.secret:
-                value = sorted(value) if isinstance(value, dict) else bool(value)
+                value = sorted(value) if isinstance(value, Mapping) else bool(value)
             elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, tuple):
@@ -661,7 +708,7 @@ def load_settings(config_file: str | Path | None = None, env: Mapping[str, str] 
         name = shown.get(f.key, f.key)
         values[f.key] = None if value is None and f.default is None else f.parse(name, value)
         sources[f.key] = source
-    settings = Settings(values=values, sources=sources)
+    settings = Settings.from_values(values, sources)
     _check_coherence(settings)
     return settings
 
@@ -671,12 +718,12 @@ def _check_coherence(settings: Settings) -> None:
     dirs = [layout.raw_dir, layout.quantized_dir, layout.repository_dir]
     if len(set(dirs)) != 3:
         raise ConfigError(f"config: storage.models.*_dir={dirs}: expected three different directory names")
-    cert, key = settings["exporter.tls_cert_file"], settings["exporter.tls_key_file"]
+    cert, key = settings.exporter.tls_cert_file, settings.exporter.tls_key_file
     if (cert is None) != (key is None):
         raise ConfigError("config: exporter.tls_cert_file and exporter.tls_key_file: expected both or neither")
-    if "$window" not in settings["cleaner.usage_query"]:
+    if "$window" not in settings.cleaner.usage_query:
         raise ConfigError(
-            f"config: cleaner.usage_query={settings['cleaner.usage_query'][:60]!r}: "
+            f"config: cleaner.usage_query={settings.cleaner.usage_query[:60]!r}: "
             "expected a PromQL template containing $window"
         )
     _check_apart_from_models(settings)
@@ -726,7 +773,7 @@ def _check_apart_from_models(settings: Settings) -> None:
     # Purge reads every run directory under the trash as trash: archived copies there would be purged.
     trash = settings.trash_path.resolve()
     how = overlap(settings.backup_path.resolve(), trash)
-    if settings["cleaner.backup.mode"] == "archive" and how is not None:
+    if settings.cleaner.backup.mode == "archive" and how is not None:
         raise ConfigError(
             f"config: {_shown_key(settings, 'cleaner.backup.path')}={str(settings.backup_path)!r} "
             f"{how} the trash path {str(trash)!r}: expected a path apart from the trash, which purge empties"

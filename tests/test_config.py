@@ -16,10 +16,10 @@ def test_defaults_follow_the_spec() -> None:
     assert s.metrics_path == Path("storage/metrics")
     assert s.grafana_path == Path("storage/grafana")
     assert s.capacity_bytes == 100 * 10**9
-    assert s["cleaner.age_days"] == 30
-    assert s["cleaner.min_requests"] == 10
-    assert s["cleaner.request_timeframe_days"] == 7
-    assert s["exporter.listen"] == ("127.0.0.1", 8470)
+    assert s.cleaner.age_days == 30
+    assert s.cleaner.min_requests == 10
+    assert s.cleaner.request_timeframe_days == 7
+    assert s.exporter.listen == ("127.0.0.1", 8470)
     assert all(source == "default" for source in s.sources.values())
 
 
@@ -30,7 +30,7 @@ def test_env_beats_file_beats_default(tmp_path: Path) -> None:
     assert s.base_path == Path("/from-file")
     assert s.models_path == Path("/from-file/models")
     assert s.capacity_bytes == 7_500_000_000
-    assert s["cleaner.age_days"] == 3
+    assert s.cleaner.age_days == 3
     assert s.sources["storage.max_size_gb"] == "env"
     assert s.sources["cleaner.age_days"] == "file"
     assert s.sources["cleaner.min_requests"] == "default"
@@ -39,7 +39,7 @@ def test_env_beats_file_beats_default(tmp_path: Path) -> None:
 def test_config_file_from_env_variable(tmp_path: Path) -> None:
     config = tmp_path / "c.yml"
     config.write_text("exporter:\n  listen: '[::1]:9999'\n")
-    assert load_settings(env={"STORAGE_CONFIG": str(config)})["exporter.listen"] == ("::1", 9999)
+    assert load_settings(env={"STORAGE_CONFIG": str(config)}).exporter.listen == ("::1", 9999)
 
 
 @pytest.mark.parametrize(
@@ -140,8 +140,8 @@ def test_named_tokens_and_token_files(tmp_path: Path) -> None:
     secret = tmp_path / "admin.token"
     secret.write_text("s3cr3t-token-value-0123\n")
     s = load_settings(env={"STORAGE_ADMIN_TOKEN_FILE": str(secret), "STORAGE_READ_TOKEN": "grafana:r" + "x" * 20})
-    assert s["api.admin_tokens"] == {"admin": "s3cr3t-token-value-0123"}
-    assert s["api.read_tokens"] == {"grafana": "r" + "x" * 20}
+    assert s.api.admin_tokens == {"admin": "s3cr3t-token-value-0123"}
+    assert s.api.read_tokens == {"grafana": "r" + "x" * 20}
     public = s.public()
     assert public["api.admin_tokens"] == ["admin"]
     assert "s3cr3t" not in repr(public)
@@ -159,17 +159,17 @@ GENERATED = {
 def test_what_generators_print_is_one_bare_token(token: str, tmp_path: Path) -> None:
     secret = tmp_path / "token"
     secret.write_text(token + "\n")
-    assert load_settings(env={"STORAGE_ADMIN_TOKEN": token})["api.admin_tokens"] == {"admin": token}
-    assert load_settings(env={"STORAGE_ADMIN_TOKEN_FILE": str(secret)})["api.admin_tokens"] == {"admin": token}
-    assert load_settings(env={"STORAGE_READ_TOKEN": token})["api.read_tokens"] == {"read": token}
+    assert load_settings(env={"STORAGE_ADMIN_TOKEN": token}).api.admin_tokens == {"admin": token}
+    assert load_settings(env={"STORAGE_ADMIN_TOKEN_FILE": str(secret)}).api.admin_tokens == {"admin": token}
+    assert load_settings(env={"STORAGE_READ_TOKEN": token}).api.read_tokens == {"read": token}
 
 
 def test_named_tokens_take_a_colon_and_bare_ones_are_numbered() -> None:
     padded, hexed = GENERATED["base64 with padding"], GENERATED["hex"]
     s = load_settings(env={"STORAGE_ADMIN_TOKEN": f"ops:{padded}, ci.bot-2:{hexed}"})
-    assert s["api.admin_tokens"] == {"ops": padded, "ci.bot-2": hexed}
+    assert s.api.admin_tokens == {"ops": padded, "ci.bot-2": hexed}
     s = load_settings(env={"STORAGE_ADMIN_TOKEN": f"{padded},{hexed}"})  # a rotation: old and new
-    assert s["api.admin_tokens"] == {"admin": padded, "admin-2": hexed}
+    assert s.api.admin_tokens == {"admin": padded, "admin-2": hexed}
 
 
 def test_the_old_name_equals_form_is_refused_with_how_to_migrate() -> None:
@@ -190,7 +190,7 @@ def test_a_short_token_is_refused_without_echoing_it() -> None:
 
 def test_fractional_durations_are_accepted() -> None:
     s = load_settings(env={"STORAGE_CLEANUP_AGE_DAYS": "0.0005", "STORAGE_CLEANUP_GRACE_HOURS": "0"})
-    assert s["cleaner.age_days"] * 86400 == pytest.approx(43.2)
+    assert s.cleaner.age_days * 86400 == pytest.approx(43.2)
 
 
 def test_every_field_has_a_distinct_env_var() -> None:
