@@ -44,7 +44,7 @@ def _cycle(root: str, tree: Tree, per_second: float) -> tuple[float, float, list
 
 def main() -> dict[str, object]:
     files = env_int("BENCH_FILES", 1_000_000)
-    budget = env_float("BENCH_SCRUB_STATS_PER_SECOND", load_settings(env={})["exporter.scrub_stats_per_second"])
+    budget = env_float("BENCH_SCRUB_STATS_PER_SECOND", load_settings(env={}).exporter.scrub_stats_per_second)
     models = generated_tree(files)
     warm(models)
     scanner = Scanner(0)

@@ -57,15 +57,15 @@ def storage_api(service: ExporterService, settings: Settings, config_file: str |
         filesystem=lambda: filesystem_usage(service.root),
         cleanup_state=lambda: read_cleanup_state(state_file),
         capacity_bytes=settings.capacity_bytes,
-        tokens=TokenBook(settings["api.admin_tokens"], settings["api.read_tokens"]),
+        tokens=TokenBook(settings.api.admin_tokens, settings.api.read_tokens),
         runner=CleanupRunner(
-            settings["exporter.cleaner_command"],
-            timeout_seconds=settings["exporter.cleanup_timeout_seconds"],
+            settings.exporter.cleaner_command,
+            timeout_seconds=settings.exporter.cleanup_timeout_seconds,
             config_file=config_file,
         ),
         audit=AuditLog(settings.audit_log_path),
-        refusals=RefusalThrottle(limit=settings["api.audit_refusals_per_minute"]),
-        request_timeout_seconds=settings["exporter.http_request_timeout_seconds"],
+        refusals=RefusalThrottle(limit=settings.api.audit_refusals_per_minute),
+        request_timeout_seconds=settings.exporter.http_request_timeout_seconds,
     )
 
 
@@ -79,7 +79,7 @@ def exporter_routes(service: ExporterService, settings: Settings, api: StorageAp
     page = page_routes(
         api,
         state_path=settings.state_path,
-        trash_limit_bytes=round(settings["cleaner.trash.max_gb"] * GB),
+        trash_limit_bytes=round(settings.cleaner.trash.max_gb * GB),
         scrub_enabled=service.scrubber is not None,
     )
     return page + routes + api.routes() + docs_routes()
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as err:
         print(f"model-storage-exporter: {err.one_line()}", file=sys.stderr)
         return err.exit_code
-    configure_logging(settings["log.format"], settings["log.level"])
+    configure_logging(settings.log.format, settings.log.level)
     log = get_logger("exporter")
     service = ExporterService(settings)
     api = storage_api(service, settings, args.config)
@@ -107,10 +107,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"model-storage-exporter: {err.one_line()}", file=sys.stderr)
         service.stop()
         return err.exit_code
-    host, port = settings["exporter.listen"]
-    tls = settings["exporter.tls_cert_file"] is not None
+    host, port = settings.exporter.listen
+    tls = settings.exporter.tls_cert_file is not None
     app = build_app(exporter_routes(service, settings, api))
-    config, _connections = server_config(app, settings, raise_open_files_limit())
+    config, _connections = server_config(app, settings.exporter, raise_open_files_limit())
     server = BoundedServer(config)
     shown_host = f"[{host}]" if ":" in host else host
     url = f"{'https' if tls else 'http'}://{shown_host}:{port}/metrics"

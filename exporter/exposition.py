@@ -26,7 +26,7 @@ def build_collector(service: ExporterService, settings: Settings) -> StorageColl
         filesystem=lambda: filesystem_usage(service.root),
         watch_limit=watch_limit,
         cleanup_state=lambda: read_cleanup_state(state_file),
-        trash_limit_bytes=round(settings["cleaner.trash.max_gb"] * GB),
+        trash_limit_bytes=round(settings.cleaner.trash.max_gb * GB),
     )
 
 

@@ -22,8 +22,8 @@ from starlette.routing import BaseRoute, Route
 from uvicorn import Config, Server
 
 from exporter.connections import ACCEPT_BACKLOG, LISTEN_BACKLOG, ConnectionBook, bounded_protocol, effective_cap
-from shared.config import Settings
 from shared.logs import FAILURE, get_logger
+from shared.typed_settings import ExporterSettings
 
 log = get_logger("exporter.http")
 
@@ -92,10 +92,10 @@ def raise_open_files_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def server_config(app: Starlette, settings: Settings, soft_limit: int | None) -> tuple[Config, ConnectionBook]:
+def server_config(app: Starlette, settings: ExporterSettings, soft_limit: int | None) -> tuple[Config, ConnectionBook]:
     """uvicorn's settings for `app`: h11 with bounded connections, proxy headers only from trusted proxies."""
-    host, port = settings["exporter.listen"]
-    configured = settings["exporter.http_max_connections"]
+    host, port = settings.listen
+    configured = settings.http_max_connections
     book = ConnectionBook(cap=effective_cap(configured, soft_limit))
     if book.cap < configured:
         log.warning(
@@ -106,21 +106,22 @@ def server_config(app: Starlette, settings: Settings, soft_limit: int | None) ->
             outcome=FAILURE,
             error="the open-files limit is too low for the configured connections; raise LimitNOFILE / ulimit -n",
         )
-    trusted = list(settings["exporter.trusted_proxies"])
+    trusted = list(settings.trusted_proxies)
     config = Config(
         app,
         host=host,
         port=port,
-        http=bounded_protocol(book, settings["exporter.http_request_timeout_seconds"]),
+        http=bounded_protocol(book, settings.http_request_timeout_seconds),
         log_config=None,
         access_log=False,
         lifespan="off",
-        ssl_certfile=settings["exporter.tls_cert_file"],
-        ssl_keyfile=settings["exporter.tls_key_file"],
+        ssl_certfile=settings.tls_cert_file,
+        ssl_keyfile=settings.tls_key_file,
         proxy_headers=bool(trusted),
         forwarded_allow_ips=trusted,
         server_header=False,
-        timeout_keep_alive=settings["exporter.http_keepalive_timeout_seconds"],
+        # uvicorn annotates an int but only hands it to loop.call_later: fractions (0.1 s up) are kept.
+        timeout_keep_alive=settings.http_keepalive_timeout_seconds,  # type: ignore[arg-type]
         backlog=ACCEPT_BACKLOG,
     )
     return config, book

@@ -176,7 +176,7 @@ def plan_stack(
     interval: str | None = None,
 ) -> StackPlan:
     """What to start, with which arguments: decided from settings and what is installed. Pure."""
-    exporter_port = settings["exporter.listen"][1]
+    exporter_port = settings.exporter.listen[1]
     exporter_addr = f"{LOOPBACK}:{exporter_port}"
     prom_addr = f"{LOOPBACK}:{prometheus_port}"
     am_addr = f"{LOOPBACK}:{alertmanager_port}"
@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not _wait_ready(component, stack.start(component), stop):
                 return 0 if stop.is_set() else 1
         lines = [f"  {c.name:<13} {c.show_url}" for c in plan.components]
-        hint = cleaner_hint(plan, Path(sys.executable).parent, settings["cleaner.prometheus.url"])
+        hint = cleaner_hint(plan, Path(sys.executable).parent, settings.cleaner.prometheus.url)
         if hint:
             lines.append(f"  try the cleaner: {hint}")
         # One write, so whoever sees "running" sees the whole block, the cleaner hint included.

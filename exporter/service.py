@@ -94,13 +94,13 @@ class ExporterService:
         self.root = str(Path(settings.models_path).resolve())
         self.tree = Tree(settings.layout)
         self.lock = threading.Lock()
-        self.scanner = scanner or Scanner(settings["exporter.scan_workers"])
-        self.events = Handoff(settings["exporter.queue_size"])
+        self.scanner = scanner or Scanner(settings.exporter.scan_workers)
+        self.events = Handoff(settings.exporter.queue_size)
         self.overflow = OverflowFlag()
         self.updater = IndexUpdater(self.root, self._record_error, self._moved_dir)
         self.counters = _Counters()
         self.ready = threading.Event()
-        self.polling = settings["exporter.force_polling"]
+        self.polling = settings.exporter.force_polling
         self.polling_reason = "forced by configuration" if self.polling else ""
         self._stop = threading.Event()
         # Why the initial scan has not made the index ready yet, when it failed ("" otherwise).
@@ -113,7 +113,7 @@ class ExporterService:
         self._rescan_requests: queue.Queue[tuple[str, queue.Queue[ReconcileResult]]] = queue.Queue()
         # Names the scrub found different from the disk, for the updater thread (the only writer).
         self._scrub_findings: queue.Queue[Finding] = queue.Queue()
-        budget = settings["exporter.scrub_stats_per_second"]
+        budget = settings.exporter.scrub_stats_per_second
         self.mounts = MountWatcher(self.root, self._mount_changed, self._stop)
         self.updater.inner_mounts = self.mounts.has_inner
         self.scrubber = (
@@ -267,8 +267,8 @@ class ExporterService:
 
     def _interval(self) -> float:
         if self.polling:
-            return float(self.settings["exporter.poll_interval_seconds"])
-        return float(self.settings["exporter.reconcile_interval_seconds"])
+            return self.settings.exporter.poll_interval_seconds
+        return self.settings.exporter.reconcile_interval_seconds
 
     def _loop(self) -> None:
         interval = self._interval()
@@ -284,7 +284,7 @@ class ExporterService:
             else:
                 failures = 0
 
-        window = self.settings["exporter.coalesce_window_seconds"]
+        window = self.settings.exporter.coalesce_window_seconds
         while not self._stop.is_set():
             if self._reader is not None and self._reader.failed:
                 self._fall_back_to_polling()
@@ -399,7 +399,7 @@ class ExporterService:
             self._descriptor_retries.clear()  # every retry went through
 
     def _moved_dir(self, parts: Parts) -> None:
-        settle = self.settings["exporter.settle_seconds"]
+        settle = self.settings.exporter.settle_seconds
         if settle > 0 and len(self._settle) < 10_000:
             heapq.heappush(self._settle, (time.monotonic() + settle, parts))
 
@@ -409,7 +409,7 @@ class ExporterService:
         started = time.monotonic()
         replay: list[RawEvent] = []
         result_box: list[Any] = []
-        replay_limit = self.settings["exporter.queue_size"]
+        replay_limit = self.settings.exporter.queue_size
 
         def progress(files: int) -> None:
             elapsed = time.monotonic() - started
@@ -423,7 +423,7 @@ class ExporterService:
 
         scanner_thread = threading.Thread(target=scan, name="full-scan", daemon=True)
         scanner_thread.start()
-        window = self.settings["exporter.coalesce_window_seconds"]
+        window = self.settings.exporter.coalesce_window_seconds
         lost = False
         while scanner_thread.is_alive():
             batch = self.events.get(0.05, window, BATCH_LIMIT)

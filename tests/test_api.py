@@ -536,7 +536,7 @@ def test_tls_serves_the_api_over_https(store: Path, logs_dir: Path, tmp_path: Pa
 def test_listens_on_loopback_unless_told_otherwise() -> None:
     from shared.config import load_settings
 
-    assert load_settings(None, {})["exporter.listen"] == ("127.0.0.1", 8470)
+    assert load_settings(None, {}).exporter.listen == ("127.0.0.1", 8470)
 
 
 def test_info_and_metrics_keep_answering_during_a_collect_and_an_event_burst(store: Path, logs_dir: Path) -> None:
