@@ -69,7 +69,7 @@ def _tree(root: Path, answers: dict[str, bytes]) -> None:
 def plan_once(answers: dict[str, bytes], base: Path, now: float) -> tuple[Plan, dict[str, float]]:
     env = {"STORAGE_BASE_PATH": str(base), "STORAGE_CLEANUP_MAX_SIZE_GB": "5000"}
     settings = load_settings(env=env)
-    view = PolicyView.from_settings(settings)
+    view = PolicyView.from_settings(settings.cleaner)
     timings: dict[str, float] = {}
     started = time.perf_counter()
 

@@ -179,7 +179,7 @@ def _run_locked(
         actor=actor,
         target=run_id,
         bytes=plan.bytes_to_free,
-        details={"plan_id": plan.plan_id, "evictions": len(plan.evictions), "mode": settings["cleaner.backup.mode"]},
+        details={"plan_id": plan.plan_id, "evictions": len(plan.evictions), "mode": settings.cleaner.backup.mode},
     )
     journal = Journal(settings.state_path, run_id, command="run")
     ctx = apply.Context.from_settings(settings, run_id=run_id, actor=actor, now=now)
@@ -215,7 +215,7 @@ def _run_locked(
         "run_id": run_id,
         "plan_id": plan.plan_id,
         "plan": plan.to_json(),
-        "mode": settings["cleaner.backup.mode"],
+        "mode": settings.cleaner.backup.mode,
         **result.to_json(),
         "freed_bytes": sum(d.bytes for d in result.done),
         "purged": [{"run_id": e.run_id, "tier": e.tier, "model": e.model, "bytes": e.bytes} for e in purged],
@@ -342,7 +342,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
 
 def trash_listing(settings: Settings, now: float) -> dict[str, Any]:
     entries = trash.list_entries(settings.trash_path)
-    retention: float = settings["cleaner.trash.retention_days"]
+    retention = settings.cleaner.trash.retention_days
     cap = apply.trash_cap_bytes(settings)
     over_cap = {(e.run_id, e.key) for e in trash.select_for_purge(entries, now, retention, cap)}
     rows = [

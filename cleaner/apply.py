@@ -51,8 +51,8 @@ class Context:
             state_path=settings.state_path,
             trash_path=settings.trash_path,
             backup_path=settings.backup_path,
-            mode=settings["cleaner.backup.mode"],
-            protect=tuple(settings["cleaner.protect"]),
+            mode=settings.cleaner.backup.mode,
+            protect=settings.cleaner.protect,
             run_id=run_id,
             actor=actor,
             now=now,
@@ -403,7 +403,7 @@ def purge_trash(
     chosen = trash.select_for_purge(
         entries,
         now,
-        settings["cleaner.trash.retention_days"],
+        settings.cleaner.trash.retention_days,
         cap,
         purge_all=purge_all,
         keep_runs=frozenset() if keep_run is None else frozenset({keep_run}),
@@ -446,7 +446,7 @@ def purge_trash(
 
 
 def trash_cap_bytes(settings: Settings) -> int:
-    cap_gb: float = settings["cleaner.trash.max_gb"]
+    cap_gb = settings.cleaner.trash.max_gb
     return round(cap_gb * GB)
 
 

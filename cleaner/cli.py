@@ -118,9 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "func", None) is None:
             parser.error("a command is required")
         settings = load_settings(args.config)
-        validate(settings)
-        debug = settings["log.level"] == "debug"
-        configure_logging(settings["log.format"], settings["log.level"])
+        validate(settings.cleaner)
+        debug = settings.log.level == "debug"
+        configure_logging(settings.log.format, settings.log.level)
         code: int = args.func(settings, args)
         return code
     except SystemExit as exit_:

@@ -17,8 +17,8 @@ from cleaner.plan import ModelFacts
 from cleaner.policies import Coverage, PolicyView
 from cleaner.prom import PromClient, QueryResult, Sample, shorten
 from shared import metric_names as names
-from shared.config import Settings
 from shared.errors import ConfigError, PreconditionError
+from shared.typed_settings import CleanerSettings
 
 # Coverage is measured on a grid of this many steps across the window (so to within 1/20 of it),
 # each step looking back this many steps, so a step holds at least two scrapes of the source.
@@ -152,9 +152,9 @@ def attach_usage(
     return [replace(f, requests=usage.get(f.model)) if f.tier in usage_tiers else f for f in facts]
 
 
-def fetch(client: PromClient, settings: Settings, view: PolicyView, now: float) -> Inventory:
+def fetch(client: PromClient, cleaner: CleanerSettings, view: PolicyView, now: float) -> Inventory:
     """Run the fixed set of queries (4, plus 2 when usage is needed), all evaluated at `now`."""
-    matchers = settings["cleaner.prometheus.matchers"]
+    matchers = cleaner.prometheus.matchers
     results: list[tuple[str, QueryResult]] = []
     warnings: list[str] = []
 
@@ -183,8 +183,8 @@ def fetch(client: PromClient, settings: Settings, view: PolicyView, now: float) 
     window = view.timeframe_seconds
     coverage = Coverage(window_seconds=window, covered_seconds=0.0, queried=False)
     if view.needs_usage():
-        template = settings["cleaner.usage_query"]
-        label = settings["cleaner.usage_label"]
+        template = cleaner.usage_query
+        label = cleaner.usage_label
         if matchers and "$matchers" not in template and "${matchers}" not in template:
             warnings.append("cleaner.usage_query has no $matchers: usage is not restricted to this host's series")
         covered = run("usage_coverage", coverage_query(template, window, matchers))

@@ -95,16 +95,16 @@ def decide_with_disk_checks(
 
 
 def build(settings: Settings, now: float, *, allow_large: bool = False, client: PromClient | None = None) -> Planned:
-    view = PolicyView.from_settings(settings, allow_large=allow_large)
-    client = client or PromClient.from_settings(settings)
+    view = PolicyView.from_settings(settings.cleaner, allow_large=allow_large)
+    client = client or PromClient.from_settings(settings.cleaner.prometheus)
     started = time.monotonic()
-    inventory: Inventory = fetch(client, settings, view, now)
+    inventory: Inventory = fetch(client, settings.cleaner, view, now)
     queried = time.monotonic()
     decision, facts = decide_with_disk_checks(settings, inventory.facts, inventory.coverage, view, now)
     decided = time.monotonic()
     evidence = {
         "prometheus_url": client.url,
-        "matchers": settings["cleaner.prometheus.matchers"],
+        "matchers": settings.cleaner.prometheus.matchers,
         "evaluated_at": now,
         **inventory.evidence(),
         "models": len(facts),

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cleaner.plan import Eviction, Kept, ModelFacts, Plan
-from shared.config import DAY_SECONDS, GB, HOUR_SECONDS, Settings
+from shared.config import DAY_SECONDS, GB, HOUR_SECONDS
 from shared.errors import ConfigError
 from shared.reasons import Reason, sentence
+from shared.typed_settings import CleanerSettings
 
 USAGE_PLACEHOLDERS = ("window", "matchers")
 _PLACEHOLDER = re.compile(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")
@@ -46,21 +47,21 @@ class PolicyView:
     allow_large: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, allow_large: bool = False) -> PolicyView:
+    def from_settings(cls, cleaner: CleanerSettings, *, allow_large: bool = False) -> PolicyView:
         return cls(
-            policies=tuple(settings["cleaner.policies"]),
-            age_seconds=settings["cleaner.age_days"] * DAY_SECONDS,
-            age_tiers=tuple(settings["cleaner.age_tiers"]),
-            min_requests=settings["cleaner.min_requests"],
-            timeframe_seconds=settings["cleaner.request_timeframe_days"] * DAY_SECONDS,
-            usage_tiers=tuple(settings["cleaner.usage_tiers"]),
-            max_size_bytes=round(settings["cleaner.max_size_gb"] * GB),
-            size_tiers=tuple(settings["cleaner.size_tiers"]),
-            low_watermark=settings["cleaner.low_watermark"],
-            grace_seconds=settings["cleaner.grace_hours"] * HOUR_SECONDS,
-            max_evict_fraction=settings["cleaner.max_evict_fraction"],
-            max_evict_models=settings["cleaner.max_evict_models"],
-            protect=tuple(settings["cleaner.protect"]),
+            policies=cleaner.policies,
+            age_seconds=cleaner.age_days * DAY_SECONDS,
+            age_tiers=cleaner.age_tiers,
+            min_requests=cleaner.min_requests,
+            timeframe_seconds=cleaner.request_timeframe_days * DAY_SECONDS,
+            usage_tiers=cleaner.usage_tiers,
+            max_size_bytes=round(cleaner.max_size_gb * GB),
+            size_tiers=cleaner.size_tiers,
+            low_watermark=cleaner.low_watermark,
+            grace_seconds=cleaner.grace_hours * HOUR_SECONDS,
+            max_evict_fraction=cleaner.max_evict_fraction,
+            max_evict_models=cleaner.max_evict_models,
+            protect=cleaner.protect,
             allow_large=allow_large,
         )
 
@@ -172,21 +173,21 @@ def fmt_requests(requests: float | None) -> str:
 # ---- validation at load time ---------------------------------------------------------------
 
 
-def validate(settings: Settings) -> None:
+def validate(cleaner: CleanerSettings) -> None:
     """Refuse configurations that could empty the store or cannot be expanded; ConfigError (exit 2)."""
-    fraction = settings["cleaner.max_evict_fraction"]
+    fraction = cleaner.max_evict_fraction
     if fraction >= 1:
         raise ConfigError(
             f"config: cleaner.max_evict_fraction={fraction:g}: would let one run evict the whole store",
             hint="use a share below 1 and --allow-large for a deliberate large cleanup",
         )
-    view = PolicyView.from_settings(settings)
+    view = PolicyView.from_settings(cleaner)
     if view.enabled("size") and view.size_tiers and view.low_mark_bytes < 1:
         raise ConfigError(
-            f"config: cleaner.max_size_gb={settings['cleaner.max_size_gb']:g} with low_watermark="
+            f"config: cleaner.max_size_gb={cleaner.max_size_gb:g} with low_watermark="
             f"{view.low_watermark:g}: the low mark is 0 bytes, the size policy would evict everything"
         )
-    template = settings["cleaner.usage_query"]
+    template = cleaner.usage_query
     for match in _PLACEHOLDER.finditer(template):
         name = match.group(1) or match.group(2)
         if name not in USAGE_PLACEHOLDERS:

@@ -11,8 +11,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.config import Settings
 from shared.errors import PreconditionError
+from shared.typed_settings import PrometheusSettings
 
 
 class PromError(PreconditionError):
@@ -76,13 +76,13 @@ class PromClient:
             self._headers["Authorization"] = f"Basic {pair}"
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PromClient:
+    def from_settings(cls, prometheus: PrometheusSettings) -> PromClient:
         return cls(
-            settings["cleaner.prometheus.url"],
-            timeout=settings["cleaner.prometheus.timeout_seconds"],
-            bearer_token=settings["cleaner.prometheus.bearer_token"],
-            username=settings["cleaner.prometheus.username"],
-            password=settings["cleaner.prometheus.password"],
+            prometheus.url,
+            timeout=prometheus.timeout_seconds,
+            bearer_token=prometheus.bearer_token,
+            username=prometheus.username,
+            password=prometheus.password,
         )
 
     def query(self, expr: str, at: float) -> QueryResult:

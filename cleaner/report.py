@@ -134,7 +134,7 @@ def _setting(settings: Settings, key: str) -> dict[str, Any]:
 
 
 def policies_document(settings: Settings) -> dict[str, Any]:
-    enabled = settings["cleaner.policies"]
+    enabled = settings.cleaner.policies
     return {
         "policies": [
             {

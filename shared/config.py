@@ -571,10 +571,6 @@ class Settings:
             sources=dict(sources),
         )
 
-    def __getitem__(self, key: str) -> Any:
-        # Transitional: the use sites move to the typed sections, then this goes.
-        return self.values[key]
-
     # The paths everything else derives from.
     @property
     def base_path(self) -> Path:

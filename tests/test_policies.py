@@ -358,7 +358,7 @@ def test_plans_never_break_guards_or_caps(
 def test_validate_refuses_a_blast_radius_of_the_whole_store() -> None:
     settings = load_settings(env={"STORAGE_CLEANUP_MAX_EVICT_FRACTION": "1"})
     with pytest.raises(ConfigError, match="max_evict_fraction=1: would let one run evict the whole store"):
-        validate(settings)
+        validate(settings.cleaner)
 
 
 def test_config_refuses_age_zero() -> None:
@@ -370,20 +370,20 @@ def test_config_refuses_age_zero() -> None:
 def test_validate_refuses_a_zero_byte_low_mark() -> None:
     settings = load_settings(env={"STORAGE_CLEANUP_MAX_SIZE_GB": "0.0000000001"})
     with pytest.raises(ConfigError, match="low mark is 0 bytes"):
-        validate(settings)
+        validate(settings.cleaner)
 
 
 def test_validate_refuses_unknown_placeholders_but_allows_label_replace_groups() -> None:
     bad = load_settings(env={"STORAGE_USAGE_QUERY": "sum(increase(x{$matcher}[$window]))"})
     with pytest.raises(ConfigError, match=r"unknown placeholder \$matcher"):
-        validate(bad)
+        validate(bad.cleaner)
     ok = 'sum by (model) (label_replace(increase(x[$window]), "model", "$1", "name", "(.*)"))'
-    validate(load_settings(env={"STORAGE_USAGE_QUERY": ok}))
-    validate(load_settings(env={}))
+    validate(load_settings(env={"STORAGE_USAGE_QUERY": ok}).cleaner)
+    validate(load_settings(env={}).cleaner)
 
 
 def test_fractional_durations_scale_policies_down_to_seconds() -> None:
-    v = PolicyView.from_settings(load_settings(env={"STORAGE_CLEANUP_AGE_DAYS": "0.0005"}))
+    v = PolicyView.from_settings(load_settings(env={"STORAGE_CLEANUP_AGE_DAYS": "0.0005"}).cleaner)
     assert v.age_seconds == pytest.approx(43.2)
 
 

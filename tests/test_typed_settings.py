@@ -170,6 +170,7 @@ BAD = {
     'cleaner.backup.mode == "trsh"': "Non-overlapping equality check",
     "cleaner.agedays": 'has no attribute "agedays"',
     "settings.cleaner.age_days = 1.0": "is read-only",
+    'settings["cleaner.age_days"]': 'Value of type "Settings" is not indexable',
 }
 
 
