@@ -147,6 +147,14 @@ def test_named_tokens_and_token_files(tmp_path: Path) -> None:
     assert "s3cr3t" not in repr(public)
 
 
+def test_secrets_stay_out_of_the_settings_repr() -> None:
+    # A repr reaches an assertion message, a debugger or a log line with locals: names only.
+    env = {"STORAGE_ADMIN_TOKEN": "ops:" + "s3cret" * 4, "STORAGE_PROMETHEUS_PASSWORD": "hunter2-hunter2"}
+    shown = repr(load_settings(env=env))
+    assert "s3cret" not in shown and "hunter2" not in shown
+    assert "admin_tokens=['ops']" in shown
+
+
 GENERATED = {
     "base64 with padding": "R0evGwU2cW5pZ3h0c2VjcmV0dG9rZW4xMjM0NTY3OA==",
     "base64, one =": "R0evGwU2cW5pZ3h0c2VjcmV0dG9rZW4xMjM0NTY3=",
