@@ -43,6 +43,7 @@ from shared.typed_settings import (
     StorageSettings,
     build,
     missing_and_extra,
+    where_to_declare,
 )
 
 GB = 10**9
@@ -537,12 +538,25 @@ FIELDS: tuple[Field, ...] = (
 FIELDS_BY_KEY = {f.key: f for f in FIELDS}
 
 
-_missing, _extra = missing_and_extra([f.key for f in FIELDS])
-if _missing or _extra:
-    raise TypeError(
-        f"settings: FIELDS keys without a typed attribute {_missing}, attributes without a FIELDS row {_extra}; "
-        "see the top of shared/config.py"
-    )
+def _parsed_type(f: Field) -> str:
+    if f.default is None:
+        return "... | None"
+    return type(f.parse(f.key, f.default)).__name__
+
+
+def undeclared() -> list[str]:
+    """What keeps `FIELDS` and the typed sections from matching one to one, each with its fix."""
+    missing, extra = missing_and_extra([f.key for f in FIELDS])
+    problems = [
+        f"{key}: no typed attribute; add {where_to_declare(key)} in shared/typed_settings.py, "
+        f"typed as its parser returns ({_parsed_type(FIELDS_BY_KEY[key])})"
+        for key in missing
+    ]
+    return problems + [f"{key}: a typed attribute with no FIELDS row" for key in extra]
+
+
+if undeclared():
+    raise TypeError("settings: " + "; ".join(undeclared()) + " (see the top of shared/config.py)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,6 +192,21 @@ def missing_and_extra(keys: list[str]) -> tuple[list[str], list[str]]:
     return [k for k in keys if k not in declared], [k for k in declared if k not in keys]
 
 
+def where_to_declare(key: str) -> str:
+    """Where the attribute for a new key goes: the message a merge that added only a row gets."""
+    parts = key.split(".")
+    cls = SECTIONS.get(parts[0])
+    if cls is None:
+        return f"a new top-level section {parts[0]!r}: a frozen class in SECTIONS and a field of Settings"
+    for depth, part in enumerate(parts[1:-1], start=1):
+        hint = get_type_hints(cls).get(part)
+        if not (isinstance(hint, type) and is_dataclass(hint)):
+            section = ".".join(parts[: depth + 1])
+            return f"a new section {section}.*: a frozen class here, named by `{part}: ...` in {cls.__name__}"
+        cls = hint
+    return f"`{parts[-1]}: ...` in {cls.__name__}"
+
+
 def conforms(value: object, hint: object) -> bool:
     """Whether `value` is of the declared type; the forms the settings use, nothing more."""
     origin, args = get_origin(hint), get_args(hint)

@@ -207,3 +207,47 @@ def test_settings_is_built_from_values_only_through_the_table() -> None:
     rebuilt = Settings.from_values(settings.values, settings.sources)
     assert rebuilt == settings
     assert isinstance(rebuilt.cleaner, CleanerSettings)
+
+
+def test_a_merged_row_without_its_attribute_says_where_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared import config
+
+    new = (
+        config.Field("cleaner.usage_source", "STORAGE_USAGE_SOURCE", "prometheus", config._string, "Usage source"),
+        config.Field("exporter.opens.enabled", "STORAGE_OPENS_ENABLED", False, config._bool, "Track opens"),
+        config.Field("exporter.opens_window_seconds", "STORAGE_OPENS_WINDOW", None, config._optional_path, "x"),
+    )
+    monkeypatch.setattr(config, "FIELDS", config.FIELDS + new)
+    monkeypatch.setattr(config, "FIELDS_BY_KEY", {f.key: f for f in config.FIELDS})
+    assert config.undeclared() == [
+        "cleaner.usage_source: no typed attribute; add `usage_source: ...` in CleanerSettings "
+        "in shared/typed_settings.py, typed as its parser returns (str)",
+        "exporter.opens.enabled: no typed attribute; add a new section exporter.opens.*: a frozen class here, "
+        "named by `opens: ...` in ExporterSettings in shared/typed_settings.py, typed as its parser returns (bool)",
+        "exporter.opens_window_seconds: no typed attribute; add `opens_window_seconds: ...` in ExporterSettings "
+        "in shared/typed_settings.py, typed as its parser returns (... | None)",
+    ]
+
+
+def test_importing_the_settings_fails_on_a_row_without_an_attribute(tmp_path: Path) -> None:
+    # What a merge that adds only a FIELDS row does: every process refuses to start, saying why.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for source in (ROOT / "shared").glob("*.py"):
+        (shared / source.name).write_text(source.read_text())
+    config = shared / "config.py"
+    row = '    Field("cleaner.usage_source", "STORAGE_USAGE_SOURCE", "prometheus", _string, "Usage source"),\n'
+    text = config.read_text()
+    anchor = "FIELDS: tuple[Field, ...] = (\n"
+    assert anchor in text
+    config.write_text(text.replace(anchor, anchor + row))
+    imported = subprocess.run(
+        [sys.executable, "-c", "import shared.config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert imported.returncode == 1
+    assert "cleaner.usage_source: no typed attribute; add `usage_source: ...` in CleanerSettings" in imported.stderr
