@@ -16,11 +16,15 @@ Pure: no disk, no environment, no clock.
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Literal, TypeVar, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -167,12 +171,18 @@ SECTIONS: dict[str, type] = {
     "cleaner": CleanerSettings,
 }
 
-G = TypeVar("G")
+G = TypeVar("G", bound="DataclassInstance")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, object]:
+    # get_type_hints evaluates every annotation string: once per class, not once per load.
+    return get_type_hints(cls)
 
 
 def _attributes(cls: type, prefix: str) -> Iterator[tuple[str, object, str]]:
     """(YAML key, declared type, attribute name) of every leaf under `cls`, depth first."""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     for f in fields(cls):
         key, hint = f"{prefix}.{f.name}", hints[f.name]
         if isinstance(hint, type) and is_dataclass(hint):
@@ -199,7 +209,7 @@ def where_to_declare(key: str) -> str:
     if cls is None:
         return f"a new top-level section {parts[0]!r}: a frozen class in SECTIONS and a field of Settings"
     for depth, part in enumerate(parts[1:-1], start=1):
-        hint = get_type_hints(cls).get(part)
+        hint = _hints(cls).get(part)
         if not (isinstance(hint, type) and is_dataclass(hint)):
             section = ".".join(parts[: depth + 1])
             return f"a new section {section}.*: a frozen class here, named by `{part}: ...` in {cls.__name__}"
@@ -237,9 +247,9 @@ def conforms(value: object, hint: object) -> bool:
 
 def build(cls: type[G], values: Mapping[str, object], prefix: str) -> G:
     """The section `prefix` of the parsed values, as `cls`; TypeError if a value has another type."""
-    hints = get_type_hints(cls)
+    hints = _hints(cls)
     kwargs: dict[str, object] = {}
-    for f in fields(cls):  # type: ignore[arg-type]  # G is always one of the dataclasses above
+    for f in fields(cls):
         key, hint = f"{prefix}.{f.name}", hints[f.name]
         if isinstance(hint, type) and is_dataclass(hint):
             kwargs[f.name] = build(hint, values, key)
