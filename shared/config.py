@@ -40,7 +40,9 @@ from shared.typed_settings import (
     LogFormat,
     LogLevel,
     LogSettings,
+    Policy,
     StorageSettings,
+    Tier,
     build,
     missing_and_extra,
     where_to_declare,
@@ -49,8 +51,8 @@ from shared.typed_settings import (
 GB = 10**9
 DAY_SECONDS = 86400.0
 HOUR_SECONDS = 3600.0
-TIERS = ("raw", "quantized", "repository")
-POLICIES = ("age", "usage", "size")
+TIERS: tuple[str, ...] = get_args(Tier)
+POLICIES: tuple[str, ...] = get_args(Policy)
 BACKUP_MODES: tuple[str, ...] = get_args(BackupMode)
 LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)

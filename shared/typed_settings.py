@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Literal, TypeVar, get_args, get_origin, get_ty
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
+Tier = Literal["raw", "quantized", "repository"]
+Policy = Literal["age", "usage", "size"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 BackupMode = Literal["trash", "archive", "none"]
@@ -143,16 +145,16 @@ class CleanerSettings:
     """cleaner.*"""
 
     prometheus: PrometheusSettings
-    policies: tuple[str, ...]
+    policies: tuple[Policy, ...]
     age_days: float
-    age_tiers: tuple[str, ...]
+    age_tiers: tuple[Tier, ...]
     min_requests: float
     request_timeframe_days: float
     usage_query: str
     usage_label: str
-    usage_tiers: tuple[str, ...]
+    usage_tiers: tuple[Tier, ...]
     max_size_gb: float
-    size_tiers: tuple[str, ...]
+    size_tiers: tuple[Tier, ...]
     low_watermark: float
     grace_hours: float
     max_evict_fraction: float

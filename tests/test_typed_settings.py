@@ -161,6 +161,7 @@ BAD = {
     'cleaner.age_days + "d"': 'Unsupported operand types for + ("float" and "str")',
     "cleaner.max_evict_models.upper()": '"int" has no attribute "upper"',
     'cleaner.backup.mode == "trsh"': "Non-overlapping equality check",
+    '[p for p in cleaner.policies if p == "usge"]': "Non-overlapping equality check",
     "cleaner.agedays": 'has no attribute "agedays"',
     "settings.cleaner.age_days = 1.0": "is read-only",
     'settings["cleaner.age_days"]': 'Value of type "Settings" is not indexable',
