@@ -11,8 +11,8 @@ To add a setting (two edits, both one line):
 1. a `Field(...)` row in `FIELDS` below (YAML key, variable, default, parser, doc);
 2. `name: type` in the class of its section in `shared/typed_settings.py`, named as the last part
    of the key, typed as its parser returns (e.g. `cleaner.usage_source` -> `usage_source: str` in
-   `CleanerSettings`). A new section (`exporter.opens.*`) is a new frozen class there and one
-   attribute naming it in its parent.
+   `CleanerSettings`; a `_choice` is a `Literal` alias there). A new section (`exporter.opens.*`)
+   is a new frozen class there and one attribute naming it in its parent.
 Importing this module fails, naming the key, if a row and an attribute do not match one to one;
 building the settings fails if a parser returns another type than the attribute declares.
 """
@@ -557,8 +557,9 @@ def undeclared() -> list[str]:
     return problems + [f"{key}: a typed attribute with no FIELDS row" for key in extra]
 
 
-if undeclared():
-    raise TypeError("settings: " + "; ".join(undeclared()) + " (see the top of shared/config.py)")
+_UNDECLARED = undeclared()
+if _UNDECLARED:
+    raise TypeError("settings: " + "; ".join(_UNDECLARED) + " (see the top of shared/config.py)")
 
 
 @dataclass(frozen=True, slots=True)
