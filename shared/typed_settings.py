@@ -182,20 +182,20 @@ def _hints(cls: type) -> dict[str, object]:
     return get_type_hints(cls)
 
 
-def _attributes(cls: type, prefix: str) -> Iterator[tuple[str, object, str]]:
-    """(YAML key, declared type, attribute name) of every leaf under `cls`, depth first."""
+def _attributes(cls: type, prefix: str) -> Iterator[tuple[str, object]]:
+    """(YAML key, declared type) of every leaf under `cls`, depth first."""
     hints = _hints(cls)
     for f in fields(cls):
         key, hint = f"{prefix}.{f.name}", hints[f.name]
         if isinstance(hint, type) and is_dataclass(hint):
             yield from _attributes(hint, key)
         else:
-            yield key, hint, f.name
+            yield key, hint
 
 
 def declared_keys() -> dict[str, object]:
     """Every YAML key the typed classes declare, with its type."""
-    return {key: hint for name, cls in SECTIONS.items() for key, hint, _ in _attributes(cls, name)}
+    return {key: hint for name, cls in SECTIONS.items() for key, hint in _attributes(cls, name)}
 
 
 def missing_and_extra(keys: list[str]) -> tuple[list[str], list[str]]:
@@ -214,7 +214,7 @@ def where_to_declare(key: str) -> str:
         hint = _hints(cls).get(part)
         if not (isinstance(hint, type) and is_dataclass(hint)):
             section = ".".join(parts[: depth + 1])
-            return f"a new section {section}.*: a frozen class here, named by `{part}: ...` in {cls.__name__}"
+            return f"a new section {section}.*: a frozen class, named by `{part}: ...` in {cls.__name__}"
         cls = hint
     return f"`{parts[-1]}: ...` in {cls.__name__}"
 

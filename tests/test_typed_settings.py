@@ -223,7 +223,7 @@ def test_a_merged_row_without_its_attribute_says_where_it_goes(monkeypatch: pyte
     assert config.undeclared() == [
         "cleaner.usage_source: no typed attribute; add `usage_source: ...` in CleanerSettings "
         "in shared/typed_settings.py, typed as its parser returns (str)",
-        "exporter.opens.enabled: no typed attribute; add a new section exporter.opens.*: a frozen class here, "
+        "exporter.opens.enabled: no typed attribute; add a new section exporter.opens.*: a frozen class, "
         "named by `opens: ...` in ExporterSettings in shared/typed_settings.py, typed as its parser returns (bool)",
         "exporter.opens_window_seconds: no typed attribute; add `opens_window_seconds: ...` in ExporterSettings "
         "in shared/typed_settings.py, typed as its parser returns (... | None)",
