@@ -232,10 +232,12 @@ def conforms(value: object, hint: object) -> bool:
         if len(args) == 2 and args[1] is Ellipsis:
             return all(conforms(item, args[0]) for item in value)
         return len(value) == len(args) and all(conforms(v, a) for v, a in zip(value, args, strict=True))
-    if origin is Mapping:
-        return isinstance(value, Mapping) and all(
+    if origin in (Mapping, dict):
+        return isinstance(value, origin) and all(
             conforms(k, args[0]) and conforms(v, args[1]) for k, v in value.items()
         )
+    if origin in (frozenset, list):
+        return isinstance(value, origin) and all(conforms(item, args[0]) for item in value)
     if hint is type(None):
         return value is None
     if hint is float:

@@ -124,10 +124,21 @@ def test_no_attribute_is_typed_any() -> None:
         (("h", "1"), tuple[str, int], False),
         ({"n": "t"}, Mapping[str, str], True),
         ({"n": 1}, Mapping[str, str], False),
+        ({"n": 1}, dict[str, int], True),
+        ({"n": 1.0}, dict[str, int], False),
+        (frozenset({"a"}), frozenset[str], True),
+        ({"a"}, frozenset[str], False),
+        (["a"], list[str], True),
+        ([1], list[str], False),
     ],
 )
 def test_conforms_checks_the_declared_forms(value: object, hint: object, expected: bool) -> None:
     assert conforms(value, hint) is expected
+
+
+def test_a_declared_type_without_a_check_is_named() -> None:
+    with pytest.raises(TypeError, match=r"no check for the declared type set\[str\]"):
+        conforms({"a"}, set[str])
 
 
 def test_a_parser_returning_another_type_is_refused_at_build() -> None:
