@@ -20,7 +20,8 @@ from dataclasses import replace
 from typing import Any
 
 from cleaner import apply, trash
-from cleaner.journal import Journal, crash_point
+from cleaner.crash_hook import crash_point
+from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
 from cleaner.plan import Plan, audit_plan, load_plan, new_plan_id, save_plan
 from cleaner.plan_record import record_plan

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cleaner import crash_hook, staged, trash, verify
 from cleaner import journal as jr
-from cleaner import staged, trash, verify
 from cleaner.plan import Eviction, Kept
 from shared.audit import AuditLog
 from shared.config import GB, Settings
@@ -195,7 +195,7 @@ def _evict_one(
         except jr.CrossDeviceError:
             how, kept = staged.evict_by_copy(journal, src, dst, meta=meta, after_copy=after_copy, proc_root=proc_root)
     trash.record_entry(root, ctx.run_id, meta)
-    jr.crash_point("evict_metadata_written")
+    crash_hook.crash_point("evict_metadata_written")
     return Done(
         eviction.tier,
         eviction.model,
@@ -234,7 +234,7 @@ def apply_evictions(
     result = ApplyResult()
     for eviction in evictions:
         key = f"{eviction.tier}/{eviction.model}"
-        jr.crash_point("evict_started")
+        crash_hook.crash_point("evict_started")
         verdict = verify.verify_model(
             models_path=ctx.models_path,
             layout=ctx.layout,
@@ -253,7 +253,7 @@ def apply_evictions(
             _record_skip(skip, key, ctx, result, audit)
             continue
         try:
-            jr.crash_point("evict_verified")
+            crash_hook.crash_point("evict_verified")
             done = _evict_one(eviction, verdict.path, ctx, journal, after_copy, proc_root)
         except staged.HeldError as err:
             skip = Skipped(eviction.tier, eviction.model, eviction.bytes, eviction.policy, verify.IN_USE, str(err))

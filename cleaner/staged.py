@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cleaner import crash_hook
 from cleaner import journal as jr
 from cleaner.walk import snapshot
 
@@ -115,7 +116,7 @@ def delete_verified(staged: Path, verified: VerifiedSet, step: str) -> list[str]
                 stayed.add(rel)
         else:
             os.unlink(full)
-            jr.crash_point(step)
+            crash_hook.crash_point(step)
     try:
         os.rmdir(staged)
     except OSError as err:
@@ -150,16 +151,16 @@ def evict_by_copy(
         purpose=purpose,
         meta=meta,
     )
-    jr.crash_point(f"{purpose}_intent_written")
+    crash_hook.crash_point(f"{purpose}_intent_written")
     try:
         jr.rename_noreplace(src, staged)
     except OSError as err:
         journal.mark(seq, "failed", error=err.strerror or str(err))
         raise jr.TransferError(f"cannot stage {src} as {staged}: {err.strerror or err}") from None
     jr.fsync_dir(src.parent)
-    jr.crash_point(f"{purpose}_staged")
+    crash_hook.crash_point(f"{purpose}_staged")
     journal.mark(seq, "staged")
-    jr.crash_point(f"{purpose}_staged_written")
+    crash_hook.crash_point(f"{purpose}_staged_written")
     held = holders(staged, proc_root)
     if held:
         outcome, where = put_back(staged, src, journal.op_id)
@@ -178,7 +179,7 @@ def evict_by_copy(
             raise jr.SourceChangedError(f"{src} changed during the copy: {changed}; the original was kept")
         verified = {rel: list(entry) for rel, entry in now.items()}
     except jr.SourceChangedError as err:
-        jr.crash_point(f"{purpose}_source_changed")
+        crash_hook.crash_point(f"{purpose}_source_changed")
         jr.remove_tree(partial)
         put_back(staged, src, journal.op_id)
         journal.mark(seq, "failed", error=str(err), reason="source_changed")
@@ -191,7 +192,7 @@ def evict_by_copy(
         journal.mark(seq, "failed", error=message)
         raise jr.TransferError(f"cannot copy {src} to {dst}: {message}; the original was put back") from None
     journal.mark(seq, "copied", verified=verified)
-    jr.crash_point(f"{purpose}_copied_written")
+    crash_hook.crash_point(f"{purpose}_copied_written")
     try:
         jr.rename_noreplace(partial, dst)
     except OSError as err:
@@ -201,16 +202,16 @@ def evict_by_copy(
         journal.mark(seq, "failed", error=err.strerror or str(err))
         raise jr.TransferError(f"cannot move the copy into {dst}: {err.strerror or err}") from None
     jr.fsync_dir(dst.parent)
-    jr.crash_point(f"{purpose}_copy_placed")
+    crash_hook.crash_point(f"{purpose}_copy_placed")
     journal.mark(seq, "deleting")
-    jr.crash_point(f"{purpose}_deleting_written")
+    crash_hook.crash_point(f"{purpose}_deleting_written")
     stayed = delete_verified(staged, verified, f"{purpose}_source_deleting")
     kept: list[str] = []
     if stayed:
         _outcome, where = put_back(staged, src, journal.op_id)
         kept = [f"{where}/{rel}" if rel else str(where) for rel in stayed if rel]
     journal.mark(seq, "done", kept=kept)
-    jr.crash_point(f"{purpose}_done_written")
+    crash_hook.crash_point(f"{purpose}_done_written")
     return "copied", kept
 
 
