@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cleaner import crash_hook, staged, trash, verify
+from cleaner import crash_hook, fileops, staged, trash, verify
 from cleaner import journal as jr
 from cleaner.plan import Eviction, Kept
 from shared.audit import AuditLog
@@ -185,7 +185,7 @@ def _evict_one(
         )
     root = ctx.trash_path if ctx.mode == "trash" else ctx.backup_path
     dst = trash.entry_path(root, ctx.run_id, eviction.tier, eviction.model)
-    jr.make_dirs(dst.parent)
+    fileops.make_dirs(dst.parent)
     kept: list[str] = []
     if ctx.mode == "archive":
         how, kept = staged.evict_by_copy(journal, src, dst, meta=meta, after_copy=after_copy, proc_root=proc_root)
@@ -266,7 +266,7 @@ def apply_evictions(
             )
             _record_skip(skip, key, ctx, result, audit)
             continue
-        except (OSError, jr.TransferError, jr.CopyMismatchError) as err:
+        except (OSError, jr.TransferError, fileops.CopyMismatchError) as err:
             failure = Failed(eviction.tier, eviction.model, eviction.bytes, eviction.policy, _error_text(err))
             result.failed.append(failure)
             audit.append(
@@ -350,7 +350,7 @@ def restore_entries(
     for entry in entries:
         dst = verify.model_location(settings.models_path, settings.layout, entry.tier, entry.model)
         assert dst is not None  # checked by restore_conflicts
-        jr.make_dirs(dst.parent)
+        fileops.make_dirs(dst.parent)
         meta = {"run_id": entry.run_id, "tier": entry.tier, "model": entry.model, "root": str(root)}
         try:
             how = jr.transfer(journal, entry.path, dst, purpose="restore", meta=meta)

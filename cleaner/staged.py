@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cleaner import crash_hook
+from cleaner import crash_hook, fileops
 from cleaner import journal as jr
 from cleaner.walk import snapshot
 
@@ -81,26 +81,26 @@ def holders(path: Path, proc_root: Path = Path("/proc")) -> tuple[str, ...]:
 def put_back(staged: Path, src: Path, op_id: str) -> tuple[str, Path]:
     """The staged tree back to src, or beside it when a writer recreated src; never replaces anything."""
     try:
-        jr.rename_noreplace(staged, src)
-        jr.fsync_dir(src.parent)
+        fileops.rename_noreplace(staged, src)
+        fileops.fsync_dir(src.parent)
         return "rolled_back", src
     except OSError as err:
         if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
     kept = kept_path(src, op_id)
-    jr.rename_noreplace(staged, kept)
-    jr.fsync_dir(src.parent)
+    fileops.rename_noreplace(staged, kept)
+    fileops.fsync_dir(src.parent)
     return "kept_both", kept
 
 
 def delete_verified(staged: Path, verified: VerifiedSet, step: str) -> list[str]:
     """Delete from `staged` exactly the entries matching `verified`; the rest stays. Returns what stayed."""
-    now = jr.stat_manifest(staged)
+    now = fileops.stat_manifest(staged)
     stayed = {rel for rel in now if not matches(now[rel], verified.get(rel))}
     if now[""][0] != "dir":  # a model that is a single file
         if not stayed:
             os.unlink(staged)
-            jr.fsync_dir(staged.parent)
+            fileops.fsync_dir(staged.parent)
         return sorted(stayed)
     # Deepest first, so a directory is removed only after its verified contents.
     for rel in sorted(now, key=lambda r: (-r.count("/"), r)):
@@ -124,7 +124,7 @@ def delete_verified(staged: Path, verified: VerifiedSet, step: str) -> list[str]
             raise
         stayed.add("")
     else:
-        jr.fsync_dir(staged.parent)
+        fileops.fsync_dir(staged.parent)
     return sorted(stayed)
 
 
@@ -153,11 +153,11 @@ def evict_by_copy(
     )
     crash_hook.crash_point(f"{purpose}_intent_written")
     try:
-        jr.rename_noreplace(src, staged)
+        fileops.rename_noreplace(src, staged)
     except OSError as err:
         journal.mark(seq, "failed", error=err.strerror or str(err))
         raise jr.TransferError(f"cannot stage {src} as {staged}: {err.strerror or err}") from None
-    jr.fsync_dir(src.parent)
+    fileops.fsync_dir(src.parent)
     crash_hook.crash_point(f"{purpose}_staged")
     journal.mark(seq, "staged")
     crash_hook.crash_point(f"{purpose}_staged_written")
@@ -167,26 +167,26 @@ def evict_by_copy(
         journal.mark(seq, "failed", error="in use after staging", reason="in_use", put_back=str(where))
         raise HeldError(f"{src} was in use once staged ({held[0]}); {outcome.replace('_', ' ')} at {where}")
     try:
-        expected, seen = jr.copy_tree(staged, partial)
+        expected, seen = fileops.copy_tree(staged, partial)
         if after_copy is not None:
             after_copy(partial)
-        jr.check_copy(expected, partial)
-        jr.fsync_dir(partial.parent)
-        now = jr.stat_manifest(staged)
+        fileops.check_copy(expected, partial)
+        fileops.fsync_dir(partial.parent)
+        now = fileops.stat_manifest(staged)
         # Frozen since the holder check, so this cannot differ; checked because deletion trusts it.
-        changed = jr.source_change(seen, now)
+        changed = fileops.source_change(seen, now)
         if changed is not None:
             raise jr.SourceChangedError(f"{src} changed during the copy: {changed}; the original was kept")
         verified = {rel: list(entry) for rel, entry in now.items()}
     except jr.SourceChangedError as err:
         crash_hook.crash_point(f"{purpose}_source_changed")
-        jr.remove_tree(partial)
+        fileops.remove_tree(partial)
         put_back(staged, src, journal.op_id)
         journal.mark(seq, "failed", error=str(err), reason="source_changed")
         raise
-    except (OSError, jr.CopyMismatchError) as err:
+    except (OSError, fileops.CopyMismatchError) as err:
         if not jr._not_created_by_us(err, partial):
-            jr.remove_tree(partial)
+            fileops.remove_tree(partial)
         put_back(staged, src, journal.op_id)
         message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         journal.mark(seq, "failed", error=message)
@@ -194,14 +194,14 @@ def evict_by_copy(
     journal.mark(seq, "copied", verified=verified)
     crash_hook.crash_point(f"{purpose}_copied_written")
     try:
-        jr.rename_noreplace(partial, dst)
+        fileops.rename_noreplace(partial, dst)
     except OSError as err:
         journal.mark(seq, "aborting", error=err.strerror or str(err))
-        jr.remove_tree(partial)
+        fileops.remove_tree(partial)
         put_back(staged, src, journal.op_id)
         journal.mark(seq, "failed", error=err.strerror or str(err))
         raise jr.TransferError(f"cannot move the copy into {dst}: {err.strerror or err}") from None
-    jr.fsync_dir(dst.parent)
+    fileops.fsync_dir(dst.parent)
     crash_hook.crash_point(f"{purpose}_copy_placed")
     journal.mark(seq, "deleting")
     crash_hook.crash_point(f"{purpose}_deleting_written")
@@ -227,7 +227,7 @@ def recover(intent: dict[str, Any], states: list[str], records: list[dict[str, A
             verified = record.get("verified")
     ours = _is_ours(staged, intent.get("identity"))
     if not ours:
-        jr.remove_tree(partial)
+        fileops.remove_tree(partial)
         if os.path.lexists(staged):
             return "kept_both", f"{staged} is not the staged model (device/inode differ); left untouched"
         if "deleting" in states:
@@ -240,17 +240,17 @@ def recover(intent: dict[str, Any], states: list[str], records: list[dict[str, A
         if not os.path.lexists(partial) and not os.path.lexists(dst):
             forward = False
         else:
-            current = jr.stat_manifest(staged)
+            current = fileops.stat_manifest(staged)
             if set(current) != set(verified) or not all(matches(e, verified.get(r)) for r, e in current.items()):
                 forward = False
     if forward and verified is not None and "deleting" not in states and os.path.lexists(partial):
         if os.path.lexists(dst):
             forward = False
         else:
-            jr.rename_noreplace(partial, dst)
-            jr.fsync_dir(dst.parent)
+            fileops.rename_noreplace(partial, dst)
+            fileops.fsync_dir(dst.parent)
     if not forward or verified is None:
-        jr.remove_tree(partial)
+        fileops.remove_tree(partial)
         outcome, where = put_back(staged, src, op_id)
         return outcome, f"the model was put back at {where}"
     stayed = delete_verified(staged, verified, "recover_deleting")

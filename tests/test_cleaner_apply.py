@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from cleaner import act_cli, apply, trash, verify
-from cleaner.journal import CopyMismatchError, Journal, tree_manifest
+from cleaner.fileops import CopyMismatchError, tree_manifest
+from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
 from cleaner.plan import Eviction, Kept, Plan, load_plan, new_plan_id, save_plan
 from shared.audit import AuditLog, verify_audit
@@ -739,7 +740,7 @@ def test_archive_mode_a_writer_at_the_old_path_during_the_copy_recreates_it_and_
 
 
 def test_source_change_names_what_differs() -> None:
-    from cleaner.journal import source_change
+    from cleaner.fileops import source_change
 
     copied = {"": ("dir", 0, 1, 10, ""), "w": ("file", 5, 2, 11, "")}
     assert source_change(copied, dict(copied)) is None
@@ -754,7 +755,7 @@ def test_copy_check_compares_every_file(tmp_path: Path) -> None:
     make_model(tmp_path, "a", "m", {"x": b"1", "d/y": b"22"})
     expected = tree_manifest(tmp_path / "a/m")
     (tmp_path / "a/m/d/y").write_bytes(b"23")
-    from cleaner.journal import check_copy
+    from cleaner.fileops import check_copy
 
     with pytest.raises(CopyMismatchError, match="d/y"):
         check_copy(expected, tmp_path / "a/m")
