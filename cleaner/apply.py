@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cleaner import crash_hook, fileops, staged, trash, verify
+from cleaner import crash_hook, fileops, recovery, staged, trash, verify
 from cleaner import journal as jr
 from cleaner.plan import Eviction, Kept
 from shared.audit import AuditLog
@@ -457,12 +457,12 @@ def trash_bytes(settings: Settings) -> int:
 # ---- recovery --------------------------------------------------------------------------------
 
 
-def recover(settings: Settings, audit: AuditLog, *, actor: str, now: float) -> list[jr.Recovered]:
+def recover(settings: Settings, audit: AuditLog, *, actor: str, now: float) -> list[recovery.Recovered]:
     """Finish what a killed cleaner left half-done, and bring the trash metadata up to date."""
     left_journals = jr.journal_dir(settings.state_path).is_dir() and any(
         jr.journal_dir(settings.state_path).glob("*.jsonl")
     )
-    results = jr.recover(settings.state_path)
+    results = recovery.recover(settings.state_path)
     if left_journals:
         # A killed run, restore or purge may leave run directories with nothing in them.
         for root in (settings.trash_path, settings.backup_path):
