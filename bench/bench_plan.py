@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from cleaner.inventory import attach_usage, parse_coverage, parse_inventory, parse_usage
-from cleaner.plan import Plan
+from cleaner.plan_values import Plan
 from cleaner.planner import decide_with_disk_checks
 from cleaner.policies import PolicyView
 from cleaner.prom import parse_result

@@ -23,8 +23,8 @@ from cleaner import apply, trash
 from cleaner.crash_hook import crash_point
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
-from cleaner.plan import Plan, audit_plan, load_plan, new_plan_id, save_plan
 from cleaner.plan_record import record_plan
+from cleaner.plan_values import Plan, audit_plan, load_plan, new_plan_id, save_plan
 from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state

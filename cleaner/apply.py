@@ -17,7 +17,7 @@ from typing import Any
 
 from cleaner import crash_hook, fileops, recovery, staged, trash, verify
 from cleaner import journal as jr
-from cleaner.plan import Eviction, Kept
+from cleaner.plan_values import Eviction, Kept
 from shared.audit import AuditLog
 from shared.config import GB, Settings
 from shared.errors import PreconditionError

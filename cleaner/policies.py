@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cleaner.plan import Eviction, Kept, ModelFacts, Plan
+from cleaner.plan_values import Eviction, Kept, ModelFacts, Plan
 from shared.config import DAY_SECONDS, GB, HOUR_SECONDS, Settings
 from shared.errors import ConfigError
 from shared.reasons import Reason, sentence

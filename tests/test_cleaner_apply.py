@@ -21,7 +21,7 @@ from cleaner import act_cli, apply, trash, verify
 from cleaner.fileops import CopyMismatchError, tree_manifest
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
-from cleaner.plan import Eviction, Kept, Plan, load_plan, new_plan_id, save_plan
+from cleaner.plan_values import Eviction, Kept, Plan, load_plan, new_plan_id, save_plan
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import read_cleanup_state
 from shared.config import Settings, load_settings
@@ -786,7 +786,7 @@ def test_state_file_is_replaced_atomically_and_unreadable_state_reads_as_none(tm
 
 
 def test_every_protected_model_the_plan_kept_counts_as_skipped_protected() -> None:
-    from cleaner.plan import ModelFacts
+    from cleaner.plan_values import ModelFacts
     from cleaner.policies import Coverage, PolicyView, decide
 
     now = 1_800_000_000.0
@@ -841,7 +841,7 @@ def test_an_unreadable_model_directory_is_counted_as_unreadable_not_as_a_partial
 ) -> None:
     """Issue 13 case 6: the sentence "...cannot check for partial downloads" was parsed back as partial_download."""
     from cleaner import planner
-    from cleaner.plan import ModelFacts
+    from cleaner.plan_values import ModelFacts
     from cleaner.policies import Coverage, PolicyView, decide
 
     settings = settings_for(store)
@@ -1162,7 +1162,7 @@ def test_a_read_only_tier_directory_of_a_planned_model_exits_4_before_any_move(s
 def test_a_cp_al_twin_is_planned_at_the_bytes_it_frees_and_is_evictable(store: Path) -> None:
     """Issue 13 case 3: the exporter charged the twin 0 bytes, every run then skipped it as changed."""
     from cleaner import planner
-    from cleaner.plan import ModelFacts
+    from cleaner.plan_values import ModelFacts
     from cleaner.policies import Coverage, PolicyView, decide
 
     settings = settings_for(store)

@@ -18,7 +18,7 @@ from cleaner.inventory import (
     parse_usage,
     usage_query,
 )
-from cleaner.plan import ModelFacts, Plan
+from cleaner.plan_values import ModelFacts, Plan
 from cleaner.policies import Coverage, PolicyView, decide, explain, find_models, validate
 from cleaner.prom import Sample
 from shared.config import DAY_SECONDS, DEFAULT_USAGE_QUERY, HOUR_SECONDS, load_settings
