@@ -24,7 +24,8 @@ from cleaner.crash_hook import crash_point
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
 from cleaner.plan_record import record_plan
-from cleaner.plan_values import Plan, audit_plan, load_plan, new_plan_id, save_plan
+from cleaner.plan_store import audit_plan, load_plan, new_plan_id, save_plan
+from cleaner.plan_values import Plan
 from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from cleaner.plan_record import record_plan
-from cleaner.plan_values import audit_plan, save_plan
+from cleaner.plan_store import audit_plan, save_plan
 from cleaner.planner import build
 from cleaner.policies import explain, find_models, validate
 from cleaner.report import dumps, policies_document, render_explain, render_plan, render_policies

@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cleaner.inventory import Inventory, fetch
-from cleaner.plan_values import ModelFacts, Plan, new_plan_id
+from cleaner.plan_store import new_plan_id
+from cleaner.plan_values import ModelFacts, Plan
 from cleaner.policies import Coverage, Decision, PolicyView, decide
 from cleaner.prom import PromClient
 from cleaner.walk import walk_selected

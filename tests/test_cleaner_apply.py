@@ -21,7 +21,8 @@ from cleaner import act_cli, apply, trash, verify
 from cleaner.fileops import CopyMismatchError, tree_manifest
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
-from cleaner.plan_values import Eviction, Kept, Plan, load_plan, new_plan_id, save_plan
+from cleaner.plan_store import load_plan, new_plan_id, save_plan
+from cleaner.plan_values import Eviction, Kept, Plan
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import read_cleanup_state
 from shared.config import Settings, load_settings
