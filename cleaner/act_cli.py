@@ -130,7 +130,7 @@ def _dry_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _build_plan(settings: Settings, now: float, allow_large: bool) -> Plan:
-    from cleaner.planner import build_plan
+    from cleaner.plan_build import build_plan
 
     return build_plan(settings, now, allow_large=allow_large)
 

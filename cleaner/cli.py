@@ -15,9 +15,9 @@ import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
+from cleaner.plan_build import build
 from cleaner.plan_record import record_plan
 from cleaner.plan_store import audit_plan, save_plan
-from cleaner.planner import build
 from cleaner.policies import explain, find_models, validate
 from cleaner.report import dumps, policies_document, render_explain, render_plan, render_policies
 from shared.audit import AuditLog

@@ -841,7 +841,7 @@ def test_an_unreadable_model_directory_is_counted_as_unreadable_not_as_a_partial
     store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 13 case 6: the sentence "...cannot check for partial downloads" was parsed back as partial_download."""
-    from cleaner import planner
+    from cleaner import plan_build
     from cleaner.plan_values import ModelFacts
     from cleaner.policies import Coverage, PolicyView, decide
 
@@ -854,8 +854,8 @@ def test_an_unreadable_model_directory_is_counted_as_unreadable_not_as_a_partial
             raise PermissionError(13, "Permission denied", str(path))
         return None, 1
 
-    monkeypatch.setattr(planner, "walk_selected", unreadable)
-    facts = [planner.check_partial(settings, ModelFacts("raw", m, 1, 1, 0.0)) for m in ("locked", "old")]
+    monkeypatch.setattr(plan_build, "walk_selected", unreadable)
+    facts = [plan_build.check_partial(settings, ModelFacts("raw", m, 1, 1, 0.0)) for m in ("locked", "old")]
     view = PolicyView(policies=("age",), age_seconds=10.0, grace_seconds=0.0)
     decision = decide(facts, Coverage(1.0, 1.0), view, 1e6)
 
@@ -1162,7 +1162,7 @@ def test_a_read_only_tier_directory_of_a_planned_model_exits_4_before_any_move(s
 
 def test_a_cp_al_twin_is_planned_at_the_bytes_it_frees_and_is_evictable(store: Path) -> None:
     """Issue 13 case 3: the exporter charged the twin 0 bytes, every run then skipped it as changed."""
-    from cleaner import planner
+    from cleaner import plan_build
     from cleaner.plan_values import ModelFacts
     from cleaner.policies import Coverage, PolicyView, decide
 
@@ -1176,7 +1176,7 @@ def test_a_cp_al_twin_is_planned_at_the_bytes_it_frees_and_is_evictable(store: P
     seen = [ModelFacts("raw", "llama", 2_000_000, 2, old), ModelFacts("quantized", "llama-twin", 5_000, 3, old)]
     view = PolicyView(policies=("age",), age_tiers=("quantized",), age_seconds=0.0, grace_seconds=0.0)
     now = time.time() + 10
-    decision, _facts = planner.decide_with_disk_checks(settings, seen, Coverage(1.0, 1.0), view, now)
+    decision, _facts = plan_build.decide_with_disk_checks(settings, seen, Coverage(1.0, 1.0), view, now)
     (eviction,) = decision.evictions
     assert (eviction.model, eviction.bytes) == ("llama-twin", 5_000)  # only own.bin's last link goes
     assert decide(_facts, Coverage(1.0, 1.0), view, now).evictions == decision.evictions
