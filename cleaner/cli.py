@@ -77,9 +77,9 @@ def cmd_policies(settings: Settings, args: argparse.Namespace) -> int:
 
 def _act_cli() -> ModuleType | None:
     try:
-        return importlib.import_module("cleaner.act_cli")
+        return importlib.import_module("cleaner.commands.run")
     except ModuleNotFoundError as err:
-        if err.name != "cleaner.act_cli":
+        if err.name != "cleaner.commands.run":
             raise
         return None
 

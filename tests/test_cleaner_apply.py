@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from cleaner import act_cli, apply, trash, verify
+from cleaner import apply, trash, verify
+from cleaner.commands import run as act_cli
 from cleaner.fileops import CopyMismatchError, tree_manifest
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
