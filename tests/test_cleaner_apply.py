@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from cleaner import apply, trash, verify
-from cleaner.commands import run as act_cli
+from cleaner.commands import run as run_command
+from cleaner.commands import trash as trash_command
 from cleaner.fileops import CopyMismatchError, tree_manifest
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
@@ -63,7 +64,7 @@ def run_args(plan_id: str | None = None, **extra: Any) -> argparse.Namespace:
 
 def run(settings: Settings, plan_id: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
     capsys.readouterr()
-    code = act_cli.cmd_run(settings, run_args(plan_id))
+    code = run_command.cmd_run(settings, run_args(plan_id))
     return code, json.loads(capsys.readouterr().out)
 
 
@@ -129,7 +130,9 @@ def test_run_moves_planned_models_to_trash_and_restore_brings_back_every_byte(
     assert not list((settings.state_path / "journal").iterdir())
 
     capsys.readouterr()
-    assert act_cli.cmd_restore(settings, argparse.Namespace(run_id=run_id, target=None, json=True, actor="cli")) == 0
+    assert (
+        trash_command.cmd_restore(settings, argparse.Namespace(run_id=run_id, target=None, json=True, actor="cli")) == 0
+    )
     assert json.loads(capsys.readouterr().out)["restored_bytes"] == planned_bytes
     for key, manifest in before.items():
         assert tree_manifest(store / "models" / key) == manifest
@@ -404,7 +407,7 @@ def test_an_eviction_failing_on_an_error_exits_3_and_keeps_the_model(
 
 def test_unknown_plan_id_is_a_usage_error(store: Path) -> None:
     with pytest.raises(ConfigError):
-        act_cli.cmd_run(settings_for(store), run_args("20260101T000000Z-abcdef"))
+        run_command.cmd_run(settings_for(store), run_args("20260101T000000Z-abcdef"))
 
 
 # ---- restore -----------------------------------------------------------------------------------
@@ -416,7 +419,7 @@ def test_restore_of_one_model_leaves_the_rest_in_trash(store: Path, capsys: pyte
     _, report = run(settings, plan_for(settings, [tuple(k.split("/")) for k in before]), capsys)  # type: ignore[misc]
     run_id = report["run_id"]
     args = argparse.Namespace(run_id=run_id, target="quantized/llama-q4", json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     assert tree_manifest(store / "models/quantized/llama-q4") == before["quantized/llama-q4"]
     assert not (store / "models/raw/llama").exists()
     assert {e.key for e in trash.list_entries(settings.trash_path)} == {"raw/llama", "repository/bert"}
@@ -431,7 +434,7 @@ def test_restore_refuses_when_the_original_path_is_occupied_and_changes_nothing(
     make_model(store / "models", "repository", "bert", {"new": b"a newer model"})
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
     with pytest.raises(PreconditionError, match="occupied"):
-        act_cli.cmd_restore(settings, args)
+        trash_command.cmd_restore(settings, args)
     assert (store / "models/repository/bert/new").read_bytes() == b"a newer model"
     assert not (store / "models/raw/llama").exists()
     assert len(trash.list_entries(settings.trash_path)) == 3
@@ -441,7 +444,9 @@ def test_restore_of_unknown_run_or_bad_target_is_a_usage_error(store: Path) -> N
     settings = settings_for(store)
     for run_id, target in (("nope", None), ("../x", None), ("r", "raw/../x")):
         with pytest.raises(ConfigError):
-            act_cli.cmd_restore(settings, argparse.Namespace(run_id=run_id, target=target, json=False, actor="cli"))
+            trash_command.cmd_restore(
+                settings, argparse.Namespace(run_id=run_id, target=target, json=False, actor="cli")
+            )
 
 
 # ---- trash: listing and purge ------------------------------------------------------------------
@@ -497,7 +502,7 @@ def test_a_run_evicting_more_than_the_trash_cap_keeps_all_it_evicted_restorable(
     assert skipped["target"] == report["run_id"] and skipped["bytes"] == 200
     assert skipped["details"]["reason"] == "current_run_over_cap"
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     for name, manifest in manifests.items():
         assert tree_manifest(store / "models/raw" / name) == manifest
 
@@ -526,9 +531,9 @@ def test_purge_command_keeps_fresh_entries_unless_all(store: Path, capsys: pytes
     settings = settings_for(store)
     make_model(store / "models", "raw", "a", {"w": b"1"})
     run(settings, plan_for(settings, [("raw", "a")]), capsys)
-    assert act_cli.cmd_purge(settings, argparse.Namespace(all=False, json=False, actor="cli")) == 0
+    assert trash_command.cmd_purge(settings, argparse.Namespace(all=False, json=False, actor="cli")) == 0
     assert len(trash.list_entries(settings.trash_path)) == 1
-    assert act_cli.cmd_purge(settings, argparse.Namespace(all=True, json=False, actor="cli")) == 0
+    assert trash_command.cmd_purge(settings, argparse.Namespace(all=True, json=False, actor="cli")) == 0
     assert trash.list_entries(settings.trash_path) == []
 
 
@@ -546,14 +551,14 @@ def test_trash_lists_run_size_age_and_purge_time(store: Path, capsys: pytest.Cap
     settings = settings_for(store)
     make_model(store / "models", "raw", "a", {"w": b"1" * 123})
     _, report = run(settings, plan_for(settings, [("raw", "a")]), capsys)
-    assert act_cli.cmd_trash(settings, argparse.Namespace(json=True)) == 0
+    assert trash_command.cmd_trash(settings, argparse.Namespace(json=True)) == 0
     listing = json.loads(capsys.readouterr().out)
     (row,) = listing["entries"]
     assert row["run_id"] == report["run_id"] and row["bytes"] == 123 and row["policy"] == "age"
     assert row["original_path"] == str(store / "models/raw/a")
     assert row["purge_at"] == pytest.approx(row["moved_at"] + 7 * DAY)
     assert 0 <= row["age_seconds"] < 60
-    assert act_cli.cmd_trash(settings, argparse.Namespace(json=False)) == 0
+    assert trash_command.cmd_trash(settings, argparse.Namespace(json=False)) == 0
     assert report["run_id"] in capsys.readouterr().out
 
 
@@ -564,7 +569,7 @@ def test_trash_metadata_lost_still_lists_and_restores(store: Path, capsys: pytes
     (store / "trash" / report["run_id"] / trash.RUN_META).unlink()
     assert [e.key for e in trash.list_entries(settings.trash_path)] == ["raw/a"]
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     assert (store / "models/raw/a/w").read_bytes() == b"1"
 
 
@@ -594,7 +599,7 @@ def test_trash_on_another_filesystem_falls_back_to_copy_verify_delete(
         assert not (store / "models" / key).exists()
         assert tree_manifest(other_fs / "trash" / report["run_id"] / key) == manifest
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     for key, manifest in before.items():
         assert tree_manifest(store / "models" / key) == manifest
 
@@ -619,7 +624,7 @@ def test_a_single_file_model_goes_and_comes_back_in_every_mode(
     assert report["done"][0]["how"] == ("renamed" if how == "trash_rename" else "copied")
     assert not solo.exists()
     args = argparse.Namespace(run_id=report["run_id"], target="quantized/solo.gguf", json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     assert solo.read_bytes() == data
     assert sorted(p.name for p in solo.parent.iterdir()) == ["solo.gguf"], "no temporary copy left behind"
 
@@ -634,7 +639,7 @@ def test_archive_mode_copies_verifies_then_removes_the_original(
     assert not (store / "models/raw/llama").exists()
     assert tree_manifest(other_fs / "backup" / report["run_id"] / "raw/llama") == before["raw/llama"]
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     assert tree_manifest(store / "models/raw/llama") == before["raw/llama"]
 
 
@@ -885,7 +890,7 @@ def test_run_with_prometheus_down_exits_4_but_leaves_a_failed_state_to_alert_on(
     settings = settings_for(store, STORAGE_PROMETHEUS_URL=f"http://127.0.0.1:{free_port()}")
     make_model(store / "models", "raw", "m", {"w": b"1"})
     with pytest.raises(PreconditionError):
-        act_cli.cmd_run(settings, run_args(None))
+        run_command.cmd_run(settings, run_args(None))
     state = read_cleanup_state(settings.cleanup_state_file)
     assert state is not None and not state.success and state.exit_code == 4 and state.error
     assert (store / "models/raw/m/w").exists()
@@ -993,7 +998,7 @@ def test_a_restore_across_filesystems_leaves_a_downloaders_partial_file_alone(
     downloader.write_bytes(b"half a download")
 
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
 
     assert tree_manifest(store / "models/raw/llama") == before["raw/llama"]
     assert downloader.read_bytes() == b"half a download"

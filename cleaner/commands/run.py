@@ -12,25 +12,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
-from cleaner import apply, trash
+from cleaner import apply
+from cleaner.commands.output import _actor, _fmt_bytes, _print
+from cleaner.commands.plan import cmd_plan
 from cleaner.crash_hook import crash_point
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
 from cleaner.plan_record import record_plan
 from cleaner.plan_store import audit_plan, load_plan, new_plan_id, save_plan
 from cleaner.plan_values import Plan
+from cleaner.usage_blind import plan_usage_blind
 from cleaner.writable import places_to_check, require_writable
-from shared.audit import AuditLog, verify_audit
+from shared.audit import AuditLog
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state
 from shared.config import Settings
-from shared.errors import ConfigError, FilesystemError, PreconditionError, StorageError
+from shared.errors import FilesystemError, StorageError
 from shared.logs import get_logger
 
 Command = Callable[[Settings, argparse.Namespace], int]
@@ -38,7 +38,7 @@ log = get_logger("cleaner.act")
 
 
 def register(subparsers: Any) -> None:
-    """Add run, restore, purge, trash and audit to the cleaner's argparse subcommands."""
+    """Add `run` to the cleaner's argparse subcommands."""
     run = subparsers.add_parser("run", help="compute the plan (or load a saved one) and carry it out")
     run.add_argument("--dry-run", action="store_true", help="only show the plan, exactly as `plan` does")
     run.add_argument("--plan", metavar="PLAN_ID", help="carry out this saved plan and nothing beyond it")
@@ -46,85 +46,9 @@ def register(subparsers: Any) -> None:
     run.add_argument("--allow-large", action="store_true", help="lift the blast-radius cap for this run")
     run.set_defaults(func=cmd_run)
 
-    restore = subparsers.add_parser("restore", help="put a run's models (or one model) back from trash")
-    restore.add_argument("run_id", metavar="RUN_ID")
-    restore.add_argument("target", metavar="TIER/MODEL", nargs="?")
-    restore.add_argument("--json", action="store_true")
-    restore.set_defaults(func=cmd_restore)
-
-    purge = subparsers.add_parser("purge", help="delete trash entries past retention or beyond the cap")
-    purge.add_argument("--all", action="store_true", help="empty the whole trash")
-    purge.add_argument("--json", action="store_true")
-    purge.set_defaults(func=cmd_purge)
-
-    listing = subparsers.add_parser("trash", help="list what is in trash and when it will be purged")
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(func=cmd_trash)
-
-    audit = subparsers.add_parser("audit", help="the audit log")
-    audit_sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
-    audit_verify = audit_sub.add_parser("verify", help="check the audit log's hash chain")
-    audit_verify.add_argument("--json", action="store_true")
-    audit_verify.set_defaults(func=cmd_audit_verify)
-
-
-def _actor(args: argparse.Namespace) -> str:
-    return str(getattr(args, "actor", None) or "cli")
-
-
-def _print(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
-    if as_json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        print("\n".join(lines))
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
-def _refresh_trash_bytes(settings: Settings) -> None:
-    """After a restore or purge the trash changed: the served trash gauge follows."""
-    state = read_cleanup_state(settings.cleanup_state_file)
-    if state is not None:
-        write_cleanup_state(settings.cleanup_state_file, replace(state, trash_bytes=apply.trash_bytes(settings)))
-
-
-def plan_usage_blind(evidence: dict[str, Any]) -> bool:
-    coverage = evidence.get("usage_coverage") or {}
-    return bool(coverage.get("blind", False))
-
-
-def record_usage_blind(settings: Settings, usage_blind: bool) -> None:
-    """A dry run changes no counters, but whether usage was blind is news: the served gauge follows.
-
-    Only an existing state is updated: a state made by a plan would read as a finished run. Under
-    the cleaner lock, so a run's counters are never overwritten; a running cleaner records its own.
-    """
-    try:
-        lock = CleanerLock(lock_path(settings.state_path))
-        lock.acquire()
-    except PreconditionError:
-        return
-    try:
-        state = read_cleanup_state(settings.cleanup_state_file)
-        if state is not None and state.usage_blind != usage_blind:
-            write_cleanup_state(settings.cleanup_state_file, replace(state, usage_blind=usage_blind))
-    finally:
-        lock.release()
-
-
-# ---- run -------------------------------------------------------------------------------------
-
 
 def _dry_run(settings: Settings, args: argparse.Namespace) -> int:
-    from cleaner import cli  # the planning side's `plan`; imported late, it imports us
-
-    plan_command: Command = cli.cmd_plan
+    plan_command: Command = cmd_plan
     plan_args = argparse.Namespace(**{**vars(args), "explain": None})
     return plan_command(settings, plan_args)
 
@@ -282,123 +206,3 @@ def _run_lines(report: dict[str, Any]) -> list[str]:
     if report["done"] and report["mode"] != "none":
         lines.append(f"undo with: model-storage-cleaner restore {report['run_id']}")
     return lines
-
-
-# ---- restore, purge, trash ---------------------------------------------------------------------
-
-
-def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
-    run_id: str = args.run_id
-    if not trash.valid_run_id(run_id):
-        raise ConfigError(f"restore: {run_id!r} is not a run id")
-    target: str | None = args.target
-    if target is not None and (target.count("/") != 1 or not all(trash.valid_name(p) for p in target.split("/"))):
-        raise ConfigError(f"restore: {target!r}: expected TIER/MODEL")
-    now = time.time()
-    actor = _actor(args)
-    audit = AuditLog(settings.audit_log_path)
-    with CleanerLock(lock_path(settings.state_path)):
-        apply.recover(settings, audit, actor=actor, now=now)
-        root, entries = apply.find_run_entries(settings, run_id)
-        if target is not None:
-            entries = [e for e in entries if e.key == target]
-        if not entries:
-            what = f"{target} of run {run_id}" if target else f"run {run_id}"
-            raise ConfigError(f"restore: nothing of {what} is in {settings.trash_path} or {settings.backup_path}")
-        journal = Journal(settings.state_path, new_plan_id(now), command="restore")
-        try:
-            restored = apply.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
-        except PreconditionError:
-            journal.close()  # refused before anything was done: nothing for recovery to look at
-            raise
-        journal.close()
-        _refresh_trash_bytes(settings)
-    data = {
-        "run_id": run_id,
-        "restored": [{"tier": e.tier, "model": e.model, "bytes": e.bytes} for e in restored],
-        "restored_bytes": sum(e.bytes for e in restored),
-    }
-    lines = [f"restored {e.key} ({_fmt_bytes(e.bytes)})" for e in restored]
-    _print(data, getattr(args, "json", False), lines)
-    return 0
-
-
-def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
-    now = time.time()
-    actor = _actor(args)
-    audit = AuditLog(settings.audit_log_path)
-    with CleanerLock(lock_path(settings.state_path)):
-        apply.recover(settings, audit, actor=actor, now=now)
-        journal = Journal(settings.state_path, new_plan_id(now), command="purge")
-        purged = apply.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=args.all).entries
-        journal.close()
-        _refresh_trash_bytes(settings)
-    data = {
-        "purged": [{"run_id": e.run_id, "tier": e.tier, "model": e.model, "bytes": e.bytes} for e in purged],
-        "purged_bytes": sum(e.bytes for e in purged),
-    }
-    lines = [f"purged {e.key} of run {e.run_id} ({_fmt_bytes(e.bytes)})" for e in purged] or ["nothing to purge"]
-    _print(data, getattr(args, "json", False), lines)
-    return 0
-
-
-def trash_listing(settings: Settings, now: float) -> dict[str, Any]:
-    entries = trash.list_entries(settings.trash_path)
-    retention: float = settings["cleaner.trash.retention_days"]
-    cap = apply.trash_cap_bytes(settings)
-    over_cap = {(e.run_id, e.key) for e in trash.select_for_purge(entries, now, retention, cap)}
-    rows = [
-        {
-            "run_id": e.run_id,
-            "tier": e.tier,
-            "model": e.model,
-            "bytes": e.bytes,
-            "files": e.files,
-            "moved_at": e.moved_at,
-            "age_seconds": round(now - e.moved_at, 3),
-            "purge_at": trash.expires_at(e.moved_at, retention),
-            "purge_due": (e.run_id, e.key) in over_cap,
-            "original_path": e.original_path,
-            "policy": e.policy,
-            "path": str(e.path),
-        }
-        for e in entries
-    ]
-    return {
-        "trash_path": str(settings.trash_path),
-        "entries": rows,
-        "total_bytes": sum(e.bytes for e in entries),
-        "cap_bytes": cap,
-        "retention_days": retention,
-    }
-
-
-def cmd_trash(settings: Settings, args: argparse.Namespace) -> int:
-    now = time.time()
-    data = trash_listing(settings, now)
-    lines = [f"{'RUN':<24} {'TIER/MODEL':<40} {'SIZE':>10} {'AGE':>8}  PURGED"]
-    for row in data["entries"]:
-        when = "next purge" if row["purge_due"] else time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["purge_at"]))
-        age_days = row["age_seconds"] / 86400
-        key = f"{row['tier']}/{row['model']}"
-        lines.append(f"{row['run_id']:<24} {key:<40} {_fmt_bytes(row['bytes']):>10} {age_days:>7.1f}d  {when}")
-    lines.append(
-        f"{len(data['entries'])} in trash, {_fmt_bytes(data['total_bytes'])} of {_fmt_bytes(data['cap_bytes'])} cap, "
-        f"retention {data['retention_days']:g} days"
-    )
-    _print(data, args.json, lines)
-    return 0
-
-
-def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
-    result = verify_audit(settings.audit_log_path)
-    data = {"path": str(settings.audit_log_path), "ok": result.ok, "lines": result.lines}
-    if result.ok:
-        _print(data, getattr(args, "json", False), [f"audit log OK: {result.lines} lines, chain intact"])
-        return 0
-    data.update(problem=result.problem, line_no=result.line_no)
-    if getattr(args, "json", False):
-        _print(data, True, [])
-    else:
-        print(f"audit log {settings.audit_log_path}: line {result.line_no}: {result.problem}", file=sys.stderr)
-    return 1
