@@ -1,4 +1,4 @@
-"""Write-ahead journal of moves and deletions, the journaled file operations, and crash recovery.
+"""Write-ahead journal of moves and deletions, and the journaled operations (transfer, delete).
 
 Every changing step is recorded (JSON line, fsync'd) before it happens and after it completes. A
 move is an atomic `rename` (RENAME_NOREPLACE, so it never replaces anything). Evicting by copy
@@ -6,8 +6,8 @@ move is an atomic `rename` (RENAME_NOREPLACE, so it never replaces anything). Ev
 filesystems is copy -> verify -> `copied` -> rename into place -> `deleting` -> delete the source
 (in the trash, which no writer addresses) -> `done`. A delete renames its path to a hidden name of
 its own first and records the device+inode, so recovery deletes only that, never a recreated path.
-Recovery rolls a step back when its source is still whole and forward once the copy was verified,
-so a model is always whole in one place.
+The file operations themselves are cleaner.fileops'; finishing or undoing what a killed cleaner
+left is cleaner.recovery's.
 """
 
 from __future__ import annotations

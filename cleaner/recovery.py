@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cleaner import staged
 from cleaner.fileops import fsync_dir, remove_tree, rename_noreplace, stat_digest, stat_manifest
 from cleaner.journal import journal_dir, read_journal
 
@@ -145,8 +146,6 @@ def recover(state_path: Path) -> list[Recovered]:
                     Recovered(op_id, action, purpose, outcome, meta, str(intent["src"]), str(intent["dst"]), detail)
                 )
             elif action == "staged_transfer":
-                from cleaner import staged  # it builds on this module
-
                 outcome, detail = staged.recover(intent, states, records)
                 results.append(
                     Recovered(op_id, action, purpose, outcome, meta, str(intent["src"]), str(intent["dst"]), detail)

@@ -35,6 +35,7 @@ from typing import Any
 
 from cleaner import crash_hook, fileops
 from cleaner import journal as jr
+from cleaner.verify import find_users
 from cleaner.walk import snapshot
 
 STAGE_TAG = "model-storage-cleaner"
@@ -73,8 +74,6 @@ def matches(entry: tuple[str, int, int, int, str], recorded: list[Any] | None) -
 
 def holders(path: Path, proc_root: Path = Path("/proc")) -> tuple[str, ...]:
     """Processes other than us holding anything inside `path` (open, mapped, locked, cwd)."""
-    from cleaner.verify import find_users  # verify imports the planner; only needed here
-
     return find_users(os.path.realpath(path), snapshot(path).inodes, os.getpid(), proc_root).holders
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from cleaner.commands.output import _print
+from cleaner.commands.output import emit
 from shared.audit import verify_audit
 from shared.config import Settings
 
@@ -24,11 +24,11 @@ def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     result = verify_audit(settings.audit_log_path)
     data = {"path": str(settings.audit_log_path), "ok": result.ok, "lines": result.lines}
     if result.ok:
-        _print(data, getattr(args, "json", False), [f"audit log OK: {result.lines} lines, chain intact"])
+        emit(data, getattr(args, "json", False), [f"audit log OK: {result.lines} lines, chain intact"])
         return 0
     data.update(problem=result.problem, line_no=result.line_no)
     if getattr(args, "json", False):
-        _print(data, True, [])
+        emit(data, True, [])
     else:
         print(f"audit log {settings.audit_log_path}: line {result.line_no}: {result.problem}", file=sys.stderr)
     return 1

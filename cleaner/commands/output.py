@@ -7,18 +7,18 @@ import json
 from typing import Any
 
 
-def _actor(args: argparse.Namespace) -> str:
+def actor_of(args: argparse.Namespace) -> str:
     return str(getattr(args, "actor", None) or "cli")
 
 
-def _print(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+def emit(data: dict[str, Any], as_json: bool, lines: list[str]) -> None:
     if as_json:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print("\n".join(lines))
 
 
-def _fmt_bytes(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

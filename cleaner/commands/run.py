@@ -1,11 +1,8 @@
-"""The acting commands of model-storage-cleaner: run, restore, purge, trash, audit verify.
+"""`run`: compute the plan (or load a saved one) and carry it out; `run --dry-run` is `plan`.
 
-Every changing command takes the cleaner lock, first recovers what a killed cleaner left
-half-done, journals each step and audits each action. Exit codes: 0 done (skips included: a
-model failing a check is the check doing its job), 1 unexpected error or a broken audit chain,
-2 bad usage, 3 some eviction failed on an error (what was done is restorable), 4 precondition
-failed and nothing was touched (lock held, Prometheus unreachable, restore target occupied, the
-models path or a planned model's tier directory read-only or not writable).
+Every changing command (run, restore, purge) takes the cleaner lock, first recovers what a killed
+cleaner left half-done, journals each step and audits each action. Skips are exit 0: a model
+failing a check is the check doing its job. Exit codes: shared.exit_codes.
 """
 
 from __future__ import annotations
@@ -13,18 +10,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 from cleaner import apply
-from cleaner.commands.output import _actor, _fmt_bytes, _print
+from cleaner.commands.output import actor_of, emit, human_bytes
 from cleaner.commands.plan import cmd_plan
 from cleaner.crash_hook import crash_point
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
+from cleaner.plan_build import build_plan
 from cleaner.plan_record import record_plan
 from cleaner.plan_store import audit_plan, load_plan, new_plan_id, save_plan
-from cleaner.plan_values import Plan
 from cleaner.usage_blind import plan_usage_blind
 from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog
@@ -33,7 +29,6 @@ from shared.config import Settings
 from shared.errors import FilesystemError, StorageError
 from shared.logs import get_logger
 
-Command = Callable[[Settings, argparse.Namespace], int]
 log = get_logger("cleaner.act")
 
 
@@ -48,22 +43,15 @@ def register(subparsers: Any) -> None:
 
 
 def _dry_run(settings: Settings, args: argparse.Namespace) -> int:
-    plan_command: Command = cmd_plan
     plan_args = argparse.Namespace(**{**vars(args), "explain": None})
-    return plan_command(settings, plan_args)
-
-
-def _build_plan(settings: Settings, now: float, allow_large: bool) -> Plan:
-    from cleaner.plan_build import build_plan
-
-    return build_plan(settings, now, allow_large=allow_large)
+    return cmd_plan(settings, plan_args)
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(settings, args)
     now = time.time()
-    actor = _actor(args)
+    actor = actor_of(args)
     audit = AuditLog(settings.audit_log_path)
     run_id = new_plan_id(now)
     with CleanerLock(lock_path(settings.state_path)):
@@ -85,7 +73,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
                 with contextlib.suppress(OSError):
                     audit.append("run", actor=actor, target=run_id, result="failure", error=message)
             raise
-    _print(report, args.json, _run_lines(report))
+    emit(report, args.json, _run_lines(report))
     return exit_code
 
 
@@ -95,7 +83,7 @@ def _run_locked(
     if args.plan:
         plan = load_plan(args.plan, settings.state_path)
     else:
-        plan = _build_plan(settings, now, args.allow_large)
+        plan = build_plan(settings, now, allow_large=args.allow_large)
         save_plan(plan, settings.state_path)
         audit_plan(audit, plan, actor=actor, command="run", run_id=run_id)
     # Every tier directory and model the plan would change must be changeable, or none is touched.
@@ -189,12 +177,12 @@ def _write_state(
 def _run_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"run {report['run_id']} (plan {report['plan_id']}, mode {report['mode']}): "
-        f"{len(report['done'])} evicted ({_fmt_bytes(report['freed_bytes'])}), "
+        f"{len(report['done'])} evicted ({human_bytes(report['freed_bytes'])}), "
         f"{len(report['skipped'])} skipped, {len(report['failed'])} failed"
     ]
     for item in report["done"]:
         where = f" -> {item['destination']}" if item["destination"] else " (deleted)"
-        lines.append(f"  evicted {item['tier']}/{item['model']} {_fmt_bytes(item['bytes'])} [{item['policy']}]{where}")
+        lines.append(f"  evicted {item['tier']}/{item['model']} {human_bytes(item['bytes'])} [{item['policy']}]{where}")
     for item in report["skipped"]:
         lines.append(f"  skipped {item['tier']}/{item['model']}: {item['reason']} ({item['detail']})")
     for item in report["failed"]:

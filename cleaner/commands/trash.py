@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 from cleaner import apply, trash
-from cleaner.commands.output import _actor, _fmt_bytes, _print
+from cleaner.commands.output import actor_of, emit, human_bytes
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
 from cleaner.plan_store import new_plan_id
@@ -51,7 +51,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     if target is not None and (target.count("/") != 1 or not all(trash.valid_name(p) for p in target.split("/"))):
         raise ConfigError(f"restore: {target!r}: expected TIER/MODEL")
     now = time.time()
-    actor = _actor(args)
+    actor = actor_of(args)
     audit = AuditLog(settings.audit_log_path)
     with CleanerLock(lock_path(settings.state_path)):
         apply.recover(settings, audit, actor=actor, now=now)
@@ -74,14 +74,14 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
         "restored": [{"tier": e.tier, "model": e.model, "bytes": e.bytes} for e in restored],
         "restored_bytes": sum(e.bytes for e in restored),
     }
-    lines = [f"restored {e.key} ({_fmt_bytes(e.bytes)})" for e in restored]
-    _print(data, getattr(args, "json", False), lines)
+    lines = [f"restored {e.key} ({human_bytes(e.bytes)})" for e in restored]
+    emit(data, getattr(args, "json", False), lines)
     return 0
 
 
 def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     now = time.time()
-    actor = _actor(args)
+    actor = actor_of(args)
     audit = AuditLog(settings.audit_log_path)
     with CleanerLock(lock_path(settings.state_path)):
         apply.recover(settings, audit, actor=actor, now=now)
@@ -93,8 +93,8 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
         "purged": [{"run_id": e.run_id, "tier": e.tier, "model": e.model, "bytes": e.bytes} for e in purged],
         "purged_bytes": sum(e.bytes for e in purged),
     }
-    lines = [f"purged {e.key} of run {e.run_id} ({_fmt_bytes(e.bytes)})" for e in purged] or ["nothing to purge"]
-    _print(data, getattr(args, "json", False), lines)
+    lines = [f"purged {e.key} of run {e.run_id} ({human_bytes(e.bytes)})" for e in purged] or ["nothing to purge"]
+    emit(data, getattr(args, "json", False), lines)
     return 0
 
 
@@ -137,10 +137,10 @@ def cmd_trash(settings: Settings, args: argparse.Namespace) -> int:
         when = "next purge" if row["purge_due"] else time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["purge_at"]))
         age_days = row["age_seconds"] / 86400
         key = f"{row['tier']}/{row['model']}"
-        lines.append(f"{row['run_id']:<24} {key:<40} {_fmt_bytes(row['bytes']):>10} {age_days:>7.1f}d  {when}")
+        lines.append(f"{row['run_id']:<24} {key:<40} {human_bytes(row['bytes']):>10} {age_days:>7.1f}d  {when}")
     lines.append(
-        f"{len(data['entries'])} in trash, {_fmt_bytes(data['total_bytes'])} of {_fmt_bytes(data['cap_bytes'])} cap, "
+        f"{len(data['entries'])} in trash, {human_bytes(data['total_bytes'])} of {human_bytes(data['cap_bytes'])} cap, "
         f"retention {data['retention_days']:g} days"
     )
-    _print(data, args.json, lines)
+    emit(data, args.json, lines)
     return 0
