@@ -21,6 +21,7 @@ from cleaner.plan_values import Eviction, Kept
 from shared.audit import AuditLog
 from shared.config import GB, Settings
 from shared.errors import PreconditionError
+from shared.exit_codes import ExitCode
 from shared.layout import Layout
 from shared.logs import get_logger
 from shared.reasons import SKIP_WORTHY, Reason, parse
@@ -148,7 +149,7 @@ def skipped_counts(kept: Sequence[Kept], skipped: Sequence[Skipped]) -> dict[str
 
 def exit_code_for(result: ApplyResult) -> int:
     """3 when an eviction failed on an error; skips are the checks doing their job, not failures."""
-    return 3 if result.failed else 0
+    return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
 def _error_text(err: BaseException) -> str:

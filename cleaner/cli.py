@@ -1,8 +1,6 @@
 """`model-storage-cleaner`: the one front; each command is a module of cleaner.commands, registered here.
 
-Exit codes shared by every command: 0 done (also nothing to do), 1 unexpected error, 2 bad config or
-usage, 3 partial apply, 4 precondition failed with nothing touched (Prometheus, the lock), 5 the
-filesystem refused an operation (ENOSPC, EDQUOT, EACCES, EPERM, EROFS): the message names it and the path.
+Every command exits with a code of shared.exit_codes; every failure is one line on stderr.
 """
 
 from __future__ import annotations
@@ -16,6 +14,7 @@ from cleaner.commands import audit, plan, run, trash
 from cleaner.policies import validate
 from shared.config import load_settings
 from shared.errors import FILESYSTEM_ERRNOS, StorageError, unplaced_filesystem_error
+from shared.exit_codes import ExitCode
 from shared.logs import configure_logging
 
 PROG = "model-storage-cleaner"
@@ -59,19 +58,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(settings, args)
         return code
     except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 2
+        return exit_.code if isinstance(exit_.code, int) else ExitCode.CONFIG
     except StorageError as err:
         _fail(err.one_line())
         return err.exit_code
     except KeyboardInterrupt:
         _fail("interrupted")
-        return 130
+        return ExitCode.INTERRUPTED
     except OSError as err:
         if err.errno not in FILESYSTEM_ERRNOS:
             if debug:
                 traceback.print_exc()
             _fail(f"unexpected error: {type(err).__name__}: {err}")
-            return 1
+            return ExitCode.UNEXPECTED
         fs_error = unplaced_filesystem_error(err)
         _fail(fs_error.one_line())
         return fs_error.exit_code
@@ -79,4 +78,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         _fail(f"unexpected error: {type(err).__name__}: {err}")
-        return 1
+        return ExitCode.UNEXPECTED

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from shared.exit_codes import ExitCode
+
 
 class StorageError(Exception):
     """Base error: `code` is short and machine-readable, `hint` tells the user what to do."""
 
     code = "error"
-    exit_code = 1
+    exit_code: int = ExitCode.UNEXPECTED
 
     def __init__(self, message: str, *, hint: str = "") -> None:
         super().__init__(message)
@@ -24,14 +26,14 @@ class ConfigError(StorageError):
     """Bad configuration or usage: the process stops with exit code 2."""
 
     code = "bad_config"
-    exit_code = 2
+    exit_code = ExitCode.CONFIG
 
 
 class PreconditionError(StorageError):
     """Something outside us is not ready (Prometheus down, lock held): nothing was touched."""
 
     code = "precondition_failed"
-    exit_code = 4
+    exit_code = ExitCode.PRECONDITION
 
 
 _FS_HINTS = {
@@ -51,7 +53,7 @@ class FilesystemError(StorageError):
     """
 
     code = "filesystem_error"
-    exit_code = 5
+    exit_code = ExitCode.FILESYSTEM
 
     @classmethod
     def from_os(cls, err: OSError, operation: str, path: object = None) -> FilesystemError:

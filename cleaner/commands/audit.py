@@ -9,6 +9,7 @@ from typing import Any
 from cleaner.commands.output import emit
 from shared.audit import verify_audit
 from shared.config import Settings
+from shared.exit_codes import ExitCode
 
 
 def register(subparsers: Any) -> None:
@@ -25,10 +26,10 @@ def cmd_audit_verify(settings: Settings, args: argparse.Namespace) -> int:
     data = {"path": str(settings.audit_log_path), "ok": result.ok, "lines": result.lines}
     if result.ok:
         emit(data, getattr(args, "json", False), [f"audit log OK: {result.lines} lines, chain intact"])
-        return 0
+        return ExitCode.OK
     data.update(problem=result.problem, line_no=result.line_no)
     if getattr(args, "json", False):
         emit(data, True, [])
     else:
         print(f"audit log {settings.audit_log_path}: line {result.line_no}: {result.problem}", file=sys.stderr)
-    return 1
+    return ExitCode.UNEXPECTED

@@ -15,6 +15,7 @@ from cleaner.usage_blind import plan_usage_blind, record_usage_blind
 from shared.audit import AuditLog
 from shared.config import Settings
 from shared.errors import ConfigError
+from shared.exit_codes import ExitCode
 
 
 def register(subparsers: Any) -> None:
@@ -57,12 +58,12 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
             print(dumps({"plan_id": plan.plan_id, "explanations": explanations}))
         else:
             print("\n".join(render_explain(e) for e in explanations), end="")
-        return 0
+        return ExitCode.OK
     print(dumps(plan.to_json()) if args.json else render_plan(plan, str(path)), end="\n" if args.json else "")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_policies(settings: Settings, args: argparse.Namespace) -> int:
     """The policies with their effective settings and where each value came from."""
     print(dumps(policies_document(settings)) if args.json else render_policies(settings), end="\n" if args.json else "")
-    return 0
+    return ExitCode.OK

@@ -27,6 +27,7 @@ from shared.audit import AuditLog
 from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_state
 from shared.config import Settings
 from shared.errors import FilesystemError, StorageError
+from shared.exit_codes import ExitCode
 from shared.logs import get_logger
 
 log = get_logger("cleaner.act")
@@ -63,7 +64,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             crash_point("run_started")
             report, exit_code = _run_locked(settings, args, audit, run_id=run_id, actor=actor, now=now)
         except BaseException as err:
-            code = err.exit_code if isinstance(err, StorageError) else 1
+            code = err.exit_code if isinstance(err, StorageError) else ExitCode.UNEXPECTED
             message = err.one_line() if isinstance(err, StorageError) else f"{type(err).__name__}: {err}"
             if isinstance(err, Exception):
                 # Best effort: on a full or read-only state path these fail too, and the first
@@ -111,7 +112,7 @@ def _run_locked(
         "run",
         actor=actor,
         target=run_id,
-        result="success" if exit_code == 0 else "failure",
+        result="success" if exit_code == ExitCode.OK else "failure",
         bytes=sum(d.bytes for d in result.done),
         error=error,
         details={

@@ -16,6 +16,7 @@ from shared.audit import AuditLog
 from shared.cleanup_state import read_cleanup_state, write_cleanup_state
 from shared.config import Settings
 from shared.errors import ConfigError, PreconditionError
+from shared.exit_codes import ExitCode
 
 
 def register(subparsers: Any) -> None:
@@ -76,7 +77,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     }
     lines = [f"restored {e.key} ({human_bytes(e.bytes)})" for e in restored]
     emit(data, getattr(args, "json", False), lines)
-    return 0
+    return ExitCode.OK
 
 
 def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
@@ -95,7 +96,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     }
     lines = [f"purged {e.key} of run {e.run_id} ({human_bytes(e.bytes)})" for e in purged] or ["nothing to purge"]
     emit(data, getattr(args, "json", False), lines)
-    return 0
+    return ExitCode.OK
 
 
 def trash_listing(settings: Settings, now: float) -> dict[str, Any]:
@@ -143,4 +144,4 @@ def cmd_trash(settings: Settings, args: argparse.Namespace) -> int:
         f"retention {data['retention_days']:g} days"
     )
     emit(data, args.json, lines)
-    return 0
+    return ExitCode.OK
