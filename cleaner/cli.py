@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from cleaner.commands import audit, plan, run, trash
 from cleaner.policies import validate
 from shared.config import load_settings
-from shared.errors import FILESYSTEM_ERRNOS, StorageError, unplaced_filesystem_error
+from shared.errors import FILESYSTEM_ERRNOS, StorageError, error_line, unplaced_filesystem_error
 from shared.exit_codes import ExitCode
 from shared.logs import configure_logging
 
@@ -44,11 +44,21 @@ def _fail(message: str) -> None:
     print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
 
 
+def _fail_with(err: StorageError, as_json: bool) -> int:
+    """The line for people; under `--json` also the JSON error line the exporter reads (shared.errors)."""
+    _fail(err.one_line())
+    if as_json:
+        print(error_line(err), file=sys.stderr)
+    return err.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     debug = False
+    as_json = False
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        as_json = bool(getattr(args, "json", False))
         if getattr(args, "func", None) is None:
             parser.error("a command is required")
         settings = load_settings(args.config)
@@ -60,8 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else ExitCode.CONFIG
     except StorageError as err:
-        _fail(err.one_line())
-        return err.exit_code
+        return _fail_with(err, as_json)
     except KeyboardInterrupt:
         _fail("interrupted")
         return ExitCode.INTERRUPTED
@@ -71,9 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 traceback.print_exc()
             _fail(f"unexpected error: {type(err).__name__}: {err}")
             return ExitCode.UNEXPECTED
-        fs_error = unplaced_filesystem_error(err)
-        _fail(fs_error.one_line())
-        return fs_error.exit_code
+        return _fail_with(unplaced_filesystem_error(err), as_json)
     except Exception as err:
         if debug:
             traceback.print_exc()

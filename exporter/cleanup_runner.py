@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -21,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.errors import LockHeldError, read_error_line
 from shared.exit_codes import ExitCode
 from shared.logs import FAILURE, SUCCESS, get_logger
 
 log = get_logger("exporter.cleanup")
 
 PROG = "model-storage-cleaner"
-_HOLDER = re.compile(r"another cleaner is running \(pid (?P<pid>[^,)\s]+)")
 _MESSAGE_LIMIT = 500
 _TERMINATE_GRACE_SECONDS = 10.0
 
@@ -96,12 +95,13 @@ def last_message(stderr: str) -> str:
     return chosen[:_MESSAGE_LIMIT]
 
 
-def parse_holder(message: str) -> Holder | None:
-    match = _HOLDER.search(message)
-    if match is None:
+def parse_holder(stderr: str) -> Holder | None:
+    """The lock's holder from the cleaner's JSON error line (`lock_held`); None for any other error."""
+    error = read_error_line(stderr)
+    if error is None or error.get("code") != LockHeldError.code:
         return None
-    pid = match["pid"]
-    return Holder(source="cleaner_lock", pid=int(pid) if pid.isdigit() else None)
+    pid = error.get("holder_pid")
+    return Holder(source="cleaner_lock", pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
 
 
 def _report(stdout: str) -> dict[str, Any] | None:
@@ -159,7 +159,7 @@ def interpret_run(result: CleanerResult, *, dry_run: bool, actor: str) -> Answer
             return Answer(200, body)
         return Answer(207, body, result="failure", error=message or "some evictions failed")
     if code == ExitCode.PRECONDITION:
-        holder = parse_holder(message)
+        holder = parse_holder(result.stderr)
         if holder is not None:
             return _failure(409, "cleanup_running", message, holder=holder.to_json(), exit_code=code)
         return _failure(503, "precondition_failed", message or "the cleaner's precondition failed", exit_code=code)

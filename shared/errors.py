@@ -1,6 +1,14 @@
-"""One small error hierarchy shared by the exporter and the cleaner: a code, a message and a hint."""
+"""One small error hierarchy shared by the exporter and the cleaner: a code, a message and a hint.
+
+A command run with `--json` also reports its error as one JSON line on stderr (`error_line`), after
+the line for people: the exporter reads the code and details from it (`read_error_line`), never
+from the English.
+"""
 
 from __future__ import annotations
+
+import json
+from typing import Any
 
 from shared.exit_codes import ExitCode
 
@@ -15,6 +23,7 @@ class StorageError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.details: dict[str, Any] = {}  # machine-readable facts of the case, in the JSON error line
 
     def one_line(self) -> str:
         """The message as printed on stderr: one line, hint appended."""
@@ -34,6 +43,19 @@ class PreconditionError(StorageError):
 
     code = "precondition_failed"
     exit_code = ExitCode.PRECONDITION
+
+
+class LockHeldError(PreconditionError):
+    """Another cleaner holds the lock: nothing was touched. `holder_pid` is None when the lock file names none."""
+
+    code = "lock_held"
+
+    def __init__(self, holder_pid: int | None, lock: object) -> None:
+        who = "unknown" if holder_pid is None else str(holder_pid)
+        super().__init__(
+            f"another cleaner is running (pid {who}, lock {lock}); nothing was changed", hint="wait for it to finish"
+        )
+        self.details = {"holder_pid": holder_pid, "lock_path": str(lock)}
 
 
 _FS_HINTS = {
@@ -75,3 +97,24 @@ def unplaced_filesystem_error(err: OSError) -> FilesystemError:
 
 
 FILESYSTEM_ERRNOS = frozenset({28, 122, 13, 1, 30})  # ENOSPC, EDQUOT, EACCES, EPERM, EROFS
+
+
+def error_line(err: StorageError) -> str:
+    """The error as one JSON line: code, exit code, the message for people and the case's details."""
+    document = {"error": {"code": err.code, "exit_code": int(err.exit_code), "message": err.one_line(), **err.details}}
+    return json.dumps(document, sort_keys=True)
+
+
+def read_error_line(stderr: str) -> dict[str, Any] | None:
+    """The last JSON error line (`error_line`) in a command's stderr, or None when it printed none."""
+    for line in reversed(stderr.splitlines()):
+        if not line.startswith('{"error"'):
+            continue
+        try:
+            document = json.loads(line)
+        except ValueError:
+            continue
+        error = document.get("error") if isinstance(document, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("code"), str):
+            return error
+    return None

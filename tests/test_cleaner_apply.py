@@ -28,7 +28,7 @@ from cleaner.plan_values import Eviction, Kept, Plan
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import read_cleanup_state
 from shared.config import Settings, load_settings
-from shared.errors import ConfigError, PreconditionError
+from shared.errors import ConfigError, LockHeldError, PreconditionError
 from shared.logs import configure_logging
 from tests.support import exporter_env, make_model, run_cleaner, wait_until
 
@@ -388,6 +388,42 @@ def test_a_second_cleaner_exits_4_naming_the_holder_and_changes_nothing(store: P
     assert f"pid {os.getpid()}" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert (store / "models/raw/m/w").exists() and not (store / "trash").exists()
     assert not settings.cleanup_state_file.exists()
+
+
+def test_a_held_lock_is_reported_as_a_structured_error_under_json_with_the_line_for_people_kept(store: Path) -> None:
+    """The exporter reads the holder from this JSON line, never from the English one (which stays as it was)."""
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "m", {"w": b"1"})
+    plan_id = plan_for(settings, [("raw", "m")])
+    lock = lock_path(settings.state_path)
+    with CleanerLock(lock):
+        done = run_cleaner(["run", "--json", "--plan", plan_id], exporter_env(store / "models", store))
+    assert done.returncode == 4 and done.stdout == ""
+    people, structured = done.stderr.strip().splitlines()
+    assert people == (
+        f"model-storage-cleaner: another cleaner is running (pid {os.getpid()}, lock {lock}); nothing was changed "
+        "(wait for it to finish)"
+    )
+    assert json.loads(structured) == {
+        "error": {
+            "code": "lock_held",
+            "exit_code": 4,
+            "message": people.removeprefix("model-storage-cleaner: "),
+            "holder_pid": os.getpid(),
+            "lock_path": str(lock),
+        }
+    }
+    assert (store / "models/raw/m/w").exists() and not (store / "trash").exists()
+
+
+def test_a_lock_file_naming_no_pid_gives_a_holder_pid_of_null(store: Path) -> None:
+    lock = lock_path(settings_for(store).state_path)
+    with CleanerLock(lock):
+        lock.write_text("")  # a holder killed between truncating and writing its pid
+        with pytest.raises(LockHeldError) as raised:
+            CleanerLock(lock).acquire()
+    assert raised.value.details == {"holder_pid": None, "lock_path": str(lock)}
+    assert "(pid unknown, lock " in raised.value.one_line()
 
 
 def test_an_eviction_failing_on_an_error_exits_3_and_keeps_the_model(
