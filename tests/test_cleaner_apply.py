@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from cleaner import apply, trash, verify
+from cleaner import apply, restore_purge, trash, verify
 from cleaner.commands import run as run_command
 from cleaner.commands import trash as trash_command
 from cleaner.fileops import CopyMismatchError, tree_manifest
@@ -553,10 +553,14 @@ def test_purge_respects_retention_on_real_trash(store: Path, capsys: pytest.Capt
     audit = AuditLog(settings.audit_log_path)
 
     journal = Journal(settings.state_path, "purge-test", command="purge")
-    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 6.9 * DAY, purge_all=False).entries
+    purged = restore_purge.purge_trash(
+        settings, journal, audit, actor="cli", now=moved + 6.9 * DAY, purge_all=False
+    ).entries
     assert purged == []
     assert len(trash.list_entries(settings.trash_path)) == 2
-    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 7.1 * DAY, purge_all=False).entries
+    purged = restore_purge.purge_trash(
+        settings, journal, audit, actor="cli", now=moved + 7.1 * DAY, purge_all=False
+    ).entries
     journal.close()
     assert sorted(e.model for e in purged) == ["a", "b"]
     assert not (store / "trash" / first["run_id"]).exists() and not (store / "trash" / second["run_id"]).exists()

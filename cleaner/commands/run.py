@@ -12,7 +12,7 @@ import contextlib
 import time
 from typing import Any
 
-from cleaner import apply
+from cleaner import apply, restore_purge
 from cleaner.commands.output import actor_of, emit, human_bytes
 from cleaner.commands.plan import cmd_plan
 from cleaner.crash_hook import crash_point
@@ -100,7 +100,7 @@ def _run_locked(
     ctx = apply.Context.from_settings(settings, run_id=run_id, actor=actor, now=now)
     result = apply.apply_evictions(plan.evictions, ctx, journal, audit)
     record_plan(plan, settings.state_path, gone=[(d.tier, d.model) for d in result.done], applied_run_id=run_id)
-    purge = apply.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=False, keep_run=run_id)
+    purge = restore_purge.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=False, keep_run=run_id)
     purged = purge.entries
     journal.close()
     exit_code = apply.exit_code_for(result)
@@ -153,7 +153,7 @@ def _write_state(
     usage_blind: bool = False,
 ) -> int:
     crash_point("before_state_written")
-    total = apply.trash_bytes(settings)
+    total = restore_purge.trash_bytes(settings)
     state = next_state(
         read_cleanup_state(settings.cleanup_state_file),
         # When the run finished, not `now` (its start): the "cleaner has not succeeded for N hours"

@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from cleaner import apply, trash
+from cleaner import apply, restore_purge, trash
 from cleaner.commands.output import actor_of, emit, human_bytes
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
@@ -41,7 +41,9 @@ def _refresh_trash_bytes(settings: Settings) -> None:
     """After a restore or purge the trash changed: the served trash gauge follows."""
     state = read_cleanup_state(settings.cleanup_state_file)
     if state is not None:
-        write_cleanup_state(settings.cleanup_state_file, replace(state, trash_bytes=apply.trash_bytes(settings)))
+        write_cleanup_state(
+            settings.cleanup_state_file, replace(state, trash_bytes=restore_purge.trash_bytes(settings))
+        )
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
@@ -56,7 +58,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     audit = AuditLog(settings.audit_log_path)
     with CleanerLock(lock_path(settings.state_path)):
         apply.recover(settings, audit, actor=actor, now=now)
-        root, entries = apply.find_run_entries(settings, run_id)
+        root, entries = restore_purge.find_run_entries(settings, run_id)
         if target is not None:
             entries = [e for e in entries if e.key == target]
         if not entries:
@@ -64,7 +66,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError(f"restore: nothing of {what} is in {settings.trash_path} or {settings.backup_path}")
         journal = Journal(settings.state_path, new_plan_id(now), command="restore")
         try:
-            restored = apply.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
+            restored = restore_purge.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
         except PreconditionError:
             journal.close()  # refused before anything was done: nothing for recovery to look at
             raise
@@ -87,7 +89,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     with CleanerLock(lock_path(settings.state_path)):
         apply.recover(settings, audit, actor=actor, now=now)
         journal = Journal(settings.state_path, new_plan_id(now), command="purge")
-        purged = apply.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=args.all).entries
+        purged = restore_purge.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=args.all).entries
         journal.close()
         _refresh_trash_bytes(settings)
     data = {
@@ -102,7 +104,7 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
 def trash_listing(settings: Settings, now: float) -> dict[str, Any]:
     entries = trash.list_entries(settings.trash_path)
     retention: float = settings["cleaner.trash.retention_days"]
-    cap = apply.trash_cap_bytes(settings)
+    cap = restore_purge.trash_cap_bytes(settings)
     over_cap = {(e.run_id, e.key) for e in trash.select_for_purge(entries, now, retention, cap)}
     rows = [
         {
