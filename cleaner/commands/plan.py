@@ -6,10 +6,10 @@ import argparse
 import time
 from typing import Any
 
+from cleaner.explain import explain, find_models
 from cleaner.plan_build import build
 from cleaner.plan_record import record_plan
 from cleaner.plan_store import audit_plan, save_plan
-from cleaner.policies import explain, find_models
 from cleaner.report import dumps, policies_document, render_explain, render_plan, render_policies
 from cleaner.usage_blind import plan_usage_blind, record_usage_blind
 from shared.audit import AuditLog
