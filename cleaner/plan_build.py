@@ -23,7 +23,7 @@ KEEP_MARKER = ".keep"
 # Each round checks only models newly selected; a partial one found makes the size policy pick another.
 MAX_CHECK_ROUNDS = 50
 
-log = get_logger("cleaner.planner")
+log = get_logger("cleaner.plan_build")
 
 
 @dataclass(frozen=True, slots=True)
