@@ -1,4 +1,4 @@
-"""The cleaner's import graph is honest: every import at module level, no cycle, no importlib, no exporter.
+"""The cleaner's layout: small modules, and an honest import graph (module level, no cycle, no importlib, no exporter).
 
 Imports hidden in functions or done by name through importlib are invisible to import graphs and
 to mypy; that is how `cli` and `act_cli` once imported each other unnoticed.
@@ -72,3 +72,11 @@ def test_the_cleaner_and_shared_import_no_cycle_and_never_the_exporter() -> None
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+def test_no_cleaner_module_is_over_500_lines() -> None:
+    sizes = {
+        str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
+        for p in (ROOT / "cleaner").rglob("*.py")
+    }
+    assert {name: lines for name, lines in sizes.items() if lines > 500} == {}
