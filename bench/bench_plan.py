@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cleaner.inventory import attach_usage, parse_coverage, parse_inventory, parse_usage
-from cleaner.plan import Plan
-from cleaner.planner import decide_with_disk_checks
+from cleaner.plan_build import decide_with_disk_checks
+from cleaner.plan_values import Plan
 from cleaner.policies import PolicyView
 from cleaner.prom import parse_result
 from cleaner.report import dumps, render_plan

@@ -1,8 +1,8 @@
-"""The executor: carries out a plan's evictions, restores and purges, each step journaled and audited.
+"""The executor: carries out a plan's evictions, each step journaled and audited, and recovers first.
 
 It takes the plan's evictions and an injected `now`; what it does to the filesystem goes through
 the journaled operations of cleaner.journal, and every decision about what may be touched is made
-by cleaner.verify (per model) and cleaner.trash (which trash entries to purge).
+by cleaner.verify (per model). Restores and purges are cleaner.restore_purge's.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cleaner import crash_hook, fileops, recovery, staged, trash, verify
 from cleaner import journal as jr
-from cleaner import staged, trash, verify
-from cleaner.plan import Eviction, Kept
+from cleaner.plan_values import Eviction, Kept
 from shared.audit import AuditLog
-from shared.config import GB, Settings
-from shared.errors import PreconditionError
+from shared.config import Settings
+from shared.exit_codes import ExitCode
 from shared.layout import Layout
 from shared.logs import get_logger
 from shared.reasons import SKIP_WORTHY, Reason, parse
@@ -148,10 +148,10 @@ def skipped_counts(kept: Sequence[Kept], skipped: Sequence[Skipped]) -> dict[str
 
 def exit_code_for(result: ApplyResult) -> int:
     """3 when an eviction failed on an error; skips are the checks doing their job, not failures."""
-    return 3 if result.failed else 0
+    return ExitCode.PARTIAL if result.failed else ExitCode.OK
 
 
-def _error_text(err: BaseException) -> str:
+def error_text(err: BaseException) -> str:
     text = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
     return re.sub(r"\s+", " ", text).strip()
 
@@ -185,7 +185,7 @@ def _evict_one(
         )
     root = ctx.trash_path if ctx.mode == "trash" else ctx.backup_path
     dst = trash.entry_path(root, ctx.run_id, eviction.tier, eviction.model)
-    jr.make_dirs(dst.parent)
+    fileops.make_dirs(dst.parent)
     kept: list[str] = []
     if ctx.mode == "archive":
         how, kept = staged.evict_by_copy(journal, src, dst, meta=meta, after_copy=after_copy, proc_root=proc_root)
@@ -195,7 +195,7 @@ def _evict_one(
         except jr.CrossDeviceError:
             how, kept = staged.evict_by_copy(journal, src, dst, meta=meta, after_copy=after_copy, proc_root=proc_root)
     trash.record_entry(root, ctx.run_id, meta)
-    jr.crash_point("evict_metadata_written")
+    crash_hook.crash_point("evict_metadata_written")
     return Done(
         eviction.tier,
         eviction.model,
@@ -234,7 +234,7 @@ def apply_evictions(
     result = ApplyResult()
     for eviction in evictions:
         key = f"{eviction.tier}/{eviction.model}"
-        jr.crash_point("evict_started")
+        crash_hook.crash_point("evict_started")
         verdict = verify.verify_model(
             models_path=ctx.models_path,
             layout=ctx.layout,
@@ -253,7 +253,7 @@ def apply_evictions(
             _record_skip(skip, key, ctx, result, audit)
             continue
         try:
-            jr.crash_point("evict_verified")
+            crash_hook.crash_point("evict_verified")
             done = _evict_one(eviction, verdict.path, ctx, journal, after_copy, proc_root)
         except staged.HeldError as err:
             skip = Skipped(eviction.tier, eviction.model, eviction.bytes, eviction.policy, verify.IN_USE, str(err))
@@ -262,12 +262,12 @@ def apply_evictions(
         except jr.SourceChangedError as err:
             # A writer was at work during the copy: the check doing its job, as a skip, not a failure.
             skip = Skipped(
-                eviction.tier, eviction.model, eviction.bytes, eviction.policy, CHANGED_DURING_COPY, _error_text(err)
+                eviction.tier, eviction.model, eviction.bytes, eviction.policy, CHANGED_DURING_COPY, error_text(err)
             )
             _record_skip(skip, key, ctx, result, audit)
             continue
-        except (OSError, jr.TransferError, jr.CopyMismatchError) as err:
-            failure = Failed(eviction.tier, eviction.model, eviction.bytes, eviction.policy, _error_text(err))
+        except (OSError, jr.TransferError, fileops.CopyMismatchError) as err:
+            failure = Failed(eviction.tier, eviction.model, eviction.bytes, eviction.policy, error_text(err))
             result.failed.append(failure)
             audit.append(
                 "move",
@@ -300,169 +300,15 @@ def apply_evictions(
     return result
 
 
-# ---- restore ---------------------------------------------------------------------------------
-
-
-def find_run_entries(settings: Settings, run_id: str) -> tuple[Path, list[trash.TrashEntry]]:
-    """The area (trash, else archive) holding a run, and its models."""
-    for root in (settings.trash_path, settings.backup_path):
-        entries = [e for e in trash.list_entries(root) if e.run_id == run_id]
-        if entries:
-            return root, entries
-    return settings.trash_path, []
-
-
-def restore_conflicts(entries: Sequence[trash.TrashEntry], models_path: Path, layout: Layout) -> list[str]:
-    """Why each entry cannot go back (its original path is occupied, or leads outside)."""
-    problems: list[str] = []
-    for entry in entries:
-        dst = verify.model_location(models_path, layout, entry.tier, entry.model)
-        if dst is None:
-            problems.append(f"{entry.key}: not a valid tier/model")
-        elif os.path.lexists(dst):
-            problems.append(f"{entry.key}: {dst} is occupied again")
-        elif dst.parent.exists() and not verify.tier_dir_inside(models_path, layout, entry.tier, dst):
-            problems.append(f"{entry.key}: {dst.parent} resolves outside {models_path}")
-    return problems
-
-
-def restore_entries(
-    root: Path,
-    entries: Sequence[trash.TrashEntry],
-    settings: Settings,
-    journal: jr.Journal,
-    audit: AuditLog,
-    *,
-    actor: str,
-    now: float,
-) -> list[trash.TrashEntry]:
-    """Put models back where they were; refuses, changing nothing, if any original path is taken."""
-    problems = restore_conflicts(entries, settings.models_path, settings.layout)
-    if problems:
-        for problem in problems:
-            audit.append("restore", actor=actor, target=problem.split(":")[0], result="failure", error=problem)
-        raise PreconditionError(
-            f"restore refused, nothing changed: {problems[0]}"
-            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
-            hint="move the new model away first",
-        )
-    restored: list[trash.TrashEntry] = []
-    for entry in entries:
-        dst = verify.model_location(settings.models_path, settings.layout, entry.tier, entry.model)
-        assert dst is not None  # checked by restore_conflicts
-        jr.make_dirs(dst.parent)
-        meta = {"run_id": entry.run_id, "tier": entry.tier, "model": entry.model, "root": str(root)}
-        try:
-            how = jr.transfer(journal, entry.path, dst, purpose="restore", meta=meta)
-        except (OSError, jr.TransferError) as err:
-            audit.append(
-                "restore", actor=actor, target=entry.key, result="failure", bytes=entry.bytes, error=_error_text(err)
-            )
-            raise
-        trash.mark_entry(root, entry.run_id, entry.key, "restored", now)
-        audit.append(
-            "restore",
-            actor=actor,
-            target=entry.key,
-            bytes=entry.bytes,
-            details={"run_id": entry.run_id, "how": how, "destination": str(dst)},
-        )
-        restored.append(entry)
-    for run_id in {e.run_id for e in entries}:
-        trash.remove_run_if_empty(root, run_id)
-    return restored
-
-
-# ---- purge -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Purged:
-    entries: list[trash.TrashEntry]
-    warnings: list[str]
-
-
-def purge_trash(
-    settings: Settings,
-    journal: jr.Journal,
-    audit: AuditLog,
-    *,
-    actor: str,
-    now: float,
-    purge_all: bool,
-    keep_run: str | None = None,
-) -> Purged:
-    """Delete expired trash entries, then the oldest while over the cap (everything with purge_all).
-
-    `keep_run`'s entries are never deleted: the purge that ends a run must not take back what that
-    run just evicted, or a run evicting more than the cap would leave nothing to restore.
-    """
-    root = settings.trash_path
-    entries = trash.list_entries(root)
-    cap = trash_cap_bytes(settings)
-    chosen = trash.select_for_purge(
-        entries,
-        now,
-        settings.cleaner.trash.retention_days,
-        cap,
-        purge_all=purge_all,
-        keep_runs=frozenset() if keep_run is None else frozenset({keep_run}),
-    )
-    warnings: list[str] = []
-    over = None if keep_run is None else trash.over_cap_warning(entries, keep_run, cap)
-    if keep_run is not None and over is not None:
-        warnings.append(over)
-        held = trash.run_bytes(entries, keep_run)
-        log.warning("trash.cap_exceeded", run_id=keep_run, run_bytes=held, cap_bytes=cap)
-        audit.append(
-            "purge",
-            actor=actor,
-            target=keep_run,
-            result="skipped",
-            bytes=held,
-            error=over,
-            details={"run_id": keep_run, "reason": "current_run_over_cap", "cap_bytes": cap},
-        )
-    for entry in chosen:
-        meta = {"run_id": entry.run_id, "tier": entry.tier, "model": entry.model, "root": str(root)}
-        try:
-            jr.delete(journal, entry.path, purpose="purge", meta=meta)
-        except OSError as err:
-            audit.append(
-                "purge", actor=actor, target=entry.key, result="failure", bytes=entry.bytes, error=_error_text(err)
-            )
-            raise
-        trash.mark_entry(root, entry.run_id, entry.key, "purged", now)
-        audit.append(
-            "purge",
-            actor=actor,
-            target=entry.key,
-            bytes=entry.bytes,
-            details={"run_id": entry.run_id, "age_seconds": round(now - entry.moved_at, 3), "all": purge_all},
-        )
-    for run_id in sorted({e.run_id for e in chosen}):
-        trash.remove_run_if_empty(root, run_id)
-    return Purged(chosen, warnings)
-
-
-def trash_cap_bytes(settings: Settings) -> int:
-    cap_gb = settings.cleaner.trash.max_gb
-    return round(cap_gb * GB)
-
-
-def trash_bytes(settings: Settings) -> int:
-    return sum(e.bytes for e in trash.list_entries(settings.trash_path))
-
-
 # ---- recovery --------------------------------------------------------------------------------
 
 
-def recover(settings: Settings, audit: AuditLog, *, actor: str, now: float) -> list[jr.Recovered]:
+def recover(settings: Settings, audit: AuditLog, *, actor: str, now: float) -> list[recovery.Recovered]:
     """Finish what a killed cleaner left half-done, and bring the trash metadata up to date."""
     left_journals = jr.journal_dir(settings.state_path).is_dir() and any(
         jr.journal_dir(settings.state_path).glob("*.jsonl")
     )
-    results = jr.recover(settings.state_path)
+    results = recovery.recover(settings.state_path)
     if left_journals:
         # A killed run, restore or purge may leave run directories with nothing in them.
         for root in (settings.trash_path, settings.backup_path):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from string import Template
 from typing import Any
 
-from cleaner.plan import ModelFacts
+from cleaner.plan_values import ModelFacts
 from cleaner.policies import Coverage, PolicyView
 from cleaner.prom import PromClient, QueryResult, Sample, shorten
 from shared import metric_names as names

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from shared.errors import FilesystemError, PreconditionError
+from shared.errors import FilesystemError, LockHeldError
 
 LOCK_NAME = "cleaner.lock"
 
@@ -32,12 +32,9 @@ class CleanerLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise PreconditionError(
-                f"another cleaner is running (pid {holder}, lock {self.path}); nothing was changed",
-                hint="wait for it to finish",
-            ) from None
+            raise LockHeldError(int(holder) if holder.isdigit() else None, self.path) from None
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from cleaner.plan import Plan
+from cleaner.plan_values import Plan
 from shared.logs import FAILURE, get_logger
 from shared.plan_summary import PlannedEviction, summarize, summary_path, write_plan_summary
 

@@ -6,7 +6,7 @@ import json
 import time
 from typing import Any
 
-from cleaner.plan import Plan
+from cleaner.plan_values import Plan
 from cleaner.policies import fmt_bytes, fmt_duration, fmt_requests
 from shared.config import FIELDS_BY_KEY, Settings
 

@@ -33,7 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cleaner import crash_hook, fileops
 from cleaner import journal as jr
+from cleaner.verify import find_users
 from cleaner.walk import snapshot
 
 STAGE_TAG = "model-storage-cleaner"
@@ -72,34 +74,32 @@ def matches(entry: tuple[str, int, int, int, str], recorded: list[Any] | None) -
 
 def holders(path: Path, proc_root: Path = Path("/proc")) -> tuple[str, ...]:
     """Processes other than us holding anything inside `path` (open, mapped, locked, cwd)."""
-    from cleaner.verify import find_users  # verify imports the planner; only needed here
-
     return find_users(os.path.realpath(path), snapshot(path).inodes, os.getpid(), proc_root).holders
 
 
 def put_back(staged: Path, src: Path, op_id: str) -> tuple[str, Path]:
     """The staged tree back to src, or beside it when a writer recreated src; never replaces anything."""
     try:
-        jr.rename_noreplace(staged, src)
-        jr.fsync_dir(src.parent)
+        fileops.rename_noreplace(staged, src)
+        fileops.fsync_dir(src.parent)
         return "rolled_back", src
     except OSError as err:
         if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
     kept = kept_path(src, op_id)
-    jr.rename_noreplace(staged, kept)
-    jr.fsync_dir(src.parent)
+    fileops.rename_noreplace(staged, kept)
+    fileops.fsync_dir(src.parent)
     return "kept_both", kept
 
 
 def delete_verified(staged: Path, verified: VerifiedSet, step: str) -> list[str]:
     """Delete from `staged` exactly the entries matching `verified`; the rest stays. Returns what stayed."""
-    now = jr.stat_manifest(staged)
+    now = fileops.stat_manifest(staged)
     stayed = {rel for rel in now if not matches(now[rel], verified.get(rel))}
     if now[""][0] != "dir":  # a model that is a single file
         if not stayed:
             os.unlink(staged)
-            jr.fsync_dir(staged.parent)
+            fileops.fsync_dir(staged.parent)
         return sorted(stayed)
     # Deepest first, so a directory is removed only after its verified contents.
     for rel in sorted(now, key=lambda r: (-r.count("/"), r)):
@@ -115,7 +115,7 @@ def delete_verified(staged: Path, verified: VerifiedSet, step: str) -> list[str]
                 stayed.add(rel)
         else:
             os.unlink(full)
-            jr.crash_point(step)
+            crash_hook.crash_point(step)
     try:
         os.rmdir(staged)
     except OSError as err:
@@ -123,7 +123,7 @@ def delete_verified(staged: Path, verified: VerifiedSet, step: str) -> list[str]
             raise
         stayed.add("")
     else:
-        jr.fsync_dir(staged.parent)
+        fileops.fsync_dir(staged.parent)
     return sorted(stayed)
 
 
@@ -150,67 +150,67 @@ def evict_by_copy(
         purpose=purpose,
         meta=meta,
     )
-    jr.crash_point(f"{purpose}_intent_written")
+    crash_hook.crash_point(f"{purpose}_intent_written")
     try:
-        jr.rename_noreplace(src, staged)
+        fileops.rename_noreplace(src, staged)
     except OSError as err:
         journal.mark(seq, "failed", error=err.strerror or str(err))
         raise jr.TransferError(f"cannot stage {src} as {staged}: {err.strerror or err}") from None
-    jr.fsync_dir(src.parent)
-    jr.crash_point(f"{purpose}_staged")
+    fileops.fsync_dir(src.parent)
+    crash_hook.crash_point(f"{purpose}_staged")
     journal.mark(seq, "staged")
-    jr.crash_point(f"{purpose}_staged_written")
+    crash_hook.crash_point(f"{purpose}_staged_written")
     held = holders(staged, proc_root)
     if held:
         outcome, where = put_back(staged, src, journal.op_id)
         journal.mark(seq, "failed", error="in use after staging", reason="in_use", put_back=str(where))
         raise HeldError(f"{src} was in use once staged ({held[0]}); {outcome.replace('_', ' ')} at {where}")
     try:
-        expected, seen = jr.copy_tree(staged, partial)
+        expected, seen = fileops.copy_tree(staged, partial)
         if after_copy is not None:
             after_copy(partial)
-        jr.check_copy(expected, partial)
-        jr.fsync_dir(partial.parent)
-        now = jr.stat_manifest(staged)
+        fileops.check_copy(expected, partial)
+        fileops.fsync_dir(partial.parent)
+        now = fileops.stat_manifest(staged)
         # Frozen since the holder check, so this cannot differ; checked because deletion trusts it.
-        changed = jr.source_change(seen, now)
+        changed = fileops.source_change(seen, now)
         if changed is not None:
             raise jr.SourceChangedError(f"{src} changed during the copy: {changed}; the original was kept")
         verified = {rel: list(entry) for rel, entry in now.items()}
     except jr.SourceChangedError as err:
-        jr.crash_point(f"{purpose}_source_changed")
-        jr.remove_tree(partial)
+        crash_hook.crash_point(f"{purpose}_source_changed")
+        fileops.remove_tree(partial)
         put_back(staged, src, journal.op_id)
         journal.mark(seq, "failed", error=str(err), reason="source_changed")
         raise
-    except (OSError, jr.CopyMismatchError) as err:
+    except (OSError, fileops.CopyMismatchError) as err:
         if not jr._not_created_by_us(err, partial):
-            jr.remove_tree(partial)
+            fileops.remove_tree(partial)
         put_back(staged, src, journal.op_id)
         message = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         journal.mark(seq, "failed", error=message)
         raise jr.TransferError(f"cannot copy {src} to {dst}: {message}; the original was put back") from None
     journal.mark(seq, "copied", verified=verified)
-    jr.crash_point(f"{purpose}_copied_written")
+    crash_hook.crash_point(f"{purpose}_copied_written")
     try:
-        jr.rename_noreplace(partial, dst)
+        fileops.rename_noreplace(partial, dst)
     except OSError as err:
         journal.mark(seq, "aborting", error=err.strerror or str(err))
-        jr.remove_tree(partial)
+        fileops.remove_tree(partial)
         put_back(staged, src, journal.op_id)
         journal.mark(seq, "failed", error=err.strerror or str(err))
         raise jr.TransferError(f"cannot move the copy into {dst}: {err.strerror or err}") from None
-    jr.fsync_dir(dst.parent)
-    jr.crash_point(f"{purpose}_copy_placed")
+    fileops.fsync_dir(dst.parent)
+    crash_hook.crash_point(f"{purpose}_copy_placed")
     journal.mark(seq, "deleting")
-    jr.crash_point(f"{purpose}_deleting_written")
+    crash_hook.crash_point(f"{purpose}_deleting_written")
     stayed = delete_verified(staged, verified, f"{purpose}_source_deleting")
     kept: list[str] = []
     if stayed:
         _outcome, where = put_back(staged, src, journal.op_id)
         kept = [f"{where}/{rel}" if rel else str(where) for rel in stayed if rel]
     journal.mark(seq, "done", kept=kept)
-    jr.crash_point(f"{purpose}_done_written")
+    crash_hook.crash_point(f"{purpose}_done_written")
     return "copied", kept
 
 
@@ -226,7 +226,7 @@ def recover(intent: dict[str, Any], states: list[str], records: list[dict[str, A
             verified = record.get("verified")
     ours = _is_ours(staged, intent.get("identity"))
     if not ours:
-        jr.remove_tree(partial)
+        fileops.remove_tree(partial)
         if os.path.lexists(staged):
             return "kept_both", f"{staged} is not the staged model (device/inode differ); left untouched"
         if "deleting" in states:
@@ -239,17 +239,17 @@ def recover(intent: dict[str, Any], states: list[str], records: list[dict[str, A
         if not os.path.lexists(partial) and not os.path.lexists(dst):
             forward = False
         else:
-            current = jr.stat_manifest(staged)
+            current = fileops.stat_manifest(staged)
             if set(current) != set(verified) or not all(matches(e, verified.get(r)) for r, e in current.items()):
                 forward = False
     if forward and verified is not None and "deleting" not in states and os.path.lexists(partial):
         if os.path.lexists(dst):
             forward = False
         else:
-            jr.rename_noreplace(partial, dst)
-            jr.fsync_dir(dst.parent)
+            fileops.rename_noreplace(partial, dst)
+            fileops.fsync_dir(dst.parent)
     if not forward or verified is None:
-        jr.remove_tree(partial)
+        fileops.remove_tree(partial)
         outcome, where = put_back(staged, src, op_id)
         return outcome, f"the model was put back at {where}"
     stayed = delete_verified(staged, verified, "recover_deleting")

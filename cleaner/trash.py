@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cleaner.journal import fsync_dir, remove_tree
+from cleaner.fileops import fsync_dir, remove_tree
 from cleaner.walk import snapshot
 
 RUN_META = ".run.json"

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cleaner.plan import ModelFacts
-from cleaner.planner import KEEP_MARKER
+from cleaner.plan_build import KEEP_MARKER
+from cleaner.plan_values import ModelFacts
 from cleaner.policies import protection
 from cleaner.walk import Inode, Snapshot, snapshot
 from shared.layout import Layout

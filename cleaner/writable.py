@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cleaner.plan import Eviction
+from cleaner.plan_values import Eviction
 from shared.errors import PreconditionError
 from shared.layout import Layout
 

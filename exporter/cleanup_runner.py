@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -21,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.errors import LockHeldError, read_error_line
+from shared.exit_codes import ExitCode
 from shared.logs import FAILURE, SUCCESS, get_logger
 
 log = get_logger("exporter.cleanup")
 
 PROG = "model-storage-cleaner"
-EXIT_OK, EXIT_UNEXPECTED, EXIT_CONFIG, EXIT_PARTIAL, EXIT_PRECONDITION, EXIT_FILESYSTEM = 0, 1, 2, 3, 4, 5
-_HOLDER = re.compile(r"another cleaner is running \(pid (?P<pid>[^,)\s]+)")
 _MESSAGE_LIMIT = 500
 _TERMINATE_GRACE_SECONDS = 10.0
 
@@ -96,12 +95,13 @@ def last_message(stderr: str) -> str:
     return chosen[:_MESSAGE_LIMIT]
 
 
-def parse_holder(message: str) -> Holder | None:
-    match = _HOLDER.search(message)
-    if match is None:
+def parse_holder(stderr: str) -> Holder | None:
+    """The lock's holder from the cleaner's JSON error line (`lock_held`); None for any other error."""
+    error = read_error_line(stderr)
+    if error is None or error.get("code") != LockHeldError.code:
         return None
-    pid = match["pid"]
-    return Holder(source="cleaner_lock", pid=int(pid) if pid.isdigit() else None)
+    pid = error.get("holder_pid")
+    return Holder(source="cleaner_lock", pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None)
 
 
 def _report(stdout: str) -> dict[str, Any] | None:
@@ -140,13 +140,13 @@ def interpret_run(result: CleanerResult, *, dry_run: bool, actor: str) -> Answer
         return early
     code = result.exit_code
     message = last_message(result.stderr)
-    if code in (EXIT_OK, EXIT_PARTIAL):
+    if code in (ExitCode.OK, ExitCode.PARTIAL):
         report = _report(result.stdout)
         if report is None:
             return _failure(
                 502, "bad_cleaner_output", "the cleaner finished but printed no JSON report", exit_code=code
             )
-        outcome = "dry_run" if dry_run else ("done" if code == EXIT_OK else "partial")
+        outcome = "dry_run" if dry_run else ("done" if code == ExitCode.OK else "partial")
         body = {
             "outcome": outcome,
             "dry_run": dry_run,
@@ -155,17 +155,17 @@ def interpret_run(result: CleanerResult, *, dry_run: bool, actor: str) -> Answer
             "seconds": round(result.seconds, 3),
             "report": report,
         }
-        if code == EXIT_OK:
+        if code == ExitCode.OK:
             return Answer(200, body)
         return Answer(207, body, result="failure", error=message or "some evictions failed")
-    if code == EXIT_PRECONDITION:
-        holder = parse_holder(message)
+    if code == ExitCode.PRECONDITION:
+        holder = parse_holder(result.stderr)
         if holder is not None:
             return _failure(409, "cleanup_running", message, holder=holder.to_json(), exit_code=code)
         return _failure(503, "precondition_failed", message or "the cleaner's precondition failed", exit_code=code)
-    if code == EXIT_CONFIG:
+    if code == ExitCode.CONFIG:
         return _failure(503, "cleaner_config", message or "the cleaner rejected its configuration", exit_code=code)
-    if code == EXIT_FILESYSTEM:
+    if code == ExitCode.FILESYSTEM:
         return _failure(503, "filesystem_error", message or "the filesystem refused an operation", exit_code=code)
     return _failure(502, "cleaner_failed", message or f"the cleaner exited with {code}", exit_code=code)
 
@@ -176,13 +176,17 @@ def interpret_policies(result: CleanerResult) -> Answer:
     if early is not None:
         return early
     message = last_message(result.stderr)
-    if result.exit_code == EXIT_OK:
+    if result.exit_code == ExitCode.OK:
         report = _report(result.stdout)
         if report is None or not isinstance(report.get("policies"), list):
-            return _failure(502, "bad_cleaner_output", "the cleaner printed no policies document", exit_code=0)
+            return _failure(
+                502, "bad_cleaner_output", "the cleaner printed no policies document", exit_code=ExitCode.OK
+            )
         return Answer(200, report)
-    if result.exit_code == EXIT_CONFIG:
-        return _failure(503, "cleaner_config", message or "the cleaner rejected its configuration", exit_code=2)
+    if result.exit_code == ExitCode.CONFIG:
+        return _failure(
+            503, "cleaner_config", message or "the cleaner rejected its configuration", exit_code=ExitCode.CONFIG
+        )
     return _failure(502, "cleaner_failed", message or f"the cleaner exited with {result.exit_code}")
 
 
@@ -246,7 +250,7 @@ class CleanupRunner:
             if cached is not None and self._clock() - cached[0] < self._policies_ttl:
                 return cached[1]
             result = self._execute([*self.base, "policies", "--json"], min(self.timeout, 60.0))
-            if result.exit_code == EXIT_OK:
+            if result.exit_code == ExitCode.OK:
                 self._policies = (self._clock(), result)
             return result
 

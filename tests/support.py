@@ -300,7 +300,8 @@ def start_victoria_metrics(data_dir: Path, log_dir: Path, scrape_config: Path | 
 def save_age_plan(env: dict[str, str], keys: Iterable[str]) -> str:
     """A saved plan evicting each `tier/model` in `keys` by age, at its size on disk now; its id."""
     from cleaner import verify  # imported here, as in make_service: support stays light to import
-    from cleaner.plan import Eviction, Plan, new_plan_id, save_plan
+    from cleaner.plan_store import new_plan_id, save_plan
+    from cleaner.plan_values import Eviction, Plan
     from shared.config import load_settings
 
     settings = load_settings(env=env)

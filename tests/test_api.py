@@ -25,6 +25,7 @@ from exporter.service import Snapshot
 from exporter.tree import ModelStat
 from shared.audit import verify_audit
 from shared.cleanup_state import CleanupState
+from shared.errors import LockHeldError, PreconditionError, error_line
 from tests.support import (
     VENV_BIN,
     Proc,
@@ -186,6 +187,8 @@ LOCK_MESSAGE = (
     "model-storage-cleaner: another cleaner is running (pid 4242, lock /s/cleaner.lock); nothing was changed "
     "(wait for it to finish)"
 )
+# What `run --json` prints on stderr when the lock is held: the line for people, then the JSON error line.
+LOCK_STDERR = LOCK_MESSAGE + "\n" + error_line(LockHeldError(4242, "/s/cleaner.lock")) + "\n"
 
 
 @pytest.mark.parametrize(
@@ -194,7 +197,9 @@ LOCK_MESSAGE = (
         (0, '{"plan_id": "p"}', "", 200, None),
         (3, '{"run_id": "r", "failed": [1]}', "", 207, None),
         (0, "not json", "", 502, "bad_cleaner_output"),
-        (4, "", '{"event": "log line"}\n' + LOCK_MESSAGE + "\n", 409, "cleanup_running"),
+        (4, "", '{"event": "log line"}\n' + LOCK_STDERR, 409, "cleanup_running"),
+        # The English alone names no holder: only the structured line does.
+        (4, "", LOCK_MESSAGE + "\n", 503, "precondition_failed"),
         (4, "", "model-storage-cleaner: prometheus http://p:9090: unreachable\n", 503, "precondition_failed"),
         (2, "", "model-storage-cleaner: config: cleaner.age_days=-1: expected a number > 0\n", 503, "cleaner_config"),
         (
@@ -235,7 +240,10 @@ def test_cleaner_that_cannot_start_or_overruns_is_503_or_504() -> None:
         interpret_run(CleanerResult(("x",), None, start_error="x: No such file"), dry_run=True, actor="a").status == 503
     )
     assert interpret_run(CleanerResult(("x",), None, timed_out=True), dry_run=True, actor="a").status == 504
-    assert parse_holder("another cleaner is running (pid unknown, lock /x)") == Holder("cleaner_lock", None)
+    assert parse_holder(error_line(LockHeldError(None, "/x"))) == Holder("cleaner_lock", None)
+    assert parse_holder(error_line(LockHeldError(77, "/x"))) == Holder("cleaner_lock", 77)
+    assert parse_holder("another cleaner is running (pid 77, lock /x)") is None
+    assert parse_holder(error_line(PreconditionError("prometheus http://p:9090: unreachable"))) is None
 
 
 def test_runner_stops_a_cleaner_past_its_timeout_and_runs_one_at_a_time(tmp_path: Path) -> None:

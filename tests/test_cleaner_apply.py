@@ -17,14 +17,18 @@ from typing import Any
 
 import pytest
 
-from cleaner import act_cli, apply, trash, verify
-from cleaner.journal import CopyMismatchError, Journal, tree_manifest
+from cleaner import apply, restore_purge, trash, verify
+from cleaner.commands import run as run_command
+from cleaner.commands import trash as trash_command
+from cleaner.fileops import CopyMismatchError, tree_manifest
+from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
-from cleaner.plan import Eviction, Kept, Plan, load_plan, new_plan_id, save_plan
+from cleaner.plan_store import load_plan, new_plan_id, save_plan
+from cleaner.plan_values import Eviction, Kept, Plan
 from shared.audit import AuditLog, verify_audit
 from shared.cleanup_state import read_cleanup_state
 from shared.config import Settings, load_settings
-from shared.errors import ConfigError, PreconditionError
+from shared.errors import ConfigError, LockHeldError, PreconditionError
 from shared.logs import configure_logging
 from tests.support import exporter_env, make_model, run_cleaner, wait_until
 
@@ -60,7 +64,7 @@ def run_args(plan_id: str | None = None, **extra: Any) -> argparse.Namespace:
 
 def run(settings: Settings, plan_id: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
     capsys.readouterr()
-    code = act_cli.cmd_run(settings, run_args(plan_id))
+    code = run_command.cmd_run(settings, run_args(plan_id))
     return code, json.loads(capsys.readouterr().out)
 
 
@@ -126,7 +130,9 @@ def test_run_moves_planned_models_to_trash_and_restore_brings_back_every_byte(
     assert not list((settings.state_path / "journal").iterdir())
 
     capsys.readouterr()
-    assert act_cli.cmd_restore(settings, argparse.Namespace(run_id=run_id, target=None, json=True, actor="cli")) == 0
+    assert (
+        trash_command.cmd_restore(settings, argparse.Namespace(run_id=run_id, target=None, json=True, actor="cli")) == 0
+    )
     assert json.loads(capsys.readouterr().out)["restored_bytes"] == planned_bytes
     for key, manifest in before.items():
         assert tree_manifest(store / "models" / key) == manifest
@@ -384,6 +390,42 @@ def test_a_second_cleaner_exits_4_naming_the_holder_and_changes_nothing(store: P
     assert not settings.cleanup_state_file.exists()
 
 
+def test_a_held_lock_is_reported_as_a_structured_error_under_json_with_the_line_for_people_kept(store: Path) -> None:
+    """The exporter reads the holder from this JSON line, never from the English one (which stays as it was)."""
+    settings = settings_for(store)
+    make_model(store / "models", "raw", "m", {"w": b"1"})
+    plan_id = plan_for(settings, [("raw", "m")])
+    lock = lock_path(settings.state_path)
+    with CleanerLock(lock):
+        done = run_cleaner(["run", "--json", "--plan", plan_id], exporter_env(store / "models", store))
+    assert done.returncode == 4 and done.stdout == ""
+    people, structured = done.stderr.strip().splitlines()
+    assert people == (
+        f"model-storage-cleaner: another cleaner is running (pid {os.getpid()}, lock {lock}); nothing was changed "
+        "(wait for it to finish)"
+    )
+    assert json.loads(structured) == {
+        "error": {
+            "code": "lock_held",
+            "exit_code": 4,
+            "message": people.removeprefix("model-storage-cleaner: "),
+            "holder_pid": os.getpid(),
+            "lock_path": str(lock),
+        }
+    }
+    assert (store / "models/raw/m/w").exists() and not (store / "trash").exists()
+
+
+def test_a_lock_file_naming_no_pid_gives_a_holder_pid_of_null(store: Path) -> None:
+    lock = lock_path(settings_for(store).state_path)
+    with CleanerLock(lock):
+        lock.write_text("")  # a holder killed between truncating and writing its pid
+        with pytest.raises(LockHeldError) as raised:
+            CleanerLock(lock).acquire()
+    assert raised.value.details == {"holder_pid": None, "lock_path": str(lock)}
+    assert "(pid unknown, lock " in raised.value.one_line()
+
+
 def test_an_eviction_failing_on_an_error_exits_3_and_keeps_the_model(
     store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -401,7 +443,7 @@ def test_an_eviction_failing_on_an_error_exits_3_and_keeps_the_model(
 
 def test_unknown_plan_id_is_a_usage_error(store: Path) -> None:
     with pytest.raises(ConfigError):
-        act_cli.cmd_run(settings_for(store), run_args("20260101T000000Z-abcdef"))
+        run_command.cmd_run(settings_for(store), run_args("20260101T000000Z-abcdef"))
 
 
 # ---- restore -----------------------------------------------------------------------------------
@@ -413,7 +455,7 @@ def test_restore_of_one_model_leaves_the_rest_in_trash(store: Path, capsys: pyte
     _, report = run(settings, plan_for(settings, [tuple(k.split("/")) for k in before]), capsys)  # type: ignore[misc]
     run_id = report["run_id"]
     args = argparse.Namespace(run_id=run_id, target="quantized/llama-q4", json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     assert tree_manifest(store / "models/quantized/llama-q4") == before["quantized/llama-q4"]
     assert not (store / "models/raw/llama").exists()
     assert {e.key for e in trash.list_entries(settings.trash_path)} == {"raw/llama", "repository/bert"}
@@ -428,7 +470,7 @@ def test_restore_refuses_when_the_original_path_is_occupied_and_changes_nothing(
     make_model(store / "models", "repository", "bert", {"new": b"a newer model"})
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
     with pytest.raises(PreconditionError, match="occupied"):
-        act_cli.cmd_restore(settings, args)
+        trash_command.cmd_restore(settings, args)
     assert (store / "models/repository/bert/new").read_bytes() == b"a newer model"
     assert not (store / "models/raw/llama").exists()
     assert len(trash.list_entries(settings.trash_path)) == 3
@@ -438,7 +480,9 @@ def test_restore_of_unknown_run_or_bad_target_is_a_usage_error(store: Path) -> N
     settings = settings_for(store)
     for run_id, target in (("nope", None), ("../x", None), ("r", "raw/../x")):
         with pytest.raises(ConfigError):
-            act_cli.cmd_restore(settings, argparse.Namespace(run_id=run_id, target=target, json=False, actor="cli"))
+            trash_command.cmd_restore(
+                settings, argparse.Namespace(run_id=run_id, target=target, json=False, actor="cli")
+            )
 
 
 # ---- trash: listing and purge ------------------------------------------------------------------
@@ -494,7 +538,7 @@ def test_a_run_evicting_more_than_the_trash_cap_keeps_all_it_evicted_restorable(
     assert skipped["target"] == report["run_id"] and skipped["bytes"] == 200
     assert skipped["details"]["reason"] == "current_run_over_cap"
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     for name, manifest in manifests.items():
         assert tree_manifest(store / "models/raw" / name) == manifest
 
@@ -509,10 +553,14 @@ def test_purge_respects_retention_on_real_trash(store: Path, capsys: pytest.Capt
     audit = AuditLog(settings.audit_log_path)
 
     journal = Journal(settings.state_path, "purge-test", command="purge")
-    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 6.9 * DAY, purge_all=False).entries
+    purged = restore_purge.purge_trash(
+        settings, journal, audit, actor="cli", now=moved + 6.9 * DAY, purge_all=False
+    ).entries
     assert purged == []
     assert len(trash.list_entries(settings.trash_path)) == 2
-    purged = apply.purge_trash(settings, journal, audit, actor="cli", now=moved + 7.1 * DAY, purge_all=False).entries
+    purged = restore_purge.purge_trash(
+        settings, journal, audit, actor="cli", now=moved + 7.1 * DAY, purge_all=False
+    ).entries
     journal.close()
     assert sorted(e.model for e in purged) == ["a", "b"]
     assert not (store / "trash" / first["run_id"]).exists() and not (store / "trash" / second["run_id"]).exists()
@@ -523,9 +571,9 @@ def test_purge_command_keeps_fresh_entries_unless_all(store: Path, capsys: pytes
     settings = settings_for(store)
     make_model(store / "models", "raw", "a", {"w": b"1"})
     run(settings, plan_for(settings, [("raw", "a")]), capsys)
-    assert act_cli.cmd_purge(settings, argparse.Namespace(all=False, json=False, actor="cli")) == 0
+    assert trash_command.cmd_purge(settings, argparse.Namespace(all=False, json=False, actor="cli")) == 0
     assert len(trash.list_entries(settings.trash_path)) == 1
-    assert act_cli.cmd_purge(settings, argparse.Namespace(all=True, json=False, actor="cli")) == 0
+    assert trash_command.cmd_purge(settings, argparse.Namespace(all=True, json=False, actor="cli")) == 0
     assert trash.list_entries(settings.trash_path) == []
 
 
@@ -543,14 +591,14 @@ def test_trash_lists_run_size_age_and_purge_time(store: Path, capsys: pytest.Cap
     settings = settings_for(store)
     make_model(store / "models", "raw", "a", {"w": b"1" * 123})
     _, report = run(settings, plan_for(settings, [("raw", "a")]), capsys)
-    assert act_cli.cmd_trash(settings, argparse.Namespace(json=True)) == 0
+    assert trash_command.cmd_trash(settings, argparse.Namespace(json=True)) == 0
     listing = json.loads(capsys.readouterr().out)
     (row,) = listing["entries"]
     assert row["run_id"] == report["run_id"] and row["bytes"] == 123 and row["policy"] == "age"
     assert row["original_path"] == str(store / "models/raw/a")
     assert row["purge_at"] == pytest.approx(row["moved_at"] + 7 * DAY)
     assert 0 <= row["age_seconds"] < 60
-    assert act_cli.cmd_trash(settings, argparse.Namespace(json=False)) == 0
+    assert trash_command.cmd_trash(settings, argparse.Namespace(json=False)) == 0
     assert report["run_id"] in capsys.readouterr().out
 
 
@@ -561,7 +609,7 @@ def test_trash_metadata_lost_still_lists_and_restores(store: Path, capsys: pytes
     (store / "trash" / report["run_id"] / trash.RUN_META).unlink()
     assert [e.key for e in trash.list_entries(settings.trash_path)] == ["raw/a"]
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     assert (store / "models/raw/a/w").read_bytes() == b"1"
 
 
@@ -591,7 +639,7 @@ def test_trash_on_another_filesystem_falls_back_to_copy_verify_delete(
         assert not (store / "models" / key).exists()
         assert tree_manifest(other_fs / "trash" / report["run_id"] / key) == manifest
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     for key, manifest in before.items():
         assert tree_manifest(store / "models" / key) == manifest
 
@@ -616,7 +664,7 @@ def test_a_single_file_model_goes_and_comes_back_in_every_mode(
     assert report["done"][0]["how"] == ("renamed" if how == "trash_rename" else "copied")
     assert not solo.exists()
     args = argparse.Namespace(run_id=report["run_id"], target="quantized/solo.gguf", json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     assert solo.read_bytes() == data
     assert sorted(p.name for p in solo.parent.iterdir()) == ["solo.gguf"], "no temporary copy left behind"
 
@@ -631,7 +679,7 @@ def test_archive_mode_copies_verifies_then_removes_the_original(
     assert not (store / "models/raw/llama").exists()
     assert tree_manifest(other_fs / "backup" / report["run_id"] / "raw/llama") == before["raw/llama"]
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
     assert tree_manifest(store / "models/raw/llama") == before["raw/llama"]
 
 
@@ -739,7 +787,7 @@ def test_archive_mode_a_writer_at_the_old_path_during_the_copy_recreates_it_and_
 
 
 def test_source_change_names_what_differs() -> None:
-    from cleaner.journal import source_change
+    from cleaner.fileops import source_change
 
     copied = {"": ("dir", 0, 1, 10, ""), "w": ("file", 5, 2, 11, "")}
     assert source_change(copied, dict(copied)) is None
@@ -754,7 +802,7 @@ def test_copy_check_compares_every_file(tmp_path: Path) -> None:
     make_model(tmp_path, "a", "m", {"x": b"1", "d/y": b"22"})
     expected = tree_manifest(tmp_path / "a/m")
     (tmp_path / "a/m/d/y").write_bytes(b"23")
-    from cleaner.journal import check_copy
+    from cleaner.fileops import check_copy
 
     with pytest.raises(CopyMismatchError, match="d/y"):
         check_copy(expected, tmp_path / "a/m")
@@ -785,7 +833,7 @@ def test_state_file_is_replaced_atomically_and_unreadable_state_reads_as_none(tm
 
 
 def test_every_protected_model_the_plan_kept_counts_as_skipped_protected() -> None:
-    from cleaner.plan import ModelFacts
+    from cleaner.plan_values import ModelFacts
     from cleaner.policies import Coverage, PolicyView, decide
 
     now = 1_800_000_000.0
@@ -839,8 +887,8 @@ def test_an_unreadable_model_directory_is_counted_as_unreadable_not_as_a_partial
     store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 13 case 6: the sentence "...cannot check for partial downloads" was parsed back as partial_download."""
-    from cleaner import planner
-    from cleaner.plan import ModelFacts
+    from cleaner import plan_build
+    from cleaner.plan_values import ModelFacts
     from cleaner.policies import Coverage, PolicyView, decide
 
     settings = settings_for(store)
@@ -852,8 +900,8 @@ def test_an_unreadable_model_directory_is_counted_as_unreadable_not_as_a_partial
             raise PermissionError(13, "Permission denied", str(path))
         return None, 1
 
-    monkeypatch.setattr(planner, "walk_selected", unreadable)
-    facts = [planner.check_partial(settings, ModelFacts("raw", m, 1, 1, 0.0)) for m in ("locked", "old")]
+    monkeypatch.setattr(plan_build, "walk_selected", unreadable)
+    facts = [plan_build.check_partial(settings, ModelFacts("raw", m, 1, 1, 0.0)) for m in ("locked", "old")]
     view = PolicyView(policies=("age",), age_seconds=10.0, grace_seconds=0.0)
     decision = decide(facts, Coverage(1.0, 1.0), view, 1e6)
 
@@ -882,7 +930,7 @@ def test_run_with_prometheus_down_exits_4_but_leaves_a_failed_state_to_alert_on(
     settings = settings_for(store, STORAGE_PROMETHEUS_URL=f"http://127.0.0.1:{free_port()}")
     make_model(store / "models", "raw", "m", {"w": b"1"})
     with pytest.raises(PreconditionError):
-        act_cli.cmd_run(settings, run_args(None))
+        run_command.cmd_run(settings, run_args(None))
     state = read_cleanup_state(settings.cleanup_state_file)
     assert state is not None and not state.success and state.exit_code == 4 and state.error
     assert (store / "models/raw/m/w").exists()
@@ -990,7 +1038,7 @@ def test_a_restore_across_filesystems_leaves_a_downloaders_partial_file_alone(
     downloader.write_bytes(b"half a download")
 
     args = argparse.Namespace(run_id=report["run_id"], target=None, json=False, actor="cli")
-    assert act_cli.cmd_restore(settings, args) == 0
+    assert trash_command.cmd_restore(settings, args) == 0
 
     assert tree_manifest(store / "models/raw/llama") == before["raw/llama"]
     assert downloader.read_bytes() == b"half a download"
@@ -1160,8 +1208,8 @@ def test_a_read_only_tier_directory_of_a_planned_model_exits_4_before_any_move(s
 
 def test_a_cp_al_twin_is_planned_at_the_bytes_it_frees_and_is_evictable(store: Path) -> None:
     """Issue 13 case 3: the exporter charged the twin 0 bytes, every run then skipped it as changed."""
-    from cleaner import planner
-    from cleaner.plan import ModelFacts
+    from cleaner import plan_build
+    from cleaner.plan_values import ModelFacts
     from cleaner.policies import Coverage, PolicyView, decide
 
     settings = settings_for(store)
@@ -1174,7 +1222,7 @@ def test_a_cp_al_twin_is_planned_at_the_bytes_it_frees_and_is_evictable(store: P
     seen = [ModelFacts("raw", "llama", 2_000_000, 2, old), ModelFacts("quantized", "llama-twin", 5_000, 3, old)]
     view = PolicyView(policies=("age",), age_tiers=("quantized",), age_seconds=0.0, grace_seconds=0.0)
     now = time.time() + 10
-    decision, _facts = planner.decide_with_disk_checks(settings, seen, Coverage(1.0, 1.0), view, now)
+    decision, _facts = plan_build.decide_with_disk_checks(settings, seen, Coverage(1.0, 1.0), view, now)
     (eviction,) = decision.evictions
     assert (eviction.model, eviction.bytes) == ("llama-twin", 5_000)  # only own.bin's last link goes
     assert decide(_facts, Coverage(1.0, 1.0), view, now).evictions == decision.evictions

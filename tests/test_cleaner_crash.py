@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cleaner.journal import Manifest, tree_manifest
+from cleaner.fileops import Manifest, tree_manifest
 from shared.audit import verify_audit
 from shared.config import load_settings
 from tests.support import ROOT, exporter_env, make_model, run_cleaner, save_age_plan, wait_until

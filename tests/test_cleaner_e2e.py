@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cleaner.journal import tree_manifest
+from cleaner.fileops import tree_manifest
 from tests.support import (
     exporter_env,
     have,

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from cleaner import verify
-from cleaner.plan import Eviction, Plan, new_plan_id, save_plan
+from cleaner.plan_store import new_plan_id, save_plan
+from cleaner.plan_values import Eviction, Plan
 from shared.config import load_settings
 from shared.errors import FilesystemError
 from tests.support import exporter_env, make_model, run_cleaner

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cleaner.explain import explain, find_models
 from cleaner.inventory import (
     attach_usage,
     coverage_query,
@@ -18,8 +19,8 @@ from cleaner.inventory import (
     parse_usage,
     usage_query,
 )
-from cleaner.plan import ModelFacts, Plan
-from cleaner.policies import Coverage, PolicyView, decide, explain, find_models, validate
+from cleaner.plan_values import ModelFacts, Plan
+from cleaner.policies import Coverage, PolicyView, decide, validate
 from cleaner.prom import Sample
 from shared.config import DAY_SECONDS, DEFAULT_USAGE_QUERY, HOUR_SECONDS, load_settings
 from shared.errors import ConfigError

@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cleaner.inventory import Inventory, fetch
-from cleaner.plan import ModelFacts, Plan, new_plan_id
+from cleaner.plan_store import new_plan_id
+from cleaner.plan_values import ModelFacts, Plan
 from cleaner.policies import Coverage, Decision, PolicyView, decide
 from cleaner.prom import PromClient
 from cleaner.walk import walk_selected
@@ -22,7 +23,7 @@ KEEP_MARKER = ".keep"
 # Each round checks only models newly selected; a partial one found makes the size policy pick another.
 MAX_CHECK_ROUNDS = 50
 
-log = get_logger("cleaner.planner")
+log = get_logger("cleaner.plan_build")
 
 
 @dataclass(frozen=True, slots=True)
