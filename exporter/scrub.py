@@ -15,8 +15,8 @@ Invariant: the scrub never installs a stale view, whatever the events do meanwhi
   says, exactly as for an event. Whatever the index holds after a correction is therefore no older
   than the updater's own look; a change made after that look raises an event (or is seen at the
   next visit) that is applied after it. A listing that went stale before it was used costs one
-  lstat and counts no correction: a correction is counted only when the bytes or files the index
-  holds at that name actually changed.
+  lstat and counts no correction: a correction is counted only when the bytes, allocated bytes or
+  files the index holds at that name actually changed.
 - A difference whose entry, or directory, changed less than GRACE_SECONDS ago may be an event
   still on its way: the directory is verified again after the grace (at most MAX_DEFERRALS times,
   then corrected anyway), so the corrections counter counts what the events missed, not what they
@@ -87,6 +87,7 @@ class Correction:
     disk: str
     bytes_delta: int
     files_delta: int
+    allocated_delta: int = 0
 
 
 def list_dir(path: str) -> Listing | None:
@@ -100,7 +101,7 @@ def list_dir(path: str) -> Listing | None:
         if err.errno == errno.ELOOP:
             return None  # a symlink now: never followed, never counted
         raise
-    files: dict[str, int] = {}
+    files: dict[str, tuple[int, int]] = {}
     linked: list[str] = []
     dirs: list[str] = []
     others: list[str] = []
@@ -116,7 +117,7 @@ def list_dir(path: str) -> Listing | None:
                 continue
             mode = st.st_mode
             if is_reg(mode):
-                files[name] = st.st_size
+                files[name] = (st.st_size, st.st_blocks)
                 if st.st_nlink > 1:
                     linked.append(name)
             elif is_dir(mode):
@@ -153,11 +154,13 @@ def apply_finding(
     updater.apply(tree, hints, lock)
     corrections: list[Correction] = []
     with lock:
-        for parts, diff, (old_bytes, old_files) in zip(targets, finding.differences, before, strict=True):
-            new_bytes, new_files = held(tree, parts)
-            if (new_bytes, new_files) != (old_bytes, old_files):
+        for parts, diff, old in zip(targets, finding.differences, before, strict=True):
+            new = held(tree, parts)
+            if new != old:
                 corrections.append(
-                    Correction(updater.path(parts), diff.index, diff.disk, new_bytes - old_bytes, new_files - old_files)
+                    Correction(
+                        updater.path(parts), diff.index, diff.disk, new[0] - old[0], new[1] - old[1], new[2] - old[2]
+                    )
                 )
     return corrections
 
@@ -227,6 +230,7 @@ class Scrubber:
                     disk=correction.disk,
                     bytes_delta=correction.bytes_delta,
                     files_delta=correction.files_delta,
+                    allocated_bytes_delta=correction.allocated_delta,
                     suppressed_lines=suppressed,
                     outcome=SUCCESS,
                 )
