@@ -4,10 +4,11 @@ with both cores kept busy, each round checked against an independent walk (tests
 A round resets the store to a base state made from the round's seed, waits until the exporter is
 exact (not timed), runs 1-4 workloads picked by the seed (tar -x, cp -r, cp -al, rsync -a --delete,
 rsync --inplace, blue/green swaps, moves out and back, rm -rf and recreate, a tier removed and
-recreated, mkdir -p bursts with echo, deep chains, rename loops, hard links, truncation, concurrent
-writers in all three tiers), then measures the time until /metrics equals the walk. "Wrong" means
-not exact within 5 s after the workload ended. A round depends on its seed only, so a failing
-round is replayed with `--seed SEED --rounds 1` (`make stress-exporter SEED=... ROUNDS=1`).
+recreated, mkdir -p bursts with echo, deep chains, rename loops, hard links, truncation, sparse
+files with holes punched and blocks preallocated, concurrent writers in all three tiers), then
+measures the time until /metrics (apparent and allocated bytes, files, models) equals the walk.
+"Wrong" means not exact within 5 s after the workload ended. A round depends on its seed only, so
+a failing round is replayed with `--seed SEED --rounds 1` (`make stress-exporter SEED=... ROUNDS=1`).
 
     python -m tests.chaos --rounds 500 --seed 1 --scrub off
 """
@@ -239,6 +240,29 @@ def w_truncate(ctx: Ctx) -> None:
         run("truncate", "-s", str(ctx.rng.randint(0, 5000)), str(path))
 
 
+def w_sparse_holes(ctx: Ctx) -> None:
+    """Allocation that changes apart from the length: sparse files written into, holes punched
+    (fallocate -p, IN_MODIFY), blocks preallocated past the data (fallocate -n)."""
+    model = ctx.model() if ctx.rng.random() < 0.5 else None
+    if model is None:
+        model = ctx.models / ctx.tier() / ctx.name("sparse")
+        model.mkdir()
+    for _ in range(ctx.rng.randint(1, 4)):
+        path = model / ctx.name("s")
+        with open(path, "wb") as handle:
+            handle.truncate(ctx.rng.randint(1, 64) * 65536)
+            handle.seek(ctx.rng.randrange(0, 32 * 65536))
+            handle.write(os.urandom(ctx.rng.randint(1, 200_000)))
+    files = sorted(p for p in model.rglob("*") if p.is_file())
+    for path in files[: ctx.rng.randint(1, 4)]:
+        size = path.stat().st_size
+        if size and ctx.rng.random() < 0.6:
+            offset = ctx.rng.randrange(0, size)
+            run("fallocate", "-p", "-o", str(offset), "-l", str(ctx.rng.randint(1, 200_000)), str(path))
+        else:
+            run("fallocate", "-n", "-o", str(size), "-l", str(ctx.rng.randint(1, 300_000)), str(path))
+
+
 def w_rename_over_empty(ctx: Ctx) -> None:
     tier = ctx.models / ctx.tier()
     empty = tier / ctx.name("empty")
@@ -296,6 +320,7 @@ WORKLOADS: dict[str, Callable[[Ctx], None]] = {
     "rename-loop": w_rename_loop,
     "hard-links": w_hard_links,
     "truncate": w_truncate,
+    "sparse-holes": w_sparse_holes,
     "rename-over-empty": w_rename_over_empty,
     "concurrent-writers": w_concurrent_writers,
 }
