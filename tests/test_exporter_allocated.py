@@ -7,15 +7,17 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from exporter.drift import DirView, compare
 from exporter.scan import scan_local
-from exporter.scrub import Finding, apply_finding, list_dir
+from exporter.scrub import Correction, Finding, Scrubber, apply_finding, list_dir
 from exporter.tree import DirNode, Tree
 from exporter.watcher import IndexUpdater
 from shared.layout import Layout
@@ -208,3 +210,26 @@ def test_the_scrub_corrects_allocation_changed_without_an_event(base: Path) -> N
     ]
     assert tree.models[("raw", "m")].allocated == _allocated(path)
     assert tree.tier_allocated()["raw"] == _allocated(path)
+
+
+def test_allocation_only_corrections_are_applied_but_not_counted_as_missed_events() -> None:
+    """ext4 adds an extent block at writeback, btrfs compresses: st_blocks moves with no event. That
+    is no miss of the event path, so it must not feed ModelStorageScrubFindingDrift."""
+    scrubber = Scrubber(
+        "/nowhere",
+        1000.0,
+        lambda fn: None,
+        lambda finding: None,
+        lambda path: None,
+        threading.Event(),
+        threading.Event(),
+    )
+    with capture_logs() as entries:
+        scrubber.record([Correction("/m/w", "file 10 bytes, 0 allocated", "file 10 bytes, 4096 allocated", 0, 0, 4096)])
+        assert (scrubber.figures().corrections_total, scrubber.figures().drift_bytes_total) == (0, 0)
+        scrubber.record([Correction("/m/x", "absent", "file 7 bytes, 4096 allocated", 7, 1, 4096)])
+        assert (scrubber.figures().corrections_total, scrubber.figures().drift_bytes_total) == (1, 7)
+    assert [(e["event"], e.get("allocated_bytes_delta")) for e in entries] == [
+        ("scrub.allocation_corrected", 4096),
+        ("scrub.corrected", 4096),
+    ]
