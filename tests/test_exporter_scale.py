@@ -63,8 +63,8 @@ def _tree(tmp_path: Path) -> Path:
     return models
 
 
-def _totals(node_tree: Tree) -> dict[tuple[str, str], tuple[int, int]]:
-    return {k: (b.bytes, b.files) for k, b in node_tree.models.items()}
+def _totals(node_tree: Tree) -> dict[tuple[str, str], tuple[int, int, int]]:
+    return {k: (b.bytes, b.files, b.allocated) for k, b in node_tree.models.items()}
 
 
 def test_pool_scan_and_local_scan_build_the_same_index(tmp_path: Path) -> None:
@@ -84,6 +84,11 @@ def test_pool_scan_and_local_scan_build_the_same_index(tmp_path: Path) -> None:
     assert local.files == pooled.files == 6 * 3 * 40 + 1
     expected = sum(m + d + f for m in range(6) for d in range(3) for f in range(40))
     assert sum(v[0] for v in a.tier_totals().values()) == expected  # the hard link once, the symlink never
+    # Allocated bytes came through the workers' pickled tables too: as du -B1 counts them.
+    allocated = {
+        os.lstat(p).st_ino: os.lstat(p).st_blocks * 512 for p in models.rglob("*") if p.is_file() and not p.is_symlink()
+    }
+    assert sum(a.tier_allocated().values()) == sum(b.tier_allocated().values()) == sum(allocated.values())
 
 
 def test_events_in_a_large_scanned_directory_update_it(tmp_path: Path) -> None:
