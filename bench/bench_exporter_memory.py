@@ -1,4 +1,9 @@
-"""RSS bytes per tracked file with the index of a generated tree (1,000,000 files by default) in memory."""
+"""RSS bytes per tracked file with the index of a generated tree (1,000,000 files by default) in memory.
+
+The index keeps each file's apparent size and its allocated blocks. `BENCH_MEMORY_BEFORE=<dir>`
+also measures the index code of another checkout (e.g. `git archive <commit>` of the code before a
+change) on the same tree in the same run, for a before/after ratio.
+"""
 
 from __future__ import annotations
 
@@ -56,12 +61,16 @@ def _child(kind: str, path: str) -> None:
     del holder
 
 
-def _measure(kind: str, path: str) -> dict[str, int]:
+def _measure(kind: str, path: str, source: str | None = None) -> dict[str, int]:
+    """Measure in a fresh interpreter; `source`: the checkout whose code to import (default: this one)."""
+    env = None if source is None else {**os.environ, "PYTHONPATH": source}
     out = subprocess.run(
         [sys.executable, "-m", "bench.bench_exporter_memory", "--child", kind, path],
         check=True,
         capture_output=True,
         text=True,
+        cwd=source,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -87,6 +96,13 @@ def main() -> dict[str, object]:
         figures["baseline_dict_per_directory_bytes_per_file"] = round(base_per_file, 1)
         figures["ratio_vs_dict_per_directory"] = round(per_file / base_per_file, 3)
         line += f"; a dict per directory {base_per_file:.1f} B/file, ratio {per_file / base_per_file:.2f}"
+    before_source = os.environ.get("BENCH_MEMORY_BEFORE")
+    if before_source:
+        old = _measure("index", str(models), before_source)
+        old_per_file = (old["after"] - old["before"]) / old["files"]
+        figures["before_bytes_per_file"] = round(old_per_file, 1)
+        figures["ratio_vs_before"] = round(per_file / old_per_file, 3)
+        line += f"; the code in {before_source} {old_per_file:.1f} B/file, ratio {per_file / old_per_file:.3f}"
     report(line)
     write_result("exporter_memory", figures)
     return figures

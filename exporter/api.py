@@ -113,8 +113,11 @@ def info_document(
     now: float,
 ) -> dict[str, Any]:
     """What GET /storage/info answers, from one snapshot. Pure."""
-    tiers = {tier: {"bytes": b, "files": f, "models": m} for tier, (b, f, m) in sorted(snap.tiers.items())}
-    total = {key: sum(t[key] for t in tiers.values()) for key in ("bytes", "files", "models")}
+    tiers = {
+        tier: {"bytes": b, "files": f, "models": m, "allocated_bytes": snap.allocated.get(tier, 0)}
+        for tier, (b, f, m) in sorted(snap.tiers.items())
+    }
+    total = {key: sum(t[key] for t in tiers.values()) for key in ("bytes", "files", "models", "allocated_bytes")}
     largest = heapq.nsmallest(top, snap.models, key=lambda s: (-s.bytes, s.tier, s.model))
     fs: dict[str, Any] | None = None
     if filesystem is not None:
@@ -127,13 +130,16 @@ def info_document(
         "tiers": tiers,
         "total": total,
         "capacity_bytes": capacity_bytes,
-        "usage_ratio": _ratio(total["bytes"], capacity_bytes),
+        # Capacity is what fills the disk: allocated bytes. The apparent figure is given beside it.
+        "usage_ratio": _ratio(total["allocated_bytes"], capacity_bytes),
+        "apparent_usage_ratio": _ratio(total["bytes"], capacity_bytes),
         "filesystem": fs,
         "largest_models": [
             {
                 "tier": s.tier,
                 "model": text(s.model),
                 "bytes": s.bytes,
+                "allocated_bytes": s.allocated,
                 "files": s.files,
                 "last_changed": s.changed if s.changed > 0 else None,
             }
@@ -241,16 +247,22 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Counts": {
         "type": "object",
-        "required": ["bytes", "files", "models"],
-        "properties": {"bytes": _COUNT, "files": _COUNT, "models": _COUNT},
+        "required": ["bytes", "files", "models", "allocated_bytes"],
+        "properties": {
+            "bytes": {**_COUNT, "description": "Apparent size (st_size), hard links once"},
+            "files": _COUNT,
+            "models": _COUNT,
+            "allocated_bytes": {**_COUNT, "description": "Allocated size (512 * st_blocks), hard links once"},
+        },
     },
     "Model": {
         "type": "object",
-        "required": ["tier", "model", "bytes", "files", "last_changed"],
+        "required": ["tier", "model", "bytes", "allocated_bytes", "files", "last_changed"],
         "properties": {
             "tier": {"type": "string"},
             "model": {"type": "string"},
-            "bytes": _COUNT,
+            "bytes": {**_COUNT, "description": "Apparent size (st_size)"},
+            "allocated_bytes": {**_COUNT, "description": "Allocated size (512 * st_blocks)"},
             "files": _COUNT,
             "last_changed": _nullable(_NUMBER),
         },
@@ -280,6 +292,7 @@ _SCHEMAS: dict[str, Any] = {
             "total",
             "capacity_bytes",
             "usage_ratio",
+            "apparent_usage_ratio",
             "filesystem",
             "largest_models",
             "scan",
@@ -294,7 +307,14 @@ _SCHEMAS: dict[str, Any] = {
             },
             "total": _ref("Counts"),
             "capacity_bytes": _COUNT,
-            "usage_ratio": _RATIO,
+            "usage_ratio": {
+                **_RATIO,
+                "description": "Allocated bytes over capacity_bytes (what fills the disk); null without a capacity",
+            },
+            "apparent_usage_ratio": {
+                **_RATIO,
+                "description": "Apparent bytes over capacity_bytes (sparse files at their full length)",
+            },
             "filesystem": _nullable(
                 {
                     "type": "object",
@@ -429,7 +449,8 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "operationId": "getStorageInfo",
                 "summary": "Current storage figures",
-                "description": "Per-tier bytes, files and models; total; capacity and usage ratio; filesystem "
+                "description": "Per-tier apparent and allocated bytes, files and models; total; capacity and "
+                "usage ratio (allocated) and apparent usage ratio; filesystem "
                 "size and free space; the largest models; scan state; the cleaner's last result." + _NO_BODY_NOTE,
                 "security": READ_SECURITY,
                 "parameters": [

@@ -105,7 +105,15 @@ class StorageCollector(Collector):
         for tier, values in sorted(snap.tiers.items()):
             for family, value in zip(families, values, strict=True):
                 family.add_metric([tier], value)
+        allocated = GaugeMetricFamily(
+            m.ALLOCATED_BYTES,
+            "Allocated size of regular files per tier (512 * st_blocks, hard links once), bytes.",
+            labels=[m.TIER_LABEL],
+        )
+        for tier, value in sorted(snap.allocated.items()):
+            allocated.add_metric([tier], value)
         yield from families
+        yield allocated
 
     def _models(self, snap: Snapshot) -> Iterator[Metric]:
         labels = [m.TIER_LABEL, m.MODEL_LABEL]
@@ -114,12 +122,18 @@ class StorageCollector(Collector):
         changed = GaugeMetricFamily(
             m.MODEL_LAST_CHANGED, "Newest mtime or ctime of anything in the model, seconds.", labels=labels
         )
+        allocated = GaugeMetricFamily(
+            m.MODEL_ALLOCATED_BYTES,
+            "Allocated size of a model's regular files (512 * st_blocks), bytes.",
+            labels=labels,
+        )
         for stat in snap.models:
             key = [stat.tier, label_text(stat.model)]
             size.add_metric(key, stat.bytes)
             files.add_metric(key, stat.files)
             changed.add_metric(key, stat.changed)
-        yield from (size, files, changed)
+            allocated.add_metric(key, stat.allocated)
+        yield from (size, files, changed, allocated)
 
     def _capacity_and_fs(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(m.CAPACITY_BYTES, "Configured capacity of the models path, bytes.", self._capacity)

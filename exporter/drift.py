@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.tree import DirNode, Parts, Tree
+from exporter.tree import BLOCK_BYTES, DirNode, Parts, Tree
+
+# A regular file as the scrub compares it: (st_size, st_blocks). Allocation can change with no
+# event at all (delayed allocation, compression or deduplication at writeback), so it is compared
+# as well: the scrub is what keeps allocated bytes true on such filesystems.
+Sizes = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +27,7 @@ class Listing:
     """What a directory holds on disk, from listdir and one lstat per name (sets and dicts, so an
     exact directory compares with its index copy in C)."""
 
-    files: dict[str, int]  # regular files: name -> st_size
+    files: dict[str, Sizes]  # regular files: name -> (st_size, st_blocks)
     linked: frozenset[str]  # regular files with st_nlink > 1 (the index counts such a file once per inode)
     dirs: frozenset[str]
     others: frozenset[str]  # symlinks, sockets, fifos: never counted
@@ -33,7 +38,7 @@ class Listing:
 class DirView:
     """What the index holds for one directory: copied under the index lock, compared outside it."""
 
-    files: dict[str, int]
+    files: dict[str, Sizes]
     linked: frozenset[str]
     dirs: tuple[str, ...]
 
@@ -41,7 +46,9 @@ class DirView:
     def of(cls, node: DirNode) -> DirView:
         # Never `node.files.get(name)` per name: it builds the table's name index, which costs
         # ~100 bytes a file for as long as the directory lives.
-        return cls(dict(node.files.items()), frozenset(node.hard or ()), tuple(node.dirs))
+        table = node.files
+        files = dict(zip(table.names, zip(table.sizes, table.blocks, strict=True), strict=True))
+        return cls(files, frozenset(node.hard or ()), tuple(node.dirs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +63,14 @@ class Difference:
 def _describe_index(view: DirView, name: str) -> str:
     if name in view.dirs:
         return "directory"
-    size = view.files.get(name)
-    if size is None:
+    sizes = view.files.get(name)
+    if sizes is None:
         return "absent"
-    return f"file {size} bytes" + (" (linked)" if name in view.linked else "")
+    return _describe_file(sizes) + (" (linked)" if name in view.linked else "")
+
+
+def _describe_file(sizes: Sizes) -> str:
+    return f"file {sizes[0]} bytes, {sizes[1] * BLOCK_BYTES} allocated"
 
 
 def _describe_disk(disk: Listing, name: str) -> str:
@@ -67,14 +78,14 @@ def _describe_disk(disk: Listing, name: str) -> str:
         return "directory"
     if name in disk.others:
         return "not a regular file"
-    size = disk.files.get(name)
-    if size is None:
+    sizes = disk.files.get(name)
+    if sizes is None:
         return "absent"
-    return f"file {size} bytes" + (" (linked)" if name in disk.linked else "")
+    return _describe_file(sizes) + (" (linked)" if name in disk.linked else "")
 
 
 def compare(view: DirView, disk: Listing) -> list[Difference]:
-    """Names whose kind, size or being hard-linked differ, in either direction. A directory's
+    """Names whose kind, size, allocation or being hard-linked differ, in either direction. A directory's
     contents are its own visit's business: here only that it exists."""
     dirs = frozenset(view.dirs)
     if view.files == disk.files and view.linked == disk.linked and dirs == disk.dirs:
@@ -101,19 +112,22 @@ def recent(times: dict[str, float], dir_changed: float, now: float, grace: float
     return dir_changed >= since or any(changed >= since for changed in times.values())
 
 
-def held(tree: Tree, parts: Parts) -> tuple[int, int]:
-    """(bytes, files) the index counts at `parts`: a file's size, a directory's subtree, or nothing.
-    A hard-linked file counts its size at each of its paths here (the totals count it once)."""
+def held(tree: Tree, parts: Parts) -> tuple[int, int, int]:
+    """(bytes, files, allocated bytes) the index counts at `parts`: a file's, a directory's subtree,
+    or nothing. A hard-linked file counts its sizes at each of its paths here (the totals count it once)."""
     found = tree.lookup(parts)
     if found is None:
-        return 0, 0
+        return 0, 0, 0
     if isinstance(found, DirNode):
-        nbytes = nfiles = 0
+        nbytes = nfiles = nallocated = 0
         for node in found.walk():
             nbytes += node.own_bytes
             nfiles += node.own_files
-        return nbytes, nfiles
-    return found, 1
+            nallocated += node.own_allocated
+        return nbytes, nfiles, nallocated
+    parent = tree.lookup(parts[:-1])
+    assert isinstance(parent, DirNode)
+    return found, 1, parent.files.blocks_of(parts[-1]) * BLOCK_BYTES
 
 
 class Pacer:

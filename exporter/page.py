@@ -10,8 +10,11 @@ Invariants:
   as on `/metrics`. Nothing is ever placed in a URL, a script or a style.
 - No script, no external asset, no inline `style` attribute: the only CSS is the one <style>
   element, allowed by hash in PAGE_CSP; SVG uses presentation attributes, which CSP does not govern.
-- A figure the exporter does not measure yet (allocated bytes, last opened; the scrub while it is off) is a marked
-  gap on the page, never a made-up or zero figure.
+- A figure the exporter does not measure yet (last opened; the scrub while it is off; allocated bytes
+  when the caller gives none) is a marked gap on the page, never a made-up or zero figure.
+- Capacity is what fills the disk: with allocated bytes, the capacity sentence, bar and "of capacity"
+  column are of allocated bytes (as instance:model_storage_usage:ratio and /storage/info's
+  usage_ratio), the apparent figures beside them.
 - Rendering is O(rows shown), not O(models): the caller picks the largest models (`page_data`).
 """
 
@@ -106,6 +109,10 @@ class PageData:
     def total_bytes(self) -> int:
         return sum(t.bytes for t in self.tiers)
 
+    @property
+    def total_allocated_bytes(self) -> int:
+        return sum(t.allocated_bytes or 0 for t in self.tiers)
+
 
 def page_data(
     *,
@@ -125,12 +132,16 @@ def page_data(
     token_rejected: bool = False,
     links: tuple[tuple[str, str], ...] = (),
     scrub: ScrubView | None = None,
+    allocated: Mapping[str, int] | None = None,
 ) -> PageData:
     """The page's data from a snapshot's parts: the largest models picked in O(models log k). Pure."""
     largest = heapq.nsmallest(LARGEST_SHOWN, models, key=lambda s: (-s.bytes, s.tier, s.model)) if show_details else []
     return PageData(
         generated_at=now,
-        tiers=tuple(TierRow(t, b, f, m) for t, (b, f, m) in sorted(tiers.items(), key=lambda kv: _tier_order(kv[0]))),
+        tiers=tuple(
+            TierRow(t, b, f, m, None if allocated is None else allocated.get(t, 0))
+            for t, (b, f, m) in sorted(tiers.items(), key=lambda kv: _tier_order(kv[0]))
+        ),
         capacity_bytes=capacity_bytes,
         filesystem=filesystem,
         ready=ready,
@@ -148,6 +159,7 @@ def page_data(
         plan=plan,
         links=links,
         scrub=scrub,
+        allocated_tracked=allocated is not None,
     )
 
 
@@ -199,6 +211,10 @@ def _when(timestamp: float | None, now: float) -> str:
 
 def _bytes_cell(n: int) -> str:
     return f"<td class='num' data-bytes='{n}' title='{n:,} bytes'>{human_bytes(n)}</td>"
+
+
+def _allocated_cell(n: int) -> str:
+    return f"<td class='num' data-allocated-bytes='{n}' title='{n:,} bytes allocated'>{human_bytes(n)}</td>"
 
 
 def _pct(part: int, whole: int) -> str:
@@ -266,18 +282,28 @@ def _status(data: PageData) -> str:
 
 def _capacity(data: PageData) -> str:
     total = data.total_bytes
-    segments = [(t.tier, t.bytes, TIER_COLORS.get(t.tier, FALLBACK_COLOR)) for t in data.tiers]
+    tracked = data.allocated_tracked
+    allocated = data.total_allocated_bytes
+    # What the capacity is measured in: allocated bytes when known (what fills the disk).
+    used = allocated if tracked else total
+
+    def on_disk(t: TierRow) -> int:
+        if tracked:
+            return t.allocated_bytes or 0
+        return t.bytes
+
+    segments = [(t.tier, on_disk(t), TIER_COLORS.get(t.tier, FALLBACK_COLOR)) for t in data.tiers]
     rows = []
     for t in data.tiers:
         rows.append(
             f"<tr data-tier='{_h(t.tier)}'><th scope='row'>{_swatch(TIER_COLORS.get(t.tier, FALLBACK_COLOR))} "
             f"{_h(t.tier)}</th>{_bytes_cell(t.bytes)}"
-            + (_bytes_cell(t.allocated_bytes) if data.allocated_tracked and t.allocated_bytes is not None else "")
+            + (_allocated_cell(on_disk(t)) if tracked else "")
             + f"<td class='num'>{t.files:,}</td><td class='num'>{t.models:,}</td>"
-            f"<td class='num'>{_pct(t.bytes, data.capacity_bytes)}</td></tr>"
+            f"<td class='num'>{_pct(on_disk(t), data.capacity_bytes)}</td></tr>"
         )
-    allocated_head = "<th>allocated</th>" if data.allocated_tracked else ""
-    allocated_total = ""  # a total allocated cell joins the row once allocated bytes are measured
+    allocated_head = "<th>allocated bytes</th>" if tracked else ""
+    allocated_total = _allocated_cell(allocated) if tracked else ""
     table = (
         "<table><thead><tr><th>tier</th><th>apparent bytes</th>"
         f"{allocated_head}<th>files</th><th>models</th><th>of capacity</th></tr></thead><tbody>"
@@ -285,19 +311,36 @@ def _capacity(data: PageData) -> str:
         + f"<tr id='total' class='total'><th scope='row'>total</th>{_bytes_cell(total)}{allocated_total}"
         f"<td class='num'>{sum(t.files for t in data.tiers):,}</td>"
         f"<td class='num'>{sum(t.models for t in data.tiers):,}</td>"
-        f"<td class='num'>{_pct(total, data.capacity_bytes)}</td></tr></tbody></table>"
+        f"<td class='num'>{_pct(used, data.capacity_bytes)}</td></tr></tbody></table>"
     )
+    capacity = (
+        f"<b id='capacity-bytes' data-bytes='{data.capacity_bytes}'>{human_bytes(data.capacity_bytes)}</b> capacity"
+    )
+    if tracked:
+        headline = (
+            f"<p>Models take <b id='allocated-total' data-bytes='{allocated}'>{human_bytes(allocated)}</b> on disk "
+            f"(allocated bytes) of the {capacity} ({_pct(allocated, data.capacity_bytes)}); their apparent size is "
+            f"<b id='apparent-total' data-bytes='{total}'>{human_bytes(total)}</b> "
+            f"({_pct(total, data.capacity_bytes)}). Sparse files count by what they allocated, compressed "
+            "files by their compressed size.</p>"
+        )
+    else:
+        headline = (
+            f"<p>Models hold <b data-bytes='{total}'>{human_bytes(total)}</b> of the {capacity} "
+            f"({_pct(total, data.capacity_bytes)}), apparent bytes.</p>"
+        )
+    kind = "allocated" if tracked else "apparent"
     out = [
         "<section id='capacity'><h2>Capacity</h2>",
-        f"<p>Models hold <b data-bytes='{total}'>{human_bytes(total)}</b> of the "
-        f"<b id='capacity-bytes' data-bytes='{data.capacity_bytes}'>{human_bytes(data.capacity_bytes)}</b> "
-        f"capacity ({_pct(total, data.capacity_bytes)}), apparent bytes.</p>",
+        headline,
         bar_svg(
-            segments, data.capacity_bytes, f"models by tier against the capacity, {_pct(total, data.capacity_bytes)}"
+            segments,
+            data.capacity_bytes,
+            f"models' {kind} bytes by tier against the capacity, {_pct(used, data.capacity_bytes)}",
         ),
         table,
     ]
-    if not data.allocated_tracked:
+    if not tracked:
         out.append(
             "<p class='gap' id='allocated-gap'>Allocated bytes (what the files take on disk, sparse and "
             "compressed files included) are not measured by this exporter yet: the figures above are "

@@ -72,6 +72,7 @@ def page_routes(api: StorageApi, *, state_path: Path, trash_limit_bytes: int, sc
             token_rejected=token_rejected,
             links=LINKS,
             scrub=_scrub_view(snap.scrub) if scrub_enabled else None,
+            allocated=snap.allocated,
         )
         return render_page(data)
 

@@ -2,7 +2,7 @@
 
 prometheus_client formats every sample on every scrape (about 15 µs a series); at 10,000 models
 that is most of a scrape, and during a burst of events a scrape competes for the one GIL with the
-threads applying them. Here a model's three lines are formatted once and kept; the tree says which
+threads applying them. Here a model's four lines are formatted once and kept; the tree says which
 models changed since the last scrape (`Tree.take_changes`), so a scrape formats only those and
 joins the rest in C. The output follows the text exposition format: HELP and TYPE once per family,
 label values escaped (backslash, double quote, newline) and always valid UTF-8 (see `label_text`).
@@ -20,6 +20,7 @@ MODEL_FAMILIES = (
     (m.MODEL_BYTES, "Apparent size of a model's regular files, bytes."),
     (m.MODEL_FILES, "Regular files in a model."),
     (m.MODEL_LAST_CHANGED, "Newest mtime or ctime of anything in the model, seconds."),
+    (m.MODEL_ALLOCATED_BYTES, "Allocated size of a model's regular files (512 * st_blocks), bytes."),
 )
 
 
@@ -88,8 +89,9 @@ class ModelLinesCache:
         self._slots: dict[ModelKey, int] = {}
         self._free: list[int] = []
         self._labels: list[str] = []  # per slot: the model's label set, escaped once
-        self._rows: tuple[list[bytes], ...] = ([], [], [])  # per family, per slot
-        self._blocks: tuple[list[bytes], ...] = ([], [], [])  # per family, per BLOCK slots: joined
+        self._rows: tuple[list[bytes], ...] = tuple([] for _ in MODEL_FAMILIES)  # per family, per slot
+        # per family, per BLOCK slots: joined
+        self._blocks: tuple[list[bytes], ...] = tuple([] for _ in MODEL_FAMILIES)
         self.formatted = 0  # models (re)formatted so far: what tests and benchmarks look at
 
     def _reset(self) -> None:
@@ -121,7 +123,7 @@ class ModelLinesCache:
         return slot
 
     def chunks(self, tree: Tree) -> list[bytes]:
-        """The three families' text, in pieces to be joined by the caller (outside the index lock)."""
+        """The model families' text, in pieces to be joined by the caller (outside the index lock)."""
         models = tree.models
         changed = tree.take_changes(self)
         if changed is None:  # new to this tree, or another reader took changes: lay out every model
@@ -142,7 +144,7 @@ class ModelLinesCache:
 
     def _format(self, keys: Iterable[ModelKey], models: Mapping[ModelKey, Bucket]) -> set[int]:
         """Format (or empty the slot of) each model in `keys`; returns the blocks that changed."""
-        size, files, times = self._rows
+        size, files, times, allocated = self._rows
         dirty: set[int] = set()
         for key in keys:
             bucket = models.get(key)
@@ -150,7 +152,7 @@ class ModelLinesCache:
                 slot = self._slots.pop(key, None)
                 if slot is None:
                     continue
-                size[slot] = files[slot] = times[slot] = b""
+                size[slot] = files[slot] = times[slot] = allocated[slot] = b""
                 self._free.append(slot)
             else:
                 slot = self._slot(key)
@@ -158,6 +160,7 @@ class ModelLinesCache:
                 size[slot] = f"{m.MODEL_BYTES}{labels} {bucket.bytes}\n".encode()
                 files[slot] = f"{m.MODEL_FILES}{labels} {bucket.files}\n".encode()
                 times[slot] = f"{m.MODEL_LAST_CHANGED}{labels} {format_value(bucket.changed)}\n".encode()
+                allocated[slot] = f"{m.MODEL_ALLOCATED_BYTES}{labels} {bucket.allocated}\n".encode()
                 self.formatted += 1
             dirty.add(slot // BLOCK)
         return dirty

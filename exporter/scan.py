@@ -35,7 +35,7 @@ class ScanResult:
 def file_info(st: os.stat_result) -> FileInfo:
     """What the index keeps of a regular file's lstat."""
     inode = (st.st_dev, st.st_ino) if st.st_nlink > 1 else None
-    return FileInfo(st.st_size, max(st.st_mtime, st.st_ctime), inode)
+    return FileInfo(st.st_size, max(st.st_mtime, st.st_ctime), inode, st.st_blocks)
 
 
 def stat_changed(st: os.stat_result) -> float:
@@ -74,6 +74,7 @@ def _scan_one(path: str, node: DirNode, result: ScanResult, pending: Pending, ch
     files = node.files
     add_name = files.names.append
     add_size = files.sizes.append
+    add_blocks = files.blocks.append
     statat = os.stat
     is_dir = stat.S_ISDIR
     is_reg = stat.S_ISREG
@@ -96,6 +97,12 @@ def _scan_one(path: str, node: DirNode, result: ScanResult, pending: Pending, ch
             if is_reg(mode):
                 add_name(name)
                 add_size(st.st_size)
+                try:
+                    add_blocks(st.st_blocks)
+                except OverflowError:  # 2 TiB or more allocated: rare, so off the hot path
+                    files.widen()
+                    add_blocks = files.blocks.append
+                    add_blocks(st.st_blocks)
                 if st.st_nlink > 1:
                     if node.hard is None:
                         node.hard = {}

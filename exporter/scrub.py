@@ -15,12 +15,17 @@ Invariant: the scrub never installs a stale view, whatever the events do meanwhi
   says, exactly as for an event. Whatever the index holds after a correction is therefore no older
   than the updater's own look; a change made after that look raises an event (or is seen at the
   next visit) that is applied after it. A listing that went stale before it was used costs one
-  lstat and counts no correction: a correction is counted only when the bytes or files the index
-  holds at that name actually changed.
+  lstat and counts no correction: a correction is counted only when the bytes, allocated bytes or
+  files the index holds at that name actually changed.
 - A difference whose entry, or directory, changed less than GRACE_SECONDS ago may be an event
   still on its way: the directory is verified again after the grace (at most MAX_DEFERRALS times,
   then corrected anyway), so the corrections counter counts what the events missed, not what they
   had yet to apply. A cycle waits for its deferred directories before it ends.
+- A correction of allocated bytes alone (same size, same files: `st_blocks` moved at writeback, as
+  ext4 adding an extent block, btrfs compressing, XFS trimming speculative preallocation) is applied
+  and logged (`scrub.allocation_corrected`) but not counted in `corrections_total` or drift: no
+  event exists for it, so it is no miss of the event path, and counting it would make
+  ModelStorageScrubFindingDrift fire on a healthy store that writes large files.
 - A directory where drift was found has its watches re-added (a lost watch is the usual cause)
   before the updater looks at its names: later changes there are seen by events again.
 """
@@ -87,6 +92,7 @@ class Correction:
     disk: str
     bytes_delta: int
     files_delta: int
+    allocated_delta: int = 0
 
 
 def list_dir(path: str) -> Listing | None:
@@ -100,7 +106,7 @@ def list_dir(path: str) -> Listing | None:
         if err.errno == errno.ELOOP:
             return None  # a symlink now: never followed, never counted
         raise
-    files: dict[str, int] = {}
+    files: dict[str, tuple[int, int]] = {}
     linked: list[str] = []
     dirs: list[str] = []
     others: list[str] = []
@@ -116,7 +122,7 @@ def list_dir(path: str) -> Listing | None:
                 continue
             mode = st.st_mode
             if is_reg(mode):
-                files[name] = st.st_size
+                files[name] = (st.st_size, st.st_blocks)
                 if st.st_nlink > 1:
                     linked.append(name)
             elif is_dir(mode):
@@ -153,11 +159,13 @@ def apply_finding(
     updater.apply(tree, hints, lock)
     corrections: list[Correction] = []
     with lock:
-        for parts, diff, (old_bytes, old_files) in zip(targets, finding.differences, before, strict=True):
-            new_bytes, new_files = held(tree, parts)
-            if (new_bytes, new_files) != (old_bytes, old_files):
+        for parts, diff, old in zip(targets, finding.differences, before, strict=True):
+            new = held(tree, parts)
+            if new != old:
                 corrections.append(
-                    Correction(updater.path(parts), diff.index, diff.disk, new_bytes - old_bytes, new_files - old_files)
+                    Correction(
+                        updater.path(parts), diff.index, diff.disk, new[0] - old[0], new[1] - old[1], new[2] - old[2]
+                    )
                 )
     return corrections
 
@@ -212,14 +220,25 @@ class Scrubber:
             self._applied += 1
         if not corrections:
             return
+        missed = [c for c in corrections if c.bytes_delta or c.files_delta]
         figures = self.figures()
         self._update(
-            corrections_total=figures.corrections_total + len(corrections),
-            drift_bytes_total=figures.drift_bytes_total + sum(abs(c.bytes_delta) for c in corrections),
+            corrections_total=figures.corrections_total + len(missed),
+            drift_bytes_total=figures.drift_bytes_total + sum(abs(c.bytes_delta) for c in missed),
         )
         for correction in corrections:
             allowed, suppressed = self._may_log()
-            if allowed:
+            if allowed and not (correction.bytes_delta or correction.files_delta):
+                log.info(
+                    "scrub.allocation_corrected",
+                    path=correction.path,
+                    index=correction.index,
+                    disk=correction.disk,
+                    allocated_bytes_delta=correction.allocated_delta,
+                    suppressed_lines=suppressed,
+                    outcome=SUCCESS,
+                )
+            elif allowed:
                 log.warning(
                     "scrub.corrected",
                     path=correction.path,
@@ -227,6 +246,7 @@ class Scrubber:
                     disk=correction.disk,
                     bytes_delta=correction.bytes_delta,
                     files_delta=correction.files_delta,
+                    allocated_bytes_delta=correction.allocated_delta,
                     suppressed_lines=suppressed,
                     outcome=SUCCESS,
                 )

@@ -63,6 +63,7 @@ class Snapshot:
     watches: int
     scrub: ScrubFigures = field(default_factory=ScrubFigures)
     scan_failures_total: int = 0
+    allocated: dict[str, int] = field(default_factory=dict)  # tier -> allocated bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +219,7 @@ class ExporterService:
         c = self.counters
         return Snapshot(
             tiers=self.tree.tier_totals(),
+            allocated=self.tree.tier_allocated(),
             models=self.tree.model_stats() if models else [],
             ready=self.is_ready(),
             polling=self.polling,

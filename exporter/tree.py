@@ -6,6 +6,11 @@ O(models). Subtree moves re-point buckets per directory, never per file. A hard-
 counts once in the whole tree: it is owned by one of its paths and handed to another when that
 path goes, as `du -b` would count it.
 
+Each file has two sizes: apparent (st_size) and allocated (st_blocks, in 512-byte blocks; buckets
+hold bytes). Invariant: every place that adds, subtracts or moves a file's apparent size does the
+same with its allocated size, in the same step, so the two totals are always of the same set of
+files (the hard-link owner counts both).
+
 The index only knows a file is hard-linked from an lstat that saw st_nlink > 1. A link made to a
 file indexed while it had one link leaves that file counted as plain (link() tells only the inode,
 not its directory): `suspects` and `find_links` let the updater find such files again (see
@@ -30,13 +35,13 @@ ModelKey = tuple[str, str]
 class Bucket:
     """Running totals for one model (or for everything outside the tiers).
 
-    A bucket adds what it counts to its tier's sums as well (`[bytes, files, models]`, shared by
+    A bucket adds what it counts to its tier's sums as well (`[bytes, files, models, allocated]`, shared by
     the tier's buckets), so tier totals cost O(tiers), not O(models), per scrape. A model's bucket
     also notes its key in its tree's `changes` whenever a total moves, so a scrape can re-format
     just those models (see `Tree.take_changes`).
     """
 
-    __slots__ = ("bytes", "changed", "changes", "files", "key", "model", "sums", "tier")
+    __slots__ = ("allocated", "bytes", "changed", "changes", "files", "key", "model", "sums", "tier")
 
     def __init__(
         self, tier: str, model: str | None, sums: list[int], changes: dict[ModelKey, None] | None = None
@@ -46,6 +51,7 @@ class Bucket:
         self.key: ModelKey = (tier, model or "")
         self.bytes = 0
         self.files = 0
+        self.allocated = 0  # bytes: 512 * st_blocks
         self.changed = 0.0
         self.sums = sums
         self.changes = changes
@@ -53,12 +59,14 @@ class Bucket:
             sums[2] += 1
             changes[self.key] = None
 
-    def add(self, nbytes: int, nfiles: int) -> None:
+    def add(self, nbytes: int, nfiles: int, nallocated: int) -> None:
         self.bytes += nbytes
         self.files += nfiles
+        self.allocated += nallocated
         sums = self.sums
         sums[0] += nbytes
         sums[1] += nfiles
+        sums[3] += nallocated
         if self.changes is not None:
             self.changes[self.key] = None
 
@@ -74,7 +82,8 @@ class Bucket:
         sums[0] -= self.bytes
         sums[1] -= self.files
         sums[2] -= 1
-        self.sums = [0, 0, 0]
+        sums[3] -= self.allocated
+        self.sums = [0, 0, 0, 0]
         if self.changes is not None:
             self.changes[self.key] = None
             self.changes = None
@@ -93,24 +102,31 @@ class FileInfo:
     size: int
     changed: float
     inode: InodeKey | None = None  # set only for hard-linked files (st_nlink > 1)
+    blocks: int = 0  # st_blocks: allocated 512-byte blocks
+
+
+BLOCK_BYTES = 512  # the unit of st_blocks, whatever the filesystem's block size
 
 
 class FileTable:
-    """One directory's regular files, name -> size, in about 16 bytes plus the name each.
+    """One directory's regular files, name -> (size, blocks), in about 20 bytes plus the name each.
 
     A dict costs ~100 bytes a file on top of the name; at a million files that is the index's
-    whole memory budget. Names sit in a list and sizes in an `array('q')`; a name -> position
-    dict is built only for a directory that is looked up by name while holding more than a few
-    dozen files (events arriving in a large directory), so scanned, quiet directories stay compact.
+    whole memory budget. Names sit in a list, sizes in an `array('q')` and allocated 512-byte
+    blocks in an `array('I')` (4 bytes: up to 2 TiB a file; a table holding a larger one widens
+    its blocks to 'q'); a name -> position dict is built only for a directory that is looked up by
+    name while holding more than a few dozen files (events arriving in a large directory), so
+    scanned, quiet directories stay compact.
     """
 
-    __slots__ = ("_index", "names", "sizes")
+    __slots__ = ("_index", "blocks", "names", "sizes")
 
     INDEX_FROM = 32
 
     def __init__(self) -> None:
         self.names: list[str] = []
         self.sizes = array("q")
+        self.blocks = array("I")
         self._index: dict[str, int] | None = None
 
     def _find(self, name: str) -> int:
@@ -144,61 +160,94 @@ class FileTable:
         at = self._find(name)
         return None if at < 0 else self.sizes[at]
 
-    def __setitem__(self, name: str, size: int) -> None:
+    def blocks_of(self, name: str) -> int:
         at = self._find(name)
-        if at >= 0:
-            self.sizes[at] = size
-        else:
-            self.append(name, size)
+        if at < 0:
+            raise KeyError(name)
+        return self.blocks[at]
 
-    def append(self, name: str, size: int) -> None:
+    def put(self, name: str, size: int, blocks: int) -> None:
+        at = self._find(name)
+        if at < 0:
+            self.append(name, size, blocks)
+            return
+        self.sizes[at] = size
+        try:
+            self.blocks[at] = blocks
+        except OverflowError:
+            self.widen()
+            self.blocks[at] = blocks
+
+    def widen(self) -> None:
+        """A file of 2 TiB or more allocated: this table's block counts take 8 bytes each from now on."""
+        if self.blocks.typecode != "q":
+            self.blocks = array("q", self.blocks)
+
+    def append(self, name: str, size: int, blocks: int = 0) -> None:
         """Add a name known to be new (scanners: scandir never repeats a name)."""
         if self._index is not None:
             self._index[name] = len(self.names)
         self.names.append(name)
         self.sizes.append(size)
+        try:
+            self.blocks.append(blocks)
+        except OverflowError:
+            self.widen()
+            self.blocks.append(blocks)
 
-    def pop(self, name: str) -> int:
+    def pop(self, name: str) -> tuple[int, int]:
+        """Remove `name`; its (size, blocks)."""
         at = self._find(name)
         if at < 0:
             raise KeyError(name)
         size = self.sizes[at]
+        blocks = self.blocks[at]
         # Swap the last entry into the hole: O(1), order does not matter.
         last_name = self.names.pop()
         last_size = self.sizes.pop()
+        last_blocks = self.blocks.pop()
         if self._index is not None:
             del self._index[name]
         if last_name != name:
             self.names[at] = last_name
             self.sizes[at] = last_size
+            self.blocks[at] = last_blocks
             if self._index is not None:
                 self._index[last_name] = at
-        return size
+        return size, blocks
 
     def items(self) -> Iterator[tuple[str, int]]:
         return zip(self.names, self.sizes, strict=True)
 
+    def entries(self) -> Iterator[tuple[str, int, int]]:
+        """(name, size, blocks) of every file."""
+        return zip(self.names, self.sizes, self.blocks, strict=True)
+
     def total(self) -> int:
         return sum(self.sizes)
 
-    def __reduce__(self) -> tuple[object, tuple[str, array[int]]]:
+    def total_blocks(self) -> int:
+        return sum(self.blocks)
+
+    def __reduce__(self) -> tuple[object, tuple[str, array[int], array[int]]]:
         # Scan workers send tables to the daemon: one joined string pickles and unpickles several
         # times faster than a list of short ones (names never contain NUL).
-        return (_unpack_table, ("\0".join(self.names), self.sizes))
+        return (_unpack_table, ("\0".join(self.names), self.sizes, self.blocks))
 
 
-def _unpack_table(joined: str, sizes: array[int]) -> FileTable:
+def _unpack_table(joined: str, sizes: array[int], blocks: array[int]) -> FileTable:
     table = FileTable()
     if joined:
         table.names = joined.split("\0")
     table.sizes = sizes
+    table.blocks = blocks
     return table
 
 
 class DirNode:
     """One directory: its files' sizes, its subdirectories, and the bucket its files count in."""
 
-    __slots__ = ("bucket", "changed", "dirs", "files", "hard", "own_bytes", "own_files")
+    __slots__ = ("bucket", "changed", "dirs", "files", "hard", "own_allocated", "own_bytes", "own_files")
 
     def __init__(self, changed: float = 0.0) -> None:
         self.dirs: dict[str, DirNode] = {}
@@ -208,13 +257,14 @@ class DirNode:
         # Bytes and files counted here (hard links counted only at their owning path).
         self.own_bytes = 0
         self.own_files = 0
+        self.own_allocated = 0  # bytes
         # Newest mtime/ctime seen of this directory and its own files, when scanned.
         self.changed = changed
         self.bucket: Bucket | None = None
 
     def add_file(self, name: str, info: FileInfo) -> None:
         """Builder for scanners: add a new file to a detached node (the tree does the accounting)."""
-        self.files.append(name, info.size)
+        self.files.append(name, info.size, info.blocks)
         if info.inode is not None:
             if self.hard is None:
                 self.hard = {}
@@ -231,10 +281,11 @@ class DirNode:
 
 
 class _Inode:
-    __slots__ = ("refs", "size")
+    __slots__ = ("blocks", "refs", "size")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, blocks: int) -> None:
         self.size = size
+        self.blocks = blocks
         self.refs: list[tuple[DirNode, str]] = []
 
 
@@ -246,6 +297,7 @@ class ModelStat(NamedTuple):
     bytes: int
     files: int
     changed: float
+    allocated: int = 0  # bytes: 512 * st_blocks
 
 
 class Tree:
@@ -293,8 +345,12 @@ class Tree:
         """tier -> (bytes, files, models), with `other` included so totals always add up."""
         return {tier: (v[0], v[1], v[2]) for tier, v in self._sums.items()}
 
+    def tier_allocated(self) -> dict[str, int]:
+        """tier -> allocated bytes (512 * st_blocks), `other` included, each inode once."""
+        return {tier: v[3] for tier, v in self._sums.items()}
+
     def _new_sums(self) -> dict[str, list[int]]:
-        return {tier: [0, 0, 0] for tier in (*self.layout.tiers, OTHER_TIER)}
+        return {tier: [0, 0, 0, 0] for tier in (*self.layout.tiers, OTHER_TIER)}
 
     def take_changes(self, reader: object) -> list[ModelKey] | None:
         """The models changed since `reader` last took them (look each up in `models`: gone if
@@ -308,7 +364,9 @@ class Tree:
         return changed
 
     def model_stats(self) -> list[ModelStat]:
-        return [ModelStat(tier, model, b.bytes, b.files, b.changed) for (tier, model), b in self.models.items()]
+        return [
+            ModelStat(tier, model, b.bytes, b.files, b.changed, b.allocated) for (tier, model), b in self.models.items()
+        ]
 
     def link_count(self, inode: InodeKey) -> int:
         """How many paths the index knows this inode by (0: not known as hard-linked)."""
@@ -383,15 +441,17 @@ class Tree:
             if old_inode is None and info.inode is None:
                 bucket = self._file_bucket(parent, parts)
                 delta = info.size - parent.files[name]
-                parent.files[name] = info.size
+                delta_allocated = (info.blocks - parent.files.blocks_of(name)) * BLOCK_BYTES
+                parent.files.put(name, info.size, info.blocks)
                 parent.own_bytes += delta
-                bucket.add(delta, 0)
+                parent.own_allocated += delta_allocated
+                bucket.add(delta, 0, delta_allocated)
                 bucket.touch(info.changed)
                 return
             if old_inode is not None and old_inode == info.inode:
                 # The same inode, changed through this link: size and times are every link's.
                 entry = self._inodes[old_inode]
-                self._resize(entry, info.size)
+                self._resize(entry, info.size, info.blocks)
                 self._touch_links(entry, info.changed)
                 return
             self._drop(parent, parts, name)
@@ -447,13 +507,14 @@ class Tree:
             return True
         if name in src_parent.files:
             size = src_parent.files[name]
+            blocks = src_parent.files.blocks_of(name)
             inode = src_parent.hard.get(name) if src_parent.hard else None
             self._drop(src_parent, src, name)
             dst_parent = self._ensure_dirs(dst[:-1])
             dst_name = dst[-1]
             if dst_name in dst_parent.dirs or dst_name in dst_parent.files:
                 self._drop(dst_parent, dst, dst_name)
-            self._attach_file(dst_parent, dst, FileInfo(size, 0.0, inode))
+            self._attach_file(dst_parent, dst, FileInfo(size, 0.0, inode, blocks))
             return True
         return False
 
@@ -532,17 +593,19 @@ class Tree:
     def _attach_file(self, parent: DirNode, parts: Parts, info: FileInfo) -> None:
         name = parts[-1]
         bucket = self._new_model(parts) if parent.bucket is None else parent.bucket
-        parent.files[name] = info.size
+        parent.files.put(name, info.size, info.blocks)
         bucket.touch(info.changed)
         if info.inode is None:
+            allocated = info.blocks * BLOCK_BYTES
             parent.own_bytes += info.size
             parent.own_files += 1
-            bucket.add(info.size, 1)
+            parent.own_allocated += allocated
+            bucket.add(info.size, 1, allocated)
             return
         if parent.hard is None:
             parent.hard = {}
         parent.hard[name] = info.inode
-        self._link(info.inode, info.size, parent, name, info.changed)
+        self._link(info.inode, info.size, info.blocks, parent, name, info.changed)
 
     def _attach_dir(self, parent: DirNode, parts: Parts, node: DirNode) -> None:
         """Hang `node` (possibly a scanned subtree) at `parts` and count it in its buckets."""
@@ -566,29 +629,36 @@ class Tree:
     def _count_in(self, node: DirNode, where: Parts) -> None:
         """Add a freshly attached directory's own files to its bucket(s)."""
         hard = node.hard or {}
-        node.own_bytes = node.own_files = 0
+        node.own_bytes = node.own_files = node.own_allocated = 0
         if node.bucket is None:
             # Files of a tier directory: each is a model of its own. A scan keeps one newest time per
             # directory, not per file, so this is the directory's: never older than the file's, and
             # the caller sets the file's own right after (`set_model_changed`).
-            for name, size in node.files.items():
+            for name, size, blocks in node.files.entries():
                 bucket = self._new_model((*where, name))
                 bucket.touch(node.changed)
                 if name not in hard:
-                    bucket.add(size, 1)
+                    bucket.add(size, 1, blocks * BLOCK_BYTES)
                     node.own_bytes += size
                     node.own_files += 1
+                    node.own_allocated += blocks * BLOCK_BYTES
         else:
             if hard:
                 plain_bytes = sum(size for name, size in node.files.items() if name not in hard)
+                plain_blocks = sum(blocks for name, _, blocks in node.files.entries() if name not in hard)
             else:
                 plain_bytes = node.files.total()
+                plain_blocks = node.files.total_blocks()
             node.own_bytes = plain_bytes
             node.own_files = len(node.files) - len(hard)
-            node.bucket.add(plain_bytes, node.own_files)
+            node.own_allocated = plain_blocks * BLOCK_BYTES
+            node.bucket.add(plain_bytes, node.own_files, node.own_allocated)
             node.bucket.touch(node.changed)
-        for name, inode in hard.items():
-            self._link(inode, node.files[name], node, name, None)
+        if hard:
+            for name, size, blocks in list(node.files.entries()):
+                inode = hard.get(name)
+                if inode is not None:
+                    self._link(inode, size, blocks, node, name, None)
 
     def _detach_dir(self, parent: DirNode, parts: Parts, name: str) -> DirNode:
         """Take a subtree out of the index and subtract it; it can be attached again (a move)."""
@@ -598,7 +668,7 @@ class Tree:
             self.dirs -= 1
             # A tier directory (no bucket) takes its models with it below; nothing to subtract.
             if current.bucket is not None:
-                current.bucket.add(-current.own_bytes, -current.own_files)
+                current.bucket.add(-current.own_bytes, -current.own_files, -current.own_allocated)
             # Hard links leave with the subtree; inodes also linked elsewhere get a new owner there.
             for file_name, inode in (current.hard or {}).items():
                 entry = self._inodes.get(inode)
@@ -630,24 +700,26 @@ class Tree:
         if name in parent.dirs:
             self._detach_dir(parent, parts, name)
             return
-        size = parent.files.pop(name)
+        size, blocks = parent.files.pop(name)
         inode = parent.hard.pop(name) if parent.hard and name in parent.hard else None
         if inode is None:
+            allocated = blocks * BLOCK_BYTES
             parent.own_bytes -= size
             parent.own_files -= 1
-            self._file_bucket(parent, parts).add(-size, -1)
+            parent.own_allocated -= allocated
+            self._file_bucket(parent, parts).add(-size, -1, -allocated)
         else:
             self._unlink(inode, parent, name, parts)
         if parent.bucket is None:
             self._end_model(parts)
 
-    def _link(self, inode: InodeKey, size: int, node: DirNode, name: str, changed: float | None) -> None:
+    def _link(self, inode: InodeKey, size: int, blocks: int, node: DirNode, name: str, changed: float | None) -> None:
         """Count a path of a hard-linked inode; `changed` is None when no lstat of it came with it (a scan)."""
         entry = self._inodes.get(inode)
         if entry is None:
-            entry = self._inodes[inode] = _Inode(size)
+            entry = self._inodes[inode] = _Inode(size, blocks)
         else:
-            self._resize(entry, size)
+            self._resize(entry, size, blocks)
             if changed is not None:
                 # link() moved the inode's ctime, which every link shares: their models changed too.
                 self._touch_links(entry, changed)
@@ -655,18 +727,22 @@ class Tree:
             self.suspects[inode] = None
         entry.refs.append((node, name))
         if len(entry.refs) == 1:
+            allocated = blocks * BLOCK_BYTES
             node.own_bytes += size
             node.own_files += 1
-            self._owner_bucket(node, name).add(size, 1)
+            node.own_allocated += allocated
+            self._owner_bucket(node, name).add(size, 1, allocated)
 
     def _unlink(self, inode: InodeKey, node: DirNode, name: str, parts: Parts) -> None:
         entry = self._inodes[inode]
         was_owner = entry.refs[0] == (node, name)
         entry.refs.remove((node, name))
         if was_owner:
+            allocated = entry.blocks * BLOCK_BYTES
             node.own_bytes -= entry.size
             node.own_files -= 1
-            self._file_bucket(node, parts).add(-entry.size, -1)
+            node.own_allocated -= allocated
+            self._file_bucket(node, parts).add(-entry.size, -1, -allocated)
             self._reown(entry)
         if entry.refs:
             # unlink() and rename() move the inode's ctime: the remaining links' models changed too.
@@ -674,19 +750,22 @@ class Tree:
         else:
             del self._inodes[inode]
 
-    def _resize(self, entry: _Inode, size: int) -> None:
+    def _resize(self, entry: _Inode, size: int, blocks: int) -> None:
         """The inode was rewritten (through any link): correct the owner's count and every link's table."""
-        if size == entry.size:
+        if size == entry.size and blocks == entry.blocks:
             return
         if entry.refs:
             owner, owner_name = entry.refs[0]
             delta = size - entry.size
+            delta_allocated = (blocks - entry.blocks) * BLOCK_BYTES
             owner.own_bytes += delta
-            self._owner_bucket(owner, owner_name).add(delta, 0)
+            owner.own_allocated += delta_allocated
+            self._owner_bucket(owner, owner_name).add(delta, 0, delta_allocated)
         for ref_node, ref_name in entry.refs:
-            # Tables hold each link's size too: a subtree moved later is re-counted from them.
-            ref_node.files[ref_name] = size
+            # Tables hold each link's sizes too: a subtree moved later is re-counted from them.
+            ref_node.files.put(ref_name, size, blocks)
         entry.size = size
+        entry.blocks = blocks
 
     def _touch_links(self, entry: _Inode, changed: float) -> None:
         for ref_node, ref_name in entry.refs:
@@ -696,9 +775,11 @@ class Tree:
         if not entry.refs:
             return
         owner, owner_name = entry.refs[0]
+        allocated = entry.blocks * BLOCK_BYTES
         owner.own_bytes += entry.size
         owner.own_files += 1
-        self._owner_bucket(owner, owner_name).add(entry.size, 1)
+        owner.own_allocated += allocated
+        self._owner_bucket(owner, owner_name).add(entry.size, 1, allocated)
 
     def _owner_bucket(self, node: DirNode, name: str) -> Bucket:
         if node.bucket is not None:

@@ -10,11 +10,14 @@ PREFIX: Final = "model_storage"
 BYTES: Final = "model_storage_bytes"
 FILES: Final = "model_storage_files"
 MODELS: Final = "model_storage_models"
+# Allocated bytes (512 * st_blocks, hard links once): what the files take on disk. Capacity uses these.
+ALLOCATED_BYTES: Final = "model_storage_allocated_bytes"
 
 # Per model.
 MODEL_BYTES: Final = "model_storage_model_bytes"
 MODEL_FILES: Final = "model_storage_model_files"
 MODEL_LAST_CHANGED: Final = "model_storage_model_last_changed_timestamp_seconds"
+MODEL_ALLOCATED_BYTES: Final = "model_storage_model_allocated_bytes"
 
 # Capacity and filesystem.
 CAPACITY_BYTES: Final = "model_storage_capacity_bytes"

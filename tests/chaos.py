@@ -4,10 +4,11 @@ with both cores kept busy, each round checked against an independent walk (tests
 A round resets the store to a base state made from the round's seed, waits until the exporter is
 exact (not timed), runs 1-4 workloads picked by the seed (tar -x, cp -r, cp -al, rsync -a --delete,
 rsync --inplace, blue/green swaps, moves out and back, rm -rf and recreate, a tier removed and
-recreated, mkdir -p bursts with echo, deep chains, rename loops, hard links, truncation, concurrent
-writers in all three tiers), then measures the time until /metrics equals the walk. "Wrong" means
-not exact within 5 s after the workload ended. A round depends on its seed only, so a failing
-round is replayed with `--seed SEED --rounds 1` (`make stress-exporter SEED=... ROUNDS=1`).
+recreated, mkdir -p bursts with echo, deep chains, rename loops, hard links, truncation, sparse
+files with holes punched and blocks preallocated, concurrent writers in all three tiers), then
+measures the time until /metrics (apparent and allocated bytes, files, models) equals the walk.
+"Wrong" means not exact within 5 s after the workload ended. A round depends on its seed only, so
+a failing round is replayed with `--seed SEED --rounds 1` (`make stress-exporter SEED=... ROUNDS=1`).
 
     python -m tests.chaos --rounds 500 --seed 1 --scrub off
 """
@@ -239,6 +240,29 @@ def w_truncate(ctx: Ctx) -> None:
         run("truncate", "-s", str(ctx.rng.randint(0, 5000)), str(path))
 
 
+def w_sparse_holes(ctx: Ctx) -> None:
+    """Allocation that changes apart from the length: sparse files written into, holes punched
+    (fallocate -p, IN_MODIFY), blocks preallocated past the data (fallocate -n)."""
+    model = ctx.model() if ctx.rng.random() < 0.5 else None
+    if model is None:
+        model = ctx.models / ctx.tier() / ctx.name("sparse")
+        model.mkdir()
+    for _ in range(ctx.rng.randint(1, 4)):
+        path = model / ctx.name("s")
+        with open(path, "wb") as handle:
+            handle.truncate(ctx.rng.randint(1, 64) * 65536)
+            handle.seek(ctx.rng.randrange(0, 32 * 65536))
+            handle.write(os.urandom(ctx.rng.randint(1, 200_000)))
+    files = sorted(p for p in model.rglob("*") if p.is_file())
+    for path in files[: ctx.rng.randint(1, 4)]:
+        size = path.stat().st_size
+        if size and ctx.rng.random() < 0.6:
+            offset = ctx.rng.randrange(0, size)
+            run("fallocate", "-p", "-o", str(offset), "-l", str(ctx.rng.randint(1, 200_000)), str(path))
+        else:
+            run("fallocate", "-n", "-o", str(size), "-l", str(ctx.rng.randint(1, 300_000)), str(path))
+
+
 def w_rename_over_empty(ctx: Ctx) -> None:
     tier = ctx.models / ctx.tier()
     empty = tier / ctx.name("empty")
@@ -296,6 +320,7 @@ WORKLOADS: dict[str, Callable[[Ctx], None]] = {
     "rename-loop": w_rename_loop,
     "hard-links": w_hard_links,
     "truncate": w_truncate,
+    "sparse-holes": w_sparse_holes,
     "rename-over-empty": w_rename_over_empty,
     "concurrent-writers": w_concurrent_writers,
 }
@@ -304,23 +329,26 @@ WORKLOADS: dict[str, Callable[[Ctx], None]] = {
 # ----- the oracle against the real exporter's /metrics -----
 
 
+TIER_SERIES = ("model_storage_bytes", "model_storage_files", "model_storage_models", "model_storage_allocated_bytes")
+MODEL_SERIES = ("model_storage_model_bytes", "model_storage_model_files", "model_storage_model_allocated_bytes")
+
+
 def metrics_differences(body: str, models: Path, layout: Layout | None = None) -> list[str]:
-    """What /metrics says (tier and model bytes, files, models) that a fresh walk does not."""
+    """What /metrics says (tier and model bytes, files, models, allocated bytes) that a fresh walk does not."""
     samples = parse_metrics(body)
-    tiers: dict[str, tuple[int, int, int]] = {}
-    index: dict[tuple[str, str], tuple[int, int]] = {}
+    tiers: dict[str, tuple[int, ...]] = {}  # (bytes, files, models, allocated)
+    index: dict[tuple[str, str], tuple[int, ...]] = {}  # (bytes, files, allocated)
     for (name, labels), value in samples.items():
         label = dict(labels)
-        if name in ("model_storage_bytes", "model_storage_files", "model_storage_models"):
-            slot = ("model_storage_bytes", "model_storage_files", "model_storage_models").index(name)
-            row = list(tiers.get(label["tier"], (0, 0, 0)))
-            row[slot] = int(value)
-            tiers[label["tier"]] = (row[0], row[1], row[2])
-        elif name in ("model_storage_model_bytes", "model_storage_model_files"):
+        if name in TIER_SERIES:
+            row = list(tiers.get(label["tier"], (0, 0, 0, 0)))
+            row[TIER_SERIES.index(name)] = int(value)
+            tiers[label["tier"]] = tuple(row)
+        elif name in MODEL_SERIES:
             key = (label["tier"], label["model"])
-            row2 = list(index.get(key, (0, 0)))
-            row2[name == "model_storage_model_files"] = int(value)
-            index[key] = (row2[0], row2[1])
+            row2 = list(index.get(key, (0, 0, 0)))
+            row2[MODEL_SERIES.index(name)] = int(value)
+            index[key] = tuple(row2)
     truth = walk_truth(models, layout)
     problems: list[str] = []
     if set(index) != set(truth.models):
@@ -335,9 +363,9 @@ def metrics_differences(body: str, models: Path, layout: Layout | None = None) -
             if tiers.get(tier) != tuple(values)
         ]
         mismatches += [
-            f"{key}: exporter {index[key]} walk {(int(v[0]), int(v[1]))}"
+            f"{key}: exporter {index[key]} walk {_model_row(v)}"
             for key, v in truth_models.items()
-            if key in index and index[key] != (int(v[0]), int(v[1]))
+            if key in index and index[key] != _model_row(v)
         ]
         if not mismatches:
             return problems
@@ -346,35 +374,47 @@ def metrics_differences(body: str, models: Path, layout: Layout | None = None) -
     return problems + (best or [])
 
 
+def _model_row(values: list[float]) -> tuple[int, ...]:
+    """A walk's [bytes, files, changed, allocated] as /metrics gives them: (bytes, files, allocated)."""
+    return (int(values[0]), int(values[1]), int(values[3]))
+
+
 def _bounds_differences(
-    tiers: dict[str, tuple[int, int, int]], index: dict[tuple[str, str], tuple[int, int]], truth: Truth
+    tiers: dict[str, tuple[int, ...]], index: dict[tuple[str, str], tuple[int, ...]], truth: Truth
 ) -> list[str]:
     """Too many ways to attribute shared hard links to try each: every tier and model must lie
-    between its count without them and with all of those it holds, and the totals must add up."""
+    between its count without them and with all of those it holds, and the totals must add up.
+    Rows compared here are (bytes, files, allocated)."""
     problems = []
-    low_t = {tier: (v[0], v[1]) for tier, v in truth.tiers.items()}
+    low_t: dict[str, tuple[int, ...]] = {tier: (v[0], v[1], v[3]) for tier, v in truth.tiers.items()}
     high_t = dict(low_t)
-    low_m = {key: (int(v[0]), int(v[1])) for key, v in truth.models.items()}
+    low_m: dict[tuple[str, str], tuple[int, ...]] = {key: _model_row(v) for key, v in truth.models.items()}
     high_m = dict(low_m)
     total = [sum(v[0] for v in truth.tiers.values()), sum(v[1] for v in truth.tiers.values())]
-    for size, places in truth.shared:
-        total[0] += size
-        total[1] += 1
+    total.append(sum(v[3] for v in truth.tiers.values()))
+    for (size, allocated), places in truth.shared:
+        add = (size, 1, allocated)
+        total = [a + b for a, b in zip(total, add, strict=True)]
         for tier, model in places:
-            high_t[tier] = (high_t[tier][0] + size, high_t[tier][1] + 1)
+            high_t[tier] = tuple(a + b for a, b in zip(high_t[tier], add, strict=True))
             if model is not None:
-                high_m[(tier, model)] = (high_m[(tier, model)][0] + size, high_m[(tier, model)][1] + 1)
-    for tier, (nbytes, nfiles, nmodels) in tiers.items():
-        lo, hi = low_t.get(tier, (0, 0)), high_t.get(tier, (0, 0))
-        if not (lo[0] <= nbytes <= hi[0] and lo[1] <= nfiles <= hi[1]) or nmodels != truth.tiers[tier][2]:
-            problems.append(f"tier {tier}: exporter {(nbytes, nfiles, nmodels)} outside walk {lo}..{hi}")
-    for key, (nbytes, nfiles) in index.items():
-        lo, hi = low_m.get(key, (0, 0)), high_m.get(key, (0, 0))
-        if not (lo[0] <= nbytes <= hi[0] and lo[1] <= nfiles <= hi[1]):
-            problems.append(f"{key}: exporter {(nbytes, nfiles)} outside walk {lo}..{hi}")
-    sums = [sum(v[0] for v in tiers.values()), sum(v[1] for v in tiers.values())]
+                high_m[(tier, model)] = tuple(a + b for a, b in zip(high_m[(tier, model)], add, strict=True))
+
+    def within(row: tuple[int, ...], lo: tuple[int, ...], hi: tuple[int, ...]) -> bool:
+        return all(a <= x <= b for x, a, b in zip(row, lo, hi, strict=True))
+
+    for tier, (nbytes, nfiles, nmodels, nallocated) in tiers.items():
+        tier_row = (nbytes, nfiles, nallocated)
+        lo, hi = low_t.get(tier, (0, 0, 0)), high_t.get(tier, (0, 0, 0))
+        if not within(tier_row, lo, hi) or nmodels != truth.tiers[tier][2]:
+            problems.append(f"tier {tier}: exporter {(nbytes, nfiles, nmodels, nallocated)} outside walk {lo}..{hi}")
+    for key, row in index.items():
+        lo, hi = low_m.get(key, (0, 0, 0)), high_m.get(key, (0, 0, 0))
+        if not within(row, lo, hi):
+            problems.append(f"{key}: exporter {row} outside walk {lo}..{hi}")
+    sums = [sum(v[0] for v in tiers.values()), sum(v[1] for v in tiers.values()), sum(v[3] for v in tiers.values())]
     if sums != total:
-        problems.append(f"totals: exporter {sums} walk {total}")
+        problems.append(f"totals (bytes, files, allocated): exporter {sums} walk {total}")
     return problems
 
 

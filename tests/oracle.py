@@ -19,46 +19,53 @@ Place = tuple[str, str | None]  # (tier, model); model None for the `other` tier
 
 @dataclass
 class Truth:
-    tiers: dict[str, list[int]] = field(default_factory=dict)  # tier -> [bytes, files, models]
-    models: dict[ModelKey, list[float]] = field(default_factory=dict)  # -> [bytes, files, changed]
+    tiers: dict[str, list[int]] = field(default_factory=dict)  # tier -> [bytes, files, models, allocated]
+    models: dict[ModelKey, list[float]] = field(default_factory=dict)  # -> [bytes, files, changed, allocated]
     # The path whose mtime or ctime is the model's `changed`: what a timestamp mismatch names.
     newest: dict[ModelKey, str] = field(default_factory=dict)
-    # Hard-linked inodes with paths in more than one model (or tier): (size, the places they are in).
+    # Hard-linked inodes with paths in more than one model (or tier): ((size, allocated), the places they are in).
     # du -b counts each once, at whichever path it meets first; so may the index. Not in the totals
     # above: `attributions` adds them every possible way.
-    shared: list[tuple[int, list[Place]]] = field(default_factory=list)
+    shared: list[tuple[tuple[int, int], list[Place]]] = field(default_factory=list)
 
     def attributions(self, limit: int = 4096) -> Iterator[tuple[dict[str, list[int]], dict[ModelKey, list[float]]]]:
         """(tiers, models) with each shared inode counted once, at each combination of its places."""
         for choice in itertools.islice(itertools.product(*(places for _, places in self.shared)), limit):
             tiers = {tier: list(values) for tier, values in self.tiers.items()}
             models = {key: list(values) for key, values in self.models.items()}
-            for (size, _), (tier, model) in zip(self.shared, choice, strict=True):
-                _add(tiers, models, tier, model, size)
+            for (sizes, _), (tier, model) in zip(self.shared, choice, strict=True):
+                _add(tiers, models, tier, model, sizes)
             yield tiers, models
 
 
 def _add(
-    tiers: dict[str, list[int]], models: dict[ModelKey, list[float]], tier: str, model: str | None, size: int
+    tiers: dict[str, list[int]],
+    models: dict[ModelKey, list[float]],
+    tier: str,
+    model: str | None,
+    sizes: tuple[int, int],
 ) -> None:
+    size, allocated = sizes
     tiers[tier][0] += size
     tiers[tier][1] += 1
+    tiers[tier][3] += allocated
     if model is not None:
         models[(tier, model)][0] += size
         models[(tier, model)][1] += 1
+        models[(tier, model)][3] += allocated
 
 
 def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
-    """du -b semantics: regular files' st_size, each inode once, symlinks not followed, mount
-    points crossed (os.fwalk does not stop at them, as du without -x does not).
+    """du -b semantics: regular files' st_size (and, as `du -B1`, 512 * st_blocks), each inode
+    once, symlinks not followed, mount points crossed (os.fwalk does not stop at them, as du without -x does not).
 
     A model's `changed` is the newest mtime or ctime of its own entry and of every regular file and
     directory inside it, as floats exactly as `os.lstat` gives them: the index must equal it, not
     merely not be older.
     """
     layout = layout or Layout()
-    truth = Truth({t: [0, 0, 0] for t in (*layout.tiers, "other")})
-    links: dict[tuple[int, int], tuple[int, dict[Place, None]]] = {}
+    truth = Truth({t: [0, 0, 0, 0] for t in (*layout.tiers, "other")})
+    links: dict[tuple[int, int], tuple[tuple[int, int], dict[Place, None]]] = {}
     # fwalk, relative to each directory's descriptor: paths past PATH_MAX are reached too.
     for dirpath, dirnames, filenames, dir_fd in os.fwalk(models_path):
         rel = Path(dirpath).relative_to(models_path).parts
@@ -76,24 +83,25 @@ def walk_truth(models_path: Path, layout: Layout | None = None) -> Truth:
                 continue
             if model is not None and len(parts) == 2:
                 truth.tiers[tier][2] += 1
-                truth.models.setdefault((tier, model), [0, 0, 0.0])
+                truth.models.setdefault((tier, model), [0, 0, 0.0, 0])
             if model is not None:
-                entry = truth.models.setdefault((tier, model), [0, 0, 0.0])
+                entry = truth.models.setdefault((tier, model), [0, 0, 0.0, 0])
                 stamp = max(st.st_mtime, st.st_ctime)
                 if stamp > entry[2]:
                     entry[2] = stamp
                     truth.newest[(tier, model)] = str(full)
             if not is_file:
                 continue
+            sizes = (st.st_size, st.st_blocks * 512)
             if st.st_nlink > 1:
-                links.setdefault((st.st_dev, st.st_ino), (st.st_size, {}))[1][(tier, model)] = None
+                links.setdefault((st.st_dev, st.st_ino), (sizes, {}))[1][(tier, model)] = None
                 continue
-            _add(truth.tiers, truth.models, tier, model, st.st_size)
-    for size, places in links.values():
+            _add(truth.tiers, truth.models, tier, model, sizes)
+    for sizes, places in links.values():
         if len(places) == 1:
-            _add(truth.tiers, truth.models, *next(iter(places)), size)
+            _add(truth.tiers, truth.models, *next(iter(places)), sizes)
         else:
-            truth.shared.append((size, list(places)))
+            truth.shared.append((sizes, list(places)))
     return truth
 
 
@@ -108,22 +116,25 @@ def differences(svc: ExporterService) -> list[str]:
     counts: list[str] | None = None
     # A hard link shared by two models counts in one of them, either may be right: one must match.
     for tiers, models in truth.attributions():
+        # (bytes, files, models, allocated) per tier; (bytes, files, allocated) per model.
         mismatches = [
-            f"tier {tier}: index {snap.tiers[tier]} truth {tuple(values)}"
+            f"tier {tier}: index {(*snap.tiers[tier], snap.allocated[tier])} truth {tuple(values)}"
             for tier, values in tiers.items()
-            if tuple(values) != snap.tiers[tier]
+            if tuple(values) != (*snap.tiers[tier], snap.allocated[tier])
         ]
-        for key, (nbytes, nfiles, _) in models.items():
+        for key, (nbytes, nfiles, _, nallocated) in models.items():
             stat = index_models.get(key)
-            if stat is not None and (stat.bytes, stat.files) != (nbytes, nfiles):
-                mismatches.append(f"{key}: index {(stat.bytes, stat.files)} truth {(nbytes, nfiles)}")
+            if stat is not None and (stat.bytes, stat.files, stat.allocated) != (nbytes, nfiles, nallocated):
+                mismatches.append(
+                    f"{key}: index {(stat.bytes, stat.files, stat.allocated)} truth {(nbytes, nfiles, nallocated)}"
+                )
         if not mismatches:
             counts = []
             break
         if counts is None:
             counts = mismatches
     problems += counts or []
-    for key, (_, _, changed) in truth.models.items():
+    for key, (_, _, changed, _) in truth.models.items():
         stat = index_models.get(key)
         if stat is not None and stat.changed != changed:
             # Exactly: a newer time would keep a model from ageing, an older one could get it evicted.

@@ -39,6 +39,7 @@ pytestmark = pytest.mark.skipif(
 
 SHORT_FOR = "2s"
 JOB = "model-storage"
+BLOCK = 4096
 
 
 @dataclass
@@ -121,7 +122,8 @@ def short_for_rules(rules_dir: Path, target_dir: Path) -> list[str]:
 @pytest.fixture
 def stack(tmp_path: Path, store: Path, logs_dir: Path, webhook: Webhook) -> Iterator[dict[str, Proc]]:
     (store / "models" / "quantized" / "small").mkdir()
-    (store / "models" / "quantized" / "small" / "w.bin").write_bytes(b"q" * 100)
+    # Capacity counts allocated bytes: whole 4 KiB blocks, written (not sparse), so allocated = apparent.
+    (store / "models" / "quantized" / "small" / "w.bin").write_bytes(b"q" * 4 * BLOCK)
     rules_dir = tmp_path / "rules"
     rules_dir.mkdir()
     rule_files = short_for_rules(ROOT / "rules", rules_dir)
@@ -133,8 +135,8 @@ def stack(tmp_path: Path, store: Path, logs_dir: Path, webhook: Webhook) -> Iter
     procs: dict[str, Proc] = {}
     try:
         procs["alertmanager"] = start_alertmanager(am_config, tmp_path / "am", logs_dir)
-        # STORAGE_MAX_SIZE_GB=0.000001: a capacity of 1000 bytes.
-        procs["exporter"] = start_exporter(store / "models", store, logs_dir, STORAGE_MAX_SIZE_GB="0.000001")
+        # STORAGE_MAX_SIZE_GB=0.00016384: a capacity of 40 blocks of 4 KiB (163,840 bytes).
+        procs["exporter"] = start_exporter(store / "models", store, logs_dir, STORAGE_MAX_SIZE_GB="0.00016384")
         exporter_target = procs["exporter"].url.removeprefix("http://")
         prom_config = write_prometheus_config(
             tmp_path / "prometheus.yml",
@@ -166,7 +168,9 @@ def test_filling_past_90_percent_pages_critical_and_inhibits_high(
 
     model = store / "models" / "raw" / "big"
     model.mkdir()
-    (model / "weights.bin").write_bytes(b"w" * 850)  # 950 of 1000 bytes with the quantized model
+    (model / "weights.bin").write_bytes(b"w" * 34 * BLOCK)  # 38 of 40 blocks with the quantized model
+    allocated = [p.lstat().st_blocks * 512 for p in (model / "weights.bin", store / "models/quantized/small/w.bin")]
+    assert allocated == [34 * BLOCK, 4 * BLOCK], "the test filesystem allocates in 4 KiB blocks"
     wait_until(lambda: usage() == pytest.approx(0.95), timeout=20, what="95% usage seen by Prometheus")
 
     def paged() -> list[dict[str, Any]]:
@@ -184,7 +188,9 @@ def test_filling_past_90_percent_pages_critical_and_inhibits_high(
         "instance": instance,
     }
     assert critical["annotations"]["runbook_url"] == "README.md#modelstoragespacecritical"
-    assert critical["annotations"]["description"].startswith("Models hold 950B of the 1000B capacity (95%);")
+    assert critical["annotations"]["description"].startswith(
+        "Models have 152kiB allocated of the 160kiB capacity (95%);"
+    )
 
     def suppressed(alertname: str) -> dict[str, Any] | None:
         for alert in http_json(f"{am}/api/v2/alerts"):

@@ -143,12 +143,14 @@ def _snapshot(models: list[ModelStat]) -> Snapshot:
         last_full_scan=1_700_000_000.0,
         drift_bytes=9,
         watches=6,
+        # A sparse model in raw: less allocated than apparent.
+        allocated={"raw": 256, "quantized": 0, "repository": 0, "other": 0},
     )
 
 
 def test_info_document_sums_tiers_and_lists_the_largest_models() -> None:
     models = [
-        ModelStat("raw", "a", 100, 1, 10.0),
+        ModelStat("raw", "a", 100, 1, 10.0, 4096),
         ModelStat("raw", "b\udcff", 200, 2, 20.0),
         ModelStat("repository", "c", 50, 1, 0.0),
     ]
@@ -156,10 +158,16 @@ def test_info_document_sums_tiers_and_lists_the_largest_models() -> None:
     doc = info_document(
         _snapshot(models), capacity_bytes=1000, filesystem=FsUsage(4000, 1000), cleanup=state, top=2, now=99.0
     )
-    assert doc["total"] == {"bytes": 357, "files": 5, "models": 3}
-    assert doc["usage_ratio"] == pytest.approx(0.357)
+    assert doc["total"] == {"bytes": 357, "files": 5, "models": 3, "allocated_bytes": 256}
+    assert doc["tiers"]["raw"] == {"bytes": 300, "files": 3, "models": 2, "allocated_bytes": 256}
+    # Capacity is what fills the disk: the ratio is of allocated bytes; the apparent one is beside it.
+    assert doc["usage_ratio"] == pytest.approx(0.256)
+    assert doc["apparent_usage_ratio"] == pytest.approx(0.357)
     assert doc["filesystem"] == {"size_bytes": 4000, "avail_bytes": 1000, "usage_ratio": 0.75}
-    assert [(m["model"], m["bytes"]) for m in doc["largest_models"]] == [("b\ufffd", 200), ("a", 100)]
+    assert [(m["model"], m["bytes"], m["allocated_bytes"]) for m in doc["largest_models"]] == [
+        ("b\ufffd", 200, 0),
+        ("a", 100, 4096),
+    ]
     assert doc["scan"]["overflows_total"] == 1 and doc["scan"]["drift_bytes"] == 9
     assert doc["cleanup"]["run_id"] == "r"
     json.dumps(doc, allow_nan=False).encode("utf-8")  # what the response renderer does
@@ -361,9 +369,10 @@ def test_metrics_health_and_docs_stay_open_with_a_read_token_configured(secured:
 
 
 def test_info_reports_the_tree_and_top(secured: tuple[Proc, Path]) -> None:
-    proc, _ = secured
+    proc, base = secured
     info = httpx.get(proc.url + "/storage/info?top=1", headers=bearer(READ), timeout=10).json()
-    assert info["tiers"]["raw"] == {"bytes": 3002, "files": 2, "models": 1}
+    allocated = sum(p.lstat().st_blocks * 512 for p in (base / "models" / "raw").rglob("*") if p.is_file())
+    assert info["tiers"]["raw"] == {"bytes": 3002, "files": 2, "models": 1, "allocated_bytes": allocated}
     assert info["tiers"]["repository"]["bytes"] == 1000
     assert info["total"]["bytes"] == 4002 and info["total"]["models"] == 2
     assert [m["model"] for m in info["largest_models"]] == ["llama"]

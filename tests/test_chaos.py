@@ -36,6 +36,7 @@ def test_every_workload_named_in_the_issue_is_in_the_harness() -> None:
         "rename-loop",
         "hard-links",
         "truncate",
+        "sparse-holes",
         "concurrent-writers",
     }
 
@@ -50,7 +51,9 @@ def test_the_harness_oracle_sees_a_wrong_gauge(tmp_path: Path) -> None:
     truth = walk_truth(models)
     assert truth.models[("raw", "m")][:2] == [10, 1]
 
-    def body(model_bytes: int, with_model: bool = True) -> str:
+    allocated = (models / "raw" / "m" / "w").lstat().st_blocks * 512
+
+    def body(model_bytes: int, with_model: bool = True, model_allocated: int = allocated) -> str:
         lines = [
             f'model_storage_bytes{{tier="{t}"}} {b}'
             for t, b in (("raw", model_bytes), ("quantized", 0), ("repository", 0), ("other", 0))
@@ -63,13 +66,20 @@ def test_the_harness_oracle_sees_a_wrong_gauge(tmp_path: Path) -> None:
             f'model_storage_models{{tier="{t}"}} {n}'
             for t, n in (("raw", 1), ("quantized", 0), ("repository", 0), ("other", 0))
         ]
+        lines += [
+            f'model_storage_allocated_bytes{{tier="{t}"}} {a}'
+            for t, a in (("raw", model_allocated), ("quantized", 0), ("repository", 0), ("other", 0))
+        ]
         if with_model:
             lines += [
                 f'model_storage_model_bytes{{tier="raw",model="m"}} {model_bytes}',
                 'model_storage_model_files{tier="raw",model="m"} 1',
+                f'model_storage_model_allocated_bytes{{tier="raw",model="m"}} {model_allocated}',
             ]
         return "\n".join(lines) + "\n"
 
     assert metrics_differences(body(10), models) == []
     assert metrics_differences(body(11), models)
     assert metrics_differences(body(10, with_model=False), models)
+    # Allocated bytes are compared too: one block off is reported.
+    assert metrics_differences(body(10, model_allocated=allocated + 512), models)

@@ -29,7 +29,7 @@ def service(store: Path) -> ExporterService:
     settings = load_settings(env={"STORAGE_BASE_PATH": str(store), "STORAGE_SCAN_WORKERS": "1"})
     svc = ExporterService(settings)  # not started: the tests fill the index by hand
     for i, name in enumerate(ODD):
-        svc.tree.set_file(("raw", name, "w"), FileInfo(10 + i, 1.7e9 + 0.5))
+        svc.tree.set_file(("raw", name, "w"), FileInfo(10 + i, 1.7e9 + 0.5, None, 8 * i))
     svc.tree.set_file(("quantized", "q.gguf"), FileInfo(20, 1.6e9))
     svc.tree.set_file(("README",), FileInfo(3, 1.0))
     return svc
@@ -56,6 +56,10 @@ def test_promtool_accepts_the_cached_output(service: ExporterService) -> None:
     check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == b"" and check.stderr.strip() == b"", check.stdout + check.stderr
+    samples = _samples(body)
+    assert samples[("model_storage_allocated_bytes", frozenset({("tier", "raw")}))] == 512 * 8 * sum(range(len(ODD)))
+    key = ("model_storage_model_allocated_bytes", frozenset({("tier", "raw"), ("model", "plain")}))
+    assert samples[key] == 512 * 8 * ODD.index("plain")
 
 
 def test_names_that_differ_only_in_invalid_utf8_are_distinct_series(service: ExporterService) -> None:

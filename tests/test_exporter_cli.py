@@ -37,6 +37,8 @@ def test_live_scrape_passes_promtool_check_metrics(store: Path, logs_dir: Path) 
     (models / "raw" / 'we"ird\nname').mkdir()
     (models / "raw" / 'we"ird\nname' / "f").write_bytes(b"1" * 10)
     (models / "quantized" / "q.gguf").write_bytes(b"2" * 20)
+    with open(models / "quantized" / "sparse.gguf", "wb") as handle:
+        handle.truncate(1 << 30)  # 1 GiB long, nothing allocated
     proc = start_exporter(models, store, logs_dir)
     try:
         status, body = http_get(proc.url + "/metrics")
@@ -46,7 +48,12 @@ def test_live_scrape_passes_promtool_check_metrics(store: Path, logs_dir: Path) 
         assert check.stdout.strip() == b"" and check.stderr.strip() == b"", check.stdout + check.stderr
         samples = parse_metrics(body.decode())
         assert samples[("model_storage_bytes", frozenset({("tier", "raw")}))] == 10
-        assert samples[("model_storage_models", frozenset({("tier", "quantized")}))] == 1
+        assert samples[("model_storage_models", frozenset({("tier", "quantized")}))] == 2
+        allocated = (models / "quantized" / "q.gguf").lstat().st_blocks * 512
+        assert samples[("model_storage_allocated_bytes", frozenset({("tier", "quantized")}))] == allocated
+        sparse = frozenset({("tier", "quantized"), ("model", "sparse.gguf")})
+        assert samples[("model_storage_model_bytes", sparse)] == 1 << 30
+        assert samples[("model_storage_model_allocated_bytes", sparse)] == 0
         assert samples[("model_storage_ready", frozenset())] == 1
     finally:
         proc.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 from exporter.exposition import build_renderer
@@ -43,5 +44,38 @@ def test_a_reconcile_finds_reports_and_corrects_drift(store: Path, tmp_path: Pat
         # The next reconcile finds the index exact and says so.
         assert svc.reconcile("test").drift_bytes == 0
         assert svc.snapshot().drift_bytes == 0
+    finally:
+        svc.stop()
+
+
+def test_a_reconcile_corrects_allocation_changed_without_an_event(store: Path, tmp_path: Path) -> None:
+    # A hole punched through a hard link outside the models path: the allocation of a file inside it
+    # changes (its length does not), and none of our watches is told.
+    blob = tmp_path / "outside" / "blob"
+    blob.parent.mkdir()
+    blob.write_bytes(os.urandom(1 << 20))
+    model = store / "models" / "raw" / "m"
+    model.mkdir()
+    os.link(blob, model / "w")
+    svc = make_service(store)
+    svc.start()
+    try:
+        wait_until(svc.ready.is_set, timeout=10, what="initial scan")
+        assert_exact(svc)
+        before = blob.lstat().st_blocks * 512
+        assert svc.snapshot().allocated["raw"] == before
+        subprocess.run(["fallocate", "-p", "-o", "0", "-l", str(1 << 19), str(blob)], check=True)
+        after = blob.lstat().st_blocks * 512
+        assert after < before
+        assert differences(svc), "the index cannot have seen that hole"
+
+        result = svc.reconcile("test")
+
+        # The reconcile's drift figure is of apparent bytes: none moved.
+        assert (result.drift_bytes, result.files) == (0, 1)
+        assert svc.snapshot().allocated["raw"] == after
+        metrics = parse_metrics(build_renderer(svc, svc.settings)().decode())
+        assert metrics[("model_storage_model_allocated_bytes", frozenset({("tier", "raw"), ("model", "m")}))] == after
+        assert_exact(svc)
     finally:
         svc.stop()

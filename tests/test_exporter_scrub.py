@@ -31,18 +31,26 @@ from tests.support import http_get, make_service, parse_metrics, start_exporter,
 FAST = "100000"  # stats per second: a cycle of a test store takes the 1 s floor
 
 
-def view(files: dict[str, int], linked: tuple[str, ...] = (), dirs: tuple[str, ...] = ()) -> DirView:
-    return DirView(files, frozenset(linked), dirs)
+Sizes = int | tuple[int, int]
+
+
+def _sizes(files: dict[str, Sizes]) -> dict[str, tuple[int, int]]:
+    """name -> (size, blocks); a bare size has as many 512-byte blocks as a dense file would."""
+    return {name: v if isinstance(v, tuple) else (v, (v + 511) // 512) for name, v in files.items()}
+
+
+def view(files: dict[str, Sizes], linked: tuple[str, ...] = (), dirs: tuple[str, ...] = ()) -> DirView:
+    return DirView(_sizes(files), frozenset(linked), dirs)
 
 
 def listing(
-    files: dict[str, int],
+    files: dict[str, Sizes],
     linked: tuple[str, ...] = (),
     dirs: tuple[str, ...] = (),
     others: tuple[str, ...] = (),
     changed: float = 10.0,
 ) -> Listing:
-    return Listing(files, frozenset(linked), frozenset(dirs), frozenset(others), changed)
+    return Listing(_sizes(files), frozenset(linked), frozenset(dirs), frozenset(others), changed)
 
 
 # ----- pure decisions ---------------------------------------------------------------------------
@@ -64,15 +72,24 @@ def test_compare_names_every_kind_of_difference_in_both_directions() -> None:
     )
     found = {d.name: (d.index, d.disk) for d in compare(index, disk)}
     assert found == {
-        "size": ("file 1 bytes", "file 9 bytes"),
-        "plain": ("file 3 bytes", "file 3 bytes (linked)"),
-        "new": ("absent", "file 7 bytes"),
+        "size": ("file 1 bytes, 512 allocated", "file 9 bytes, 512 allocated"),
+        "plain": ("file 3 bytes, 512 allocated", "file 3 bytes, 512 allocated (linked)"),
+        "new": ("absent", "file 7 bytes, 512 allocated"),
         "new_dir": ("absent", "directory"),
-        "was_file": ("file 4 bytes", "directory"),
+        "was_file": ("file 4 bytes, 512 allocated", "directory"),
         "was_dir": ("directory", "not a regular file"),
-        "gone": ("file 5 bytes", "absent"),
+        "gone": ("file 5 bytes, 512 allocated", "absent"),
         "gone_dir": ("directory", "absent"),
     }
+
+
+def test_compare_names_a_file_whose_allocation_alone_changed() -> None:
+    # Same length, blocks allocated late (delayed allocation, compression at writeback) or a hole
+    # punched: no size changed, the allocated bytes did.
+    index = view({"sparse": (1 << 20, 0), "same": (10, 8)})
+    disk = listing({"sparse": (1 << 20, 2048), "same": (10, 8)})
+    found = {d.name: (d.index, d.disk) for d in compare(index, disk)}
+    assert found == {"sparse": ("file 1048576 bytes, 0 allocated", "file 1048576 bytes, 1048576 allocated")}
 
 
 def test_recent_leaves_fresh_differences_to_the_events() -> None:
@@ -113,7 +130,11 @@ def _tree_of(models: Path) -> Tree:
 
 
 def _counts(tree: Tree) -> tuple[object, ...]:
-    return (tree.tier_totals(), sorted((s.tier, s.model, s.bytes, s.files) for s in tree.model_stats()))
+    return (
+        tree.tier_totals(),
+        tree.tier_allocated(),
+        sorted((s.tier, s.model, s.bytes, s.files, s.allocated) for s in tree.model_stats()),
+    )
 
 
 def _finding(tree: Tree, models: Path, parts: tuple[str, ...]) -> Finding | None:
@@ -150,7 +171,8 @@ def test_apply_finding_corrects_drift_the_events_never_reported(tmp_path: Path) 
     by_path = {os.path.basename(c.path): (c.bytes_delta, c.files_delta) for c in corrections}
     assert by_path == {"a": (50, 0), "gone": (-7, -1), "new": (30, 1), "sub": (5, 1)}
     assert _counts(tree) == _counts(_tree_of(models))
-    assert held(tree, ("raw", "m")) == (185, 3)
+    allocated = sum(os.lstat(p).st_blocks * 512 for p in (model / "a", model / "new", model / "sub" / "deep"))
+    assert held(tree, ("raw", "m")) == (185, 3, allocated)
 
 
 OPS = ("append", "truncate", "create", "remove", "mkdir", "rmtree", "file_to_dir")
@@ -244,6 +266,7 @@ def test_scrub_corrects_a_write_through_an_outside_hard_link_within_one_cycle(
     model.mkdir()
     os.link(blob, model / "w")
     assert_exact(svc)
+    allocated_before = os.lstat(blob).st_blocks * 512
     with capture_logs() as entries:
         with open(blob, "ab") as handle:
             handle.write(b"p" * 500)
@@ -256,8 +279,8 @@ def test_scrub_corrects_a_write_through_an_outside_hard_link_within_one_cycle(
     [logged] = [e for e in entries if e["event"] == "scrub.corrected"]
     assert (logged["path"], logged["index"], logged["disk"]) == (
         str(model / "w"),
-        "file 1000 bytes (linked)",
-        "file 1500 bytes (linked)",
+        f"file 1000 bytes, {allocated_before} allocated (linked)",
+        f"file 1500 bytes, {os.lstat(blob).st_blocks * 512} allocated (linked)",
     )
     assert (logged["bytes_delta"], logged["files_delta"], logged["outcome"]) == (500, 0, "success")
     figures = svc.snapshot().scrub

@@ -112,7 +112,29 @@ def test_without_read_access_no_model_name_or_error_text_is_on_the_page() -> Non
 def test_figures_the_exporter_does_not_measure_are_marked_gaps_not_numbers() -> None:
     page = sample()
     assert "id='allocated-gap'" in page and "id='last-opened-gap'" in page and "id='scrub-gap'" in page
-    assert ">allocated<" not in page and ">last opened<" not in page
+    assert ">allocated bytes<" not in page and ">last opened<" not in page
+
+
+def test_with_allocated_bytes_capacity_is_measured_in_them_and_apparent_bytes_stand_beside() -> None:
+    # raw is sparse: 100,000 bytes long, 20,000 allocated; quantized dense.
+    data = page_data(
+        tiers={"raw": (100_000, 2, 1), "quantized": (30_000, 1, 1)},
+        models=[],
+        capacity_bytes=200_000,
+        filesystem=None,
+        ready=True,
+        polling=False,
+        last_full_scan=0,
+        show_details=True,
+        now=10.0,
+        allocated={"raw": 20_000, "quantized": 32_768},
+    )
+    page = render_page(data)
+    assert "id='allocated-gap'" not in page and ">allocated bytes<" in page
+    assert "id='allocated-total' data-bytes='52768'" in page and "id='apparent-total' data-bytes='130000'" in page
+    assert "(26.4%)" in page and "(65.0%)" in page  # allocated and apparent against the capacity
+    assert "data-allocated-bytes='20000'" in page and "data-allocated-bytes='32768'" in page
+    assert "aria-label='models&#x27; allocated bytes by tier against the capacity, 26.4%'" in page
 
 
 def test_the_scrub_section_says_what_the_scrub_found_or_that_it_is_off() -> None:
@@ -162,6 +184,11 @@ def build_store(store: Path) -> dict[str, int]:
         make_model(models, tier, name, {"weights.bin": b"\0" * size, "config.json": b"{}"})
     for i, name in enumerate(["\"><img src=x onerror=alert('a')>", "<svg onload=alert(2)>", "it's & <b>"]):
         make_model(models, "raw", name, {"w.bin": b"x" * (1000 + i)})
+    # A sparse model: 2 MB long, a few KiB allocated.
+    sparse = make_model(models, "repository", "sparse", {"config.json": b"{}"})
+    with open(sparse / "weights.bin", "wb") as handle:
+        handle.write(b"s" * 4096)
+        handle.truncate(2_000_000)
     bad = os.fsencode(str(models / "quantized")) + b"/bad-\xff-name"
     os.mkdir(bad)
     with open(bad + b"/w.bin", "wb") as handle:
@@ -197,15 +224,22 @@ def build_store(store: Path) -> dict[str, int]:
 def dom_figures(dom: str) -> dict[str, object]:
     tags = parse(dom)
     tiers: dict[str, int] = {}
+    allocated: dict[str, int] = {}
     current = None
     for tag, attrs in tags.tags:
-        if tag == "tr" and attrs.get("data-tier"):
-            current = attrs["data-tier"]
+        if tag == "tr":
+            current = attrs.get("data-tier")
         elif tag == "td" and current is not None and attrs.get("data-bytes") is not None:
             tiers[str(current)] = int(str(attrs["data-bytes"]))
-            current = None
+        elif tag == "td" and current is not None and attrs.get("data-allocated-bytes") is not None:
+            allocated[str(current)] = int(str(attrs["data-allocated-bytes"]))
     by_id = {str(a["id"]): a for _, a in tags.tags if a.get("id")}
-    return {"tiers": tiers, "capacity": int(str(by_id["capacity-bytes"]["data-bytes"]))}
+    return {
+        "tiers": tiers,
+        "allocated": allocated,
+        "allocated_total": int(str(by_id["allocated-total"]["data-bytes"])),
+        "capacity": int(str(by_id["capacity-bytes"]["data-bytes"])),
+    }
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -237,6 +271,10 @@ def test_the_page_in_headless_chromium_matches_storage_info_with_no_console_mess
         info = httpx.get(exporter.url + "/storage/info?top=25", timeout=10).json()
         figures = dom_figures(dom_run.stdout)
         assert figures["tiers"] == {tier: t["bytes"] for tier, t in info["tiers"].items()}
+        assert figures["allocated"] == {tier: t["allocated_bytes"] for tier, t in info["tiers"].items()}
+        assert figures["allocated_total"] == info["total"]["allocated_bytes"]
+        # The sparse model: its length counts in apparent bytes, its holes nowhere on disk.
+        assert info["total"]["allocated_bytes"] < info["total"]["bytes"] - 1_000_000
         assert figures["capacity"] == info["capacity_bytes"]
         tags = parse(dom_run.stdout)
         assert not [t for t, _ in tags.tags if t in ("script", "img")], "the hostile names became elements"

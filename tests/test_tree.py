@@ -21,7 +21,8 @@ class Reference:
     """The obvious model: a dict of files and a set of directories."""
 
     def __init__(self) -> None:
-        self.files: dict[tuple[str, ...], tuple[int, tuple[int, int] | None]] = {}
+        # path -> (size, inode, blocks)
+        self.files: dict[tuple[str, ...], tuple[int, tuple[int, int] | None, int]] = {}
         self.dirs: set[tuple[str, ...]] = set()
 
     def _clear(self, p: tuple[str, ...]) -> None:
@@ -33,11 +34,11 @@ class Reference:
             self.files.pop(p[:i], None)
             self.dirs.add(p[:i])
 
-    def set_file(self, p, size, inode):  # type: ignore[no-untyped-def]
+    def set_file(self, p, size, inode, blocks):  # type: ignore[no-untyped-def]
         self._parents(p)
         if p in self.dirs:
             self._clear(p)
-        self.files[p] = (size, inode)
+        self.files[p] = (size, inode, blocks)
 
     def set_dir(self, p):  # type: ignore[no-untyped-def]
         self._parents(p)
@@ -62,31 +63,45 @@ class Reference:
         for d in moved_dirs:
             self.dirs.add(dst + d[len(src) :])
 
-    def totals(self, layout: Layout) -> tuple[dict[tuple[str, str], tuple[int, int]], dict[str, int], int]:
+    def totals(
+        self, layout: Layout
+    ) -> tuple[dict[tuple[str, str], tuple[int, int, int]], dict[str, int], int, dict[str, int]]:
+        """Per model (bytes, files, allocated), models per tier, all bytes, allocated per tier."""
         models: dict[tuple[str, str], list[int]] = {}
+        allocated: dict[str, int] = {}
         tier_models: dict[str, int] = {}
         for p in list(self.dirs) + list(self.files):
             tier, model = layout.classify(p)
             if model is not None and len(p) == 2:
-                models.setdefault((tier, model), [0, 0])
+                models.setdefault((tier, model), [0, 0, 0])
                 tier_models[tier] = tier_models.get(tier, 0) + 1
         seen: set[tuple[int, int]] = set()
         grand = 0
-        for p, (size, inode) in self.files.items():
+        for p, (size, inode, blocks) in self.files.items():
             if inode is not None:
                 if inode in seen:
                     continue
                 seen.add(inode)
             grand += size
             tier, model = layout.classify(p)
+            # A file that is no model's (a file named like a tier at the top) counts in `other`.
+            place = tier if model is not None else OTHER_TIER
+            allocated[place] = allocated.get(place, 0) + blocks * 512
             if model is not None:
                 models[(tier, model)][0] += size
                 models[(tier, model)][1] += 1
-        return {k: (v[0], v[1]) for k, v in models.items()}, tier_models, grand
+                models[(tier, model)][2] += blocks * 512
+        return {k: (v[0], v[1], v[2]) for k, v in models.items()}, tier_models, grand, allocated
 
 
 op_st = st.one_of(
-    st.tuples(st.just("file"), path_st, st.integers(0, 1000), st.none() | st.sampled_from([(1, 1), (1, 2)])),
+    st.tuples(
+        st.just("file"),
+        path_st,
+        st.integers(0, 1000),
+        st.none() | st.sampled_from([(1, 1), (1, 2)]),
+        st.integers(0, 16),  # blocks: independent of the size (sparse, compressed, preallocated)
+    ),
     st.tuples(st.just("dir"), path_st),
     st.tuples(st.just("rm"), path_st),
     st.tuples(st.just("mv"), path_st, path_st),
@@ -96,14 +111,15 @@ op_st = st.one_of(
 def apply(tree: Tree, ref: Reference, op: tuple) -> None:  # type: ignore[type-arg]
     kind = op[0]
     if kind == "file":
-        _, p, size, inode = op
-        # One inode has one size: a link shares its size with the others.
+        _, p, size, inode, blocks = op
         if inode is not None:
-            for other_size, other_inode in ref.files.values():
+            # One inode has one size and one allocation: an lstat through any link sees them, so
+            # the reference's other links take them too.
+            for other, (_, other_inode, _) in list(ref.files.items()):
                 if other_inode == inode:
-                    size = other_size
-        tree.set_file(p, FileInfo(size, 1.0, inode))
-        ref.set_file(p, size, inode)
+                    ref.files[other] = (size, inode, blocks)
+        tree.set_file(p, FileInfo(size, 1.0, inode, blocks))
+        ref.set_file(p, size, inode, blocks)
     elif kind == "dir":
         tree.set_dir(op[1], 1.0)
         ref.set_dir(op[1])
@@ -123,19 +139,24 @@ def fresh_lines(tree: Tree) -> set[str]:
         lines.add(f"{m.MODEL_BYTES}{labels} {b.bytes}")
         lines.add(f"{m.MODEL_FILES}{labels} {b.files}")
         lines.add(f"{m.MODEL_LAST_CHANGED}{labels} {format_value(b.changed)}")
+        lines.add(f"{m.MODEL_ALLOCATED_BYTES}{labels} {b.allocated}")
     return lines
 
 
 def check(tree: Tree, ref: Reference, *, per_model: bool, cache: ModelLinesCache | None = None) -> None:
     layout = tree.layout
-    models, tier_models, grand = ref.totals(layout)
+    models, tier_models, grand, allocated = ref.totals(layout)
     totals = tree.tier_totals()
     assert sum(v[0] for v in totals.values()) == grand
+    if per_model:
+        assert {t: v for t, v in tree.tier_allocated().items() if v} == {t: v for t, v in allocated.items() if v}
+    else:  # a shared inode may count in either tier
+        assert sum(tree.tier_allocated().values()) == sum(allocated.values())
     assert {t: v[2] for t, v in totals.items() if v[2]} == tier_models
     assert set(tree.models) == set(models)
     if per_model:
-        assert {k: (b.bytes, b.files) for k, b in tree.models.items()} == models
-    assert all(b.bytes >= 0 and b.files >= 0 for b in tree.models.values())
+        assert {k: (b.bytes, b.files, b.allocated) for k, b in tree.models.items()} == models
+    assert all(b.bytes >= 0 and b.files >= 0 and b.allocated >= 0 for b in tree.models.values())
     # The running tier sums agree with the buckets they are kept from.
     recount = {tier: [0, 0, 0] for tier in totals}
     for (tier, _model), bucket in tree.models.items():
@@ -226,7 +247,7 @@ SMALL = st.lists(st.sampled_from(["raw", "m1", "m2"]), min_size=1, max_size=3).m
 @given(
     st.lists(
         st.one_of(
-            st.tuples(st.just("file"), SMALL, st.integers(1, 9), st.just((1, 1))),
+            st.tuples(st.just("file"), SMALL, st.integers(1, 9), st.just((1, 1)), st.integers(0, 9)),
             st.tuples(st.just("rm"), SMALL),
             st.tuples(st.just("mv"), SMALL, SMALL),
         ),
