@@ -158,7 +158,7 @@ def test_info_document_sums_tiers_and_lists_the_largest_models() -> None:
     assert doc["total"] == {"bytes": 357, "files": 5, "models": 3}
     assert doc["usage_ratio"] == pytest.approx(0.357)
     assert doc["filesystem"] == {"size_bytes": 4000, "avail_bytes": 1000, "usage_ratio": 0.75}
-    assert [(m["model"], m["bytes"]) for m in doc["largest_models"]] == [("b\ufffd", 200), ("a", 100)]
+    assert [(m["model"], m["bytes"]) for m in doc["largest_models"]] == [("b\\xff", 200), ("a", 100)]
     assert doc["scan"]["overflows_total"] == 1 and doc["scan"]["drift_bytes"] == 9
     assert doc["cleanup"]["run_id"] == "r"
     json.dumps(doc, allow_nan=False).encode("utf-8")  # what the response renderer does
