@@ -8,7 +8,7 @@ SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metri
 SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium rsync openssl
 PYTEST_ARGS ?=
 
-.PHONY: all install lock system-deps run test test-compose test-kubernetes kubernetes check lint fmt typecheck imports bench stress stress-exporter stress-cleaner clean
+.PHONY: all install lock system-deps run test test-fast test-compose test-kubernetes kubernetes check lint fmt typecheck imports bench stress stress-exporter stress-cleaner clean
 
 all: test
 
@@ -63,6 +63,10 @@ check: lint typecheck imports
 
 test: $(STAMP) system-deps check
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The suite without the slow end-to-end tests (marked in tests/conftest.py): a quick run between edits.
+test-fast: $(STAMP) system-deps check
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 # The compose stack on a real Docker engine (root: installs the engine and Compose v2 if missing,
 # builds local stand-in images once); `make test` runs it too, and skips it without root.
