@@ -13,7 +13,10 @@ Invariants (pure; tested against the three outputs in tests/test_names.py):
 
 from __future__ import annotations
 
-_ESCAPED_BYTES = range(0xDC80, 0xDD00)  # surrogateescape's home for the bytes 0x80..0xFF
+import re
+
+# A backslash or a lone surrogate: what a name that is not valid UTF-8 spells differently.
+_SPECIAL = re.compile(r"[\\\ud800-\udfff]")
 
 
 def name_text(name: str) -> str:
@@ -23,16 +26,14 @@ def name_text(name: str) -> str:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return "".join(_char_text(char) for char in name)
+        return _SPECIAL.sub(_escape, name)
     return name
 
 
-def _char_text(char: str) -> str:
-    code = ord(char)
-    if code in _ESCAPED_BYTES:
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's home for the bytes 0x80..0xFF
         return f"\\x{code - 0xDC00:02x}"
-    if 0xD800 <= code <= 0xDFFF:
-        return f"\\u{code:04x}"
-    if char == "\\":
+    if code == ord("\\"):
         return "\\\\"
-    return char
+    return f"\\u{code:04x}"
