@@ -3,21 +3,33 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
 SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metrics chromium rsync openssl
 SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium rsync openssl
 PYTEST_ARGS ?=
 
-.PHONY: all install system-deps run test test-compose test-kubernetes kubernetes check lint fmt typecheck bench stress stress-exporter stress-cleaner clean
+.PHONY: all install lock system-deps run test test-fast test-compose test-kubernetes kubernetes check lint fmt typecheck imports bench stress stress-exporter stress-cleaner clean
 
 all: test
 
-$(STAMP): pyproject.toml
+# Every package at the version in $(CONSTRAINTS): the tools that judge a change do not move under it.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -U pip
-	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(VENV)/bin/pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-pin: the newest versions pyproject.toml allows, resolved in a scratch venv, written to $(CONSTRAINTS).
+lock:
+	rm -rf .venv-lock
+	python3 -m venv .venv-lock
+	.venv-lock/bin/pip install -q --disable-pip-version-check -U pip
+	.venv-lock/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	{ sed -n '/^#/p' $(CONSTRAINTS); .venv-lock/bin/pip freeze --exclude-editable; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-lock
 
 # Debian's Prometheus, Alertmanager, VictoriaMetrics and Chromium: the suite runs the real binaries.
 system-deps:
@@ -43,10 +55,18 @@ fmt: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-check: lint typecheck
+# The import contracts in pyproject.toml: exporter and cleaner apart, pure modules pure, no cycles.
+imports: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+
+check: lint typecheck imports
 
 test: $(STAMP) system-deps check
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The suite without the slow end-to-end tests (marked in tests/conftest.py): a quick run between edits.
+test-fast: $(STAMP) system-deps check
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 # The compose stack on a real Docker engine (root: installs the engine and Compose v2 if missing,
 # builds local stand-in images once); `make test` runs it too, and skips it without root.

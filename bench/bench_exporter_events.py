@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import env_float, env_int, percentile, report, write_result
 from tests.support import Proc, http_get, parse_metrics, start_exporter
@@ -120,7 +121,7 @@ def wait_exact(proc: Proc, model: str, files: int, timeout: float) -> float:
     raise TimeoutError(f"raw/{model} never reached {files} files")
 
 
-def burst(proc: Proc, models: Path, name: str, count: int, rate: float, poll: bool) -> dict[str, float]:
+def burst(proc: Proc, models: Path, name: str, count: int, rate: float, poll: bool) -> dict[str, Any]:
     before_events = metric(proc, "model_storage_events_total") or 0.0
     before_overflows = metric(proc, "model_storage_event_overflows_total") or 0.0
     poller = Poller(proc, with_info=True)
@@ -135,7 +136,7 @@ def burst(proc: Proc, models: Path, name: str, count: int, rate: float, poll: bo
     writer_seconds = written["ended"] - written["started"]
     events = (metric(proc, "model_storage_events_total") or 0.0) - before_events
     overflows = (metric(proc, "model_storage_event_overflows_total") or 0.0) - before_overflows
-    result = {
+    result: dict[str, Any] = {
         "files": count,
         "writer_files_per_second": round(count / writer_seconds),
         "writer_seconds": round(writer_seconds, 3),

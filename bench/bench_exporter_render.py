@@ -71,7 +71,7 @@ def main() -> dict[str, object]:
     base_ms = statistics.median(baseline)
     steady_ms = statistics.median(steady)
     changed_ms = statistics.median(changed_runs)
-    figures = {
+    figures: dict[str, object] = {
         "models": n_models,
         "series": 3 * n_models,
         "runs": runs,

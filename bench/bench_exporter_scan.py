@@ -84,7 +84,7 @@ def main() -> dict[str, object]:
     scan_s = statistics.median(scan_times)
     index_s = statistics.median(index_times)
     daemon_s = statistics.median(daemon_times) if daemon_times else float("nan")
-    figures = {
+    figures: dict[str, object] = {
         "files": files,
         "runs": runs,
         "workers": workers,

@@ -62,7 +62,7 @@ def main() -> dict[str, object]:
     report(f"unpaced scrub cycle over {files:,} files ({entries:,} entries): {raw_wall:.1f} s, CPU {raw_cpu:.1f} s")
     wall, cpu, findings = _cycle(str(models), tree, budget)
     ratio = cpu / wall
-    figures = {
+    figures: dict[str, object] = {
         "files": files,
         "entries": entries,
         "stats_per_second": budget,

@@ -33,6 +33,7 @@ from exporter.service import ReconcileResult, Snapshot
 from shared.audit import AuditLog
 from shared.cleanup_state import CleanupState
 from shared.logs import FAILURE, get_logger
+from shared.names import name_text
 
 log = get_logger("exporter.api")
 
@@ -94,11 +95,6 @@ def parse_none(params: Sequence[tuple[str, str]]) -> None:
     _one_value(params, ())
 
 
-def text(name: str) -> str:
-    """Names with invalid UTF-8 (kept as surrogates) must still encode as JSON strings."""
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 def _ratio(used: int, of: int) -> float | None:
     return round(used / of, 6) if of > 0 else None
 
@@ -137,7 +133,7 @@ def info_document(
         "largest_models": [
             {
                 "tier": s.tier,
-                "model": text(s.model),
+                "model": name_text(s.model),
                 "bytes": s.bytes,
                 "allocated_bytes": s.allocated,
                 "files": s.files,

@@ -26,9 +26,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from exporter.fsinfo import FsUsage
-from exporter.render import label_text
 from exporter.service import Snapshot
 from shared import metric_names as m
+from shared.names import name_text
 
 
 class CleanupState(Protocol):
@@ -128,7 +128,7 @@ class StorageCollector(Collector):
             labels=labels,
         )
         for stat in snap.models:
-            key = [stat.tier, label_text(stat.model)]
+            key = [stat.tier, name_text(stat.model)]
             size.add_metric(key, stat.bytes)
             files.add_metric(key, stat.files)
             changed.add_metric(key, stat.changed)

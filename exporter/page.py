@@ -29,8 +29,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from exporter.fsinfo import FsUsage
-from exporter.render import label_text
 from exporter.tree import ModelStat
+from shared.names import name_text
 from shared.plan_summary import POLICIES, PlanSummary
 
 LARGEST_SHOWN = 25
@@ -173,7 +173,7 @@ def _tier_order(tier: str) -> tuple[int, str]:
 
 def _h(value: object) -> str:
     """Escaped for HTML text and quoted attributes; undecodable bytes as `\\xNN`, as /metrics shows them."""
-    return html.escape(label_text(str(value)), quote=True)
+    return html.escape(name_text(str(value)), quote=True)
 
 
 def human_bytes(n: float) -> str:

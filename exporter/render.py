@@ -5,7 +5,7 @@ that is most of a scrape, and during a burst of events a scrape competes for the
 threads applying them. Here a model's four lines are formatted once and kept; the tree says which
 models changed since the last scrape (`Tree.take_changes`), so a scrape formats only those and
 joins the rest in C. The output follows the text exposition format: HELP and TYPE once per family,
-label values escaped (backslash, double quote, newline) and always valid UTF-8 (see `label_text`).
+label values escaped (backslash, double quote, newline) and always valid UTF-8 (see `shared.names`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 
 from exporter.tree import Bucket, ModelKey, Tree
 from shared import metric_names as m
+from shared.names import name_text
 
 MODEL_FAMILIES = (
     (m.MODEL_BYTES, "Apparent size of a model's regular files, bytes."),
@@ -24,28 +25,8 @@ MODEL_FAMILIES = (
 )
 
 
-def label_text(name: str) -> str:
-    """A file name as a label value, which must be valid UTF-8.
-
-    A valid name is itself (the cleaner maps the label back to the path). A name with bytes that
-    are not UTF-8 (kept by os.fsdecode as surrogates) gets each such byte as `\\xNN` and each of
-    its backslashes doubled: two names that differ only in those bytes stay two series (replacing
-    them all with U+FFFD made one, a duplicate), and no two such names can render alike. (A valid
-    name spelled exactly like another name's escaped form would still clash: that takes intent.)
-    """
-    if name.isascii():
-        return name
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        pass
-    raw = name.encode("utf-8", "surrogateescape")
-    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
-
-
 def escape_label_value(value: str) -> str:
-    return label_text(value).replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return name_text(value).replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
 def escape_help(text: str) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.names import name_text
+
 GENESIS_HASH = "0" * 64
 RESULTS = ("success", "failure", "skipped")
 _TAIL_CHUNK = 65536
@@ -74,16 +76,9 @@ def build_record(
 
 def _valid_text(value: Any) -> Any:
     """Strings made writable as UTF-8: a file name that is not (`os.fsdecode` keeps its bytes as lone
-    surrogates) shows its undecodable bytes as `\\xNN`, as the exporter's labels do. Pure."""
+    surrogates) is spelled as /metrics and the API spell it (`shared.names`). Pure."""
     if isinstance(value, str):
-        try:
-            value.encode()
-        except UnicodeEncodeError:
-            try:
-                return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            except UnicodeEncodeError:
-                return value.encode("utf-8", "backslashreplace").decode()
-        return value
+        return name_text(value)
     if isinstance(value, dict):
         return {key: _valid_text(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

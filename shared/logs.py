@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -29,7 +29,10 @@ def _redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Muta
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """Configure structlog and the stdlib root logger (watchdog and uvicorn log through it)."""
+    """Configure structlog and the stdlib root logger (watchdog and uvicorn log through it).
+
+    Calling it again replaces the earlier set-up, stdlib handler included.
+    """
     use_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: Any = structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
     numeric = logging.getLevelName(level.upper())
@@ -47,19 +50,41 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
     root = logging.getLogger()
-    if not any(isinstance(h, _StructlogHandler) for h in root.handlers):
-        root.addHandler(_StructlogHandler())
+    for handler in [h for h in root.handlers if isinstance(h, _LibraryHandler)]:
+        root.removeHandler(handler)
+    root.addHandler(_LibraryHandler(renderer, numeric))
     root.setLevel(max(numeric, logging.INFO))
 
 
-class _StructlogHandler(logging.Handler):
-    """Routes stdlib records (watchdog, uvicorn) through structlog so every line has one format."""
+def _as_library_event(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A stdlib record as the event `library.logged`, its text under `message`; exc_info rides along."""
+    record: logging.LogRecord = event["_record"]
+    message = event.pop("event")
+    return {"logger": record.name, "message": message, "event": "library.logged", **event}
 
-    def emit(self, record: logging.LogRecord) -> None:
-        log = structlog.get_logger(record.name)
-        message = record.getMessage()
-        method = getattr(log, record.levelname.lower(), log.info)
-        method("library.logged", logger=record.name, message=message)
+
+class _LibraryHandler(logging.StreamHandler[TextIO]):
+    """Stdlib records (watchdog, uvicorn) on stderr in the same line format as structlog's own.
+
+    structlog's ProcessorFormatter runs the same processors, so a record's traceback
+    (`logger.exception`) is rendered as the `exception` key, as for structlog's own events.
+    """
+
+    def __init__(self, renderer: Any, level: int) -> None:
+        super().__init__(sys.stderr)
+        self.setLevel(level)
+        self.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=[
+                    _as_library_event,
+                    structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    _redact,
+                    structlog.processors.format_exc_info,
+                ],
+                processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            )
+        )
 
 
 def get_logger(name: str) -> Any:

@@ -165,7 +165,7 @@ def test_info_document_sums_tiers_and_lists_the_largest_models() -> None:
     assert doc["apparent_usage_ratio"] == pytest.approx(0.357)
     assert doc["filesystem"] == {"size_bytes": 4000, "avail_bytes": 1000, "usage_ratio": 0.75}
     assert [(m["model"], m["bytes"], m["allocated_bytes"]) for m in doc["largest_models"]] == [
-        ("b\ufffd", 200, 0),
+        ("b\\xff", 200, 0),
         ("a", 100, 4096),
     ]
     assert doc["scan"]["overflows_total"] == 1 and doc["scan"]["drift_bytes"] == 9

@@ -1015,7 +1015,7 @@ def test_an_error_walking_a_model_is_a_failed_check_and_releases_its_lock(store:
         planned_last_changed=time.time(),
         walk=failing_walk,
     )
-    assert not verdict.ok and verdict.reason == verify.CHECK_FAILED and error.strerror in verdict.detail
+    assert not verdict.ok and verdict.reason == verify.CHECK_FAILED and str(error.strerror) in verdict.detail
     assert verdict.lock_fd is None
     fd = os.open(model, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +169,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         vm = start_victoria_metrics(root / "vm-data", root, config)
         procs.append(vm)
         for url in (prometheus.url, vm.url):
-            wait_until(lambda u=url: _has_models(u, len(OLD_MODELS)), timeout=20, what="old models in " + url)
+            wait_until(partial(_has_models, url, len(OLD_MODELS)), timeout=20, what="old models in " + url)
         wait_until(lambda: time.time() >= old_at + HISTORY_SECONDS, timeout=HISTORY_SECONDS + 1)
         young_at = time.time()
         for (tier, name), size in YOUNG_MODELS.items():
             make_model(models, tier, name, {"model.bin": b"y" * size})
         total = len(OLD_MODELS) + len(YOUNG_MODELS)
         for url in (prometheus.url, vm.url):
-            wait_until(lambda u=url: _has_models(u, total), timeout=20, what="young models in " + url)
+            wait_until(partial(_has_models, url, total), timeout=20, what="young models in " + url)
         yield Stack(base, models, prometheus, vm, old_at, young_at)
     finally:
         for proc in reversed(procs):

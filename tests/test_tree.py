@@ -173,7 +173,7 @@ def check(tree: Tree, ref: Reference, *, per_model: bool, cache: ModelLinesCache
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(op_st.filter(lambda op: op[0] != "file" or op[3] is None), max_size=40))
+@given(st.lists(op_st.filter(lambda op: op[0] != "file" or op[3] is None), max_size=40))  # type: ignore[arg-type]
 def test_any_operation_sequence_equals_a_fresh_count(ops: list[tuple]) -> None:  # type: ignore[type-arg]
     tree, ref, cache = Tree(Layout()), Reference(), ModelLinesCache()
     for op in ops:
