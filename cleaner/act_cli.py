@@ -30,6 +30,7 @@ from shared.cleanup_state import next_state, read_cleanup_state, write_cleanup_s
 from shared.config import Settings
 from shared.errors import ConfigError, FilesystemError, PreconditionError, StorageError
 from shared.logs import get_logger
+from shared.own_reads import own_reads
 
 Command = Callable[[Settings, argparse.Namespace], int]
 log = get_logger("cleaner.act")
@@ -183,7 +184,9 @@ def _run_locked(
     )
     journal = Journal(settings.state_path, run_id, command="run")
     ctx = apply.Context.from_settings(settings, run_id=run_id, actor=actor, now=now)
-    result = apply.apply_evictions(plan.evictions, ctx, journal, audit)
+    # Its verification reads and copies are no use of the models (shared.own_reads).
+    with own_reads(settings.state_path, (f"{e.tier}/{e.model}" for e in plan.evictions)):
+        result = apply.apply_evictions(plan.evictions, ctx, journal, audit)
     record_plan(plan, settings.state_path, gone=[(d.tier, d.model) for d in result.done], applied_run_id=run_id)
     purge = apply.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=False, keep_run=run_id)
     purged = purge.entries
@@ -305,7 +308,8 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError(f"restore: nothing of {what} is in {settings.trash_path} or {settings.backup_path}")
         journal = Journal(settings.state_path, new_plan_id(now), command="restore")
         try:
-            restored = apply.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
+            with own_reads(settings.state_path, (e.key for e in entries)):
+                restored = apply.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
         except PreconditionError:
             journal.close()  # refused before anything was done: nothing for recovery to look at
             raise
