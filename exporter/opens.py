@@ -8,7 +8,9 @@ Invariants:
 - O1 (per model, never 0): `opened` holds a model only once an open of one of its files was
   accepted; the value is the wall-clock time the reader handled it (inotify carries no time).
 - O2 (own reads): an open inside a model covered by a live own-reads session (started earlier in
-  the stream, not ended, before its deadline, its pid alive) is not use.
+  the stream, not ended, before its deadline, and `live`: its pid alive, or its process gone after
+  ending it normally, its end being further down the stream) is not use; nor is an open inside
+  the cleaner's staged models and copies in progress (shared.own_reads.is_cleaner_work).
 - O3 (ignore): an open whose path relative to the models path matches a `STORAGE_OPENS_IGNORE` glob
   is not use.
 - O4 (sweeps): with `sweep_models` N > 0, an accepted open is held back for `sweep_window` W seconds
@@ -27,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from shared.layout import Layout
-from shared.own_reads import Session
+from shared.own_reads import Session, is_cleaner_work
 
 ModelKey = tuple[str, str]  # (tier, model)
 # ("open", path) | ("start", marker name) | ("end", marker name) | ("overflow", "")
@@ -78,12 +80,13 @@ class OpensTracker:
         items: Iterable[OpenItem],
         now: float,
         session: Callable[[str], Session | None],
-        pid_alive: Callable[[Session], bool],
+        live: Callable[[str, Session], bool],
     ) -> None:
-        """Apply one chunk in kernel order; `session(name)` reads a marker (None: unreadable)."""
+        """Apply one chunk in kernel order; `session(name)` reads a marker (None: unreadable),
+        `live(name, session)` says whether a session not ended in the stream yet still covers."""
         for kind, value in items:
             if kind == "open":
-                self._open(value, now, pid_alive)
+                self._open(value, now, live)
             elif kind == "start":
                 found = session(value)
                 if found is not None:
@@ -96,7 +99,7 @@ class OpensTracker:
                 self.changed = True
         self.tick(now)
 
-    def _open(self, path: str, now: float, pid_alive: Callable[[Session], bool]) -> None:
+    def _open(self, path: str, now: float, live: Callable[[str, Session], bool]) -> None:
         self.figures.seen += 1
         if not path.startswith(self._prefix):
             return
@@ -108,7 +111,10 @@ class OpensTracker:
             self.figures.ignored += 1
             return
         key = (tier, model)
-        if self._sessions and self._own(f"{tier}/{model}", now, pid_alive):
+        if model[0] == "." and is_cleaner_work(model):
+            self.figures.own += 1
+            return
+        if self._sessions and self._own(f"{tier}/{model}", now, live):
             self.figures.own += 1
             return
         if self.sweep_models <= 0:
@@ -129,9 +135,9 @@ class OpensTracker:
         else:
             held.last = now
 
-    def _own(self, key: str, now: float, pid_alive: Callable[[Session], bool]) -> bool:
+    def _own(self, key: str, now: float, live: Callable[[str, Session], bool]) -> bool:
         for name, s in list(self._sessions.items()):
-            if now > s.deadline or not pid_alive(s):
+            if now > s.deadline or not live(name, s):
                 del self._sessions[name]  # a killed or hung cleaner hides nothing more
                 continue
             if key in s.models:

@@ -22,7 +22,7 @@ from exporter.opens import ModelKey, OpenItem, OpensTracker, parse_state
 from shared.atomic_json import write_json_atomically
 from shared.layout import Layout
 from shared.logs import FAILURE, SUCCESS, get_logger
-from shared.own_reads import Session, marker_dir, read_session
+from shared.own_reads import ACTIVE_SUFFIX, DONE_SUFFIX, Session, marker_dir, read_session
 
 log = get_logger("exporter.opens")
 STATE_NAME = "opens.json"
@@ -39,6 +39,15 @@ def pid_alive(session: Session) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def session_live(markers: Path, name: str, session: Session) -> bool:
+    """Whether a session whose end is not in the stream yet still covers its models.
+
+    The stream can be read long after the cleaner exited: a session renamed to `.done` ended
+    normally, so its end is further down the stream and it covers until then. Its process gone
+    with no `.done` is a killed cleaner: it covers nothing more."""
+    return pid_alive(session) or (markers / (name[: -len(ACTIVE_SUFFIX)] + DONE_SUFFIX)).exists()
 
 
 class OpensRecorder:
@@ -106,10 +115,13 @@ class OpensRecorder:
             log.warning("opens.marker_unreadable", path=str(self.markers / name), error=str(err)[:200])
             return None
 
+    def _live(self, name: str, session: Session) -> bool:
+        return session_live(self.markers, name, session)
+
     def handle(self, items: list[OpenItem]) -> None:
         now = self._clock()
         with self._lock:
-            self.tracker.apply(items, now, self._session, pid_alive)
+            self.tracker.apply(items, now, self._session, self._live)
 
     def view(self) -> tuple[float, dict[ModelKey, float]]:
         """(tracking since, last opened per model) for a scrape."""

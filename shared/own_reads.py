@@ -37,6 +37,16 @@ DEFAULT_DEADLINE_SECONDS = 6 * 3600.0
 # Long enough for an exporter far behind on its queue to read a finished session's content.
 DONE_KEEP_SECONDS = 3600.0
 _counter = itertools.count()
+# The cleaner stages a model it copies (`.NAME.model-storage-cleaner-OP.staged`) and builds a copy
+# (`.NAME.model-storage-cleaner-OP.partial`) under names of its own, beside the model (cleaner.staged,
+# cleaner.journal): what is opened there is the cleaner's work by its name alone.
+WORK_TAG = ".model-storage-cleaner-"
+WORK_SUFFIXES = (".partial", ".staged")
+
+
+def is_cleaner_work(model: str) -> bool:
+    """Whether a first-level name is one of the cleaner's staged models or copies in progress."""
+    return model.startswith(".") and WORK_TAG in model and model.endswith(WORK_SUFFIXES)
 
 
 @dataclass(frozen=True, slots=True)
