@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from watchdog.observers.inotify_c import InotifyConstants as C
 
 from exporter.inotify import Handoff, InotifyReader
 from exporter.opens import OpensTracker, parse_state
+from exporter.opens_store import OpensRecorder
 from shared.layout import Layout
 from shared.own_reads import Session, own_reads
 from tests.support import (
@@ -335,3 +338,89 @@ def test_own_reads_marker_is_written_before_and_renamed_after(tmp_path: Path) ->
         assert data["pid"] == os.getpid() and data["models"] == ["raw/a", "raw/b"]
         assert time.time() < data["deadline"] <= time.time() + 60
     assert not active.exists() and active.with_suffix(".done").exists()
+
+
+# ----- races: the stream is read after the cleaner is gone -----
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(10)
+    return child.pid
+
+
+def _recorder(tmp_path: Path, now: float = 1000.0) -> OpensRecorder:
+    return OpensRecorder(
+        ROOT,
+        Layout(),
+        tmp_path,
+        ignore=(),
+        sweep_models=0,
+        sweep_window=60.0,
+        save_interval=60.0,
+        clock=lambda: now,
+    )
+
+
+def test_a_session_ended_before_its_opens_were_read_still_covers_them(tmp_path: Path) -> None:
+    """The cleaner wrote its marker, opened, renamed it to .done and exited, all before the exporter
+    read the stream: the marker is read under its .done name and covers until its end item."""
+    (tmp_path / "reading").mkdir()
+    session = Session(socket.gethostname(), _dead_pid(), 5000.0, frozenset({"raw/a"}))
+    (tmp_path / "reading" / "s.done").write_text(json.dumps(session.to_json()))
+    rec = _recorder(tmp_path)
+    rec.handle([("start", "s.json"), ("open", "/m/raw/a/f"), ("end", "s.json"), ("open", "/m/raw/b/f")])
+    assert rec.tracker.opened == {("raw", "b"): 1000.0} and rec.tracker.figures.own == 1
+
+
+def test_a_killed_cleaners_session_stops_covering_once_its_pid_is_gone(tmp_path: Path) -> None:
+    (tmp_path / "reading").mkdir()
+    session = Session(socket.gethostname(), _dead_pid(), 5000.0, frozenset({"raw/a"}))
+    (tmp_path / "reading" / "s.json").write_text(json.dumps(session.to_json()))
+    rec = _recorder(tmp_path)
+    rec.handle([("start", "s.json"), ("open", "/m/raw/a/f")])
+    assert rec.tracker.opened == {("raw", "a"): 1000.0}
+
+
+def test_concurrent_loaders_and_cleaner_sessions_under_load_match_the_oracle(tmp_path: Path) -> None:
+    """Seeded rounds: loader processes and own-reads sessions (in child processes) open random models
+    at once while both cores are busy. Oracle: a model counts as opened exactly when a loader opened it."""
+    seed = int(os.environ.get("OPENS_RACE_SEED", "16"))
+    rng = random.Random(seed)
+    models = tmp_path / "models"
+    names = [f"m{i:02d}" for i in range(12)]
+    for name in names:
+        make_model(models, "raw", name, {f"f{j}": b"x" * 100 for j in range(3)})
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    svc = make_service(tmp_path, STORAGE_OPENS_SWEEP_MODELS="0")
+    svc.start()
+    try:
+        wait_until(svc.ready.is_set, timeout=60)
+        assert svc.opens is not None
+        for round_ in range(4):
+            loaded = set(rng.sample(names, 3))
+            own = set(rng.sample([n for n in names if n not in loaded], 4))
+            before = {m for (_, m) in svc.opens.view()[1]}
+            script = (
+                "import sys; from pathlib import Path; from shared.own_reads import own_reads\n"
+                "from tests.test_opens import load_models\n"
+                "with own_reads(Path(sys.argv[1]), ['raw/' + n for n in sys.argv[3:]]):\n"
+                "    load_models(*[Path(sys.argv[2]) / n for n in sys.argv[3:]])\n"
+            )
+            cleaner = subprocess.Popen(
+                [sys.executable, "-c", script, str(tmp_path / "state"), str(models / "raw"), *sorted(own)],
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+            load_models(*(models / "raw" / n for n in sorted(loaded)))
+            assert cleaner.wait(120) == 0
+            sentinel = names[round_ % len(names)]
+            load_models(models / "raw" / sentinel)  # in kernel order after both
+            wait_until(lambda s=sentinel: ("raw", s) in svc.opens.view()[1] if svc.opens else False, timeout=30)
+            seen = {m for (_, m) in svc.opens.view()[1]}
+            assert seen - before <= loaded | {sentinel}, (seed, round_, seen - before, loaded, own)
+            assert loaded <= seen, (seed, round_, loaded - seen)
+    finally:
+        svc.stop()
+        for burner in burners:
+            burner.kill()
+            burner.wait(10)
