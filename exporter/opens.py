@@ -70,7 +70,7 @@ class OpensTracker:
         self._ignore = re.compile("|".join(fnmatch.translate(g) for g in self.ignore)) if self.ignore else None
         self._held: dict[ModelKey, _Held] = {}
         self._sweep_until = 0.0
-        self._sessions: dict[str, Session] = {}
+        self.sessions: dict[str, Session] = {}
         self.changed = False  # since the last save
 
     # ----- the stream -----
@@ -90,9 +90,9 @@ class OpensTracker:
             elif kind == "start":
                 found = session(value)
                 if found is not None:
-                    self._sessions[value] = found
+                    self.sessions[value] = found
             elif kind == "end":
-                self._sessions.pop(value, None)
+                self.sessions.pop(value, None)
             elif kind == "overflow":
                 self._held.clear()
                 self.since = now
@@ -114,7 +114,7 @@ class OpensTracker:
         if model[0] == "." and is_cleaner_work(model):
             self.figures.own += 1
             return
-        if self._sessions and self._own(f"{tier}/{model}", now, live):
+        if self.sessions and self._own(f"{tier}/{model}", now, live):
             self.figures.own += 1
             return
         if self.sweep_models <= 0:
@@ -136,9 +136,9 @@ class OpensTracker:
             held.last = now
 
     def _own(self, key: str, now: float, live: Callable[[str, Session], bool]) -> bool:
-        for name, s in list(self._sessions.items()):
+        for name, s in list(self.sessions.items()):
             if now > s.deadline or not live(name, s):
-                del self._sessions[name]  # a killed or hung cleaner hides nothing more
+                del self.sessions[name]  # a killed or hung cleaner hides nothing more
                 continue
             if key in s.models:
                 return True

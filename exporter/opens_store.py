@@ -108,6 +108,21 @@ class OpensRecorder:
         except OSError as err:
             log.warning("opens.markers_unavailable", path=str(self.markers), error=err.strerror, outcome=FAILURE)
 
+    def adopt(self) -> None:
+        """Take up the sessions under way when the watch was added (a cleaner that started before
+        this exporter). Called after the watch: a session still active under the lock (which the
+        reader's `handle` also takes) has its end further down the stream."""
+        try:
+            names = sorted(n for n in os.listdir(self.markers) if n.endswith(ACTIVE_SUFFIX))
+        except OSError:
+            return
+        with self._lock:
+            for name in names:
+                if (self.markers / name).exists():
+                    session = self._session(name)
+                    if session is not None:
+                        self.tracker.sessions[name] = session
+
     def _session(self, name: str) -> Session | None:
         try:
             return read_session(self.markers, name)

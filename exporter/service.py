@@ -194,6 +194,8 @@ class ExporterService:
             return
         self._reader = reader
         log.info("watch.started", path=self.root, watches=reader.watches, outcome=SUCCESS)
+        if opens is not None:
+            opens.adopt()
         if reader.marker_error:
             log.warning("opens.markers_unwatched", error=reader.marker_error, outcome=FAILURE)
 

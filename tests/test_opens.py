@@ -424,3 +424,16 @@ def test_concurrent_loaders_and_cleaner_sessions_under_load_match_the_oracle(tmp
         for burner in burners:
             burner.kill()
             burner.wait(10)
+
+
+def test_a_session_under_way_when_the_exporter_starts_is_taken_up(tmp_path: Path) -> None:
+    (tmp_path / "reading").mkdir()
+    session = Session(socket.gethostname(), os.getpid(), 5000.0, frozenset({"raw/a"}))
+    (tmp_path / "reading" / "s.json").write_text(json.dumps(session.to_json()))
+    (tmp_path / "reading" / "t.json").write_text(json.dumps(session.to_json()))
+    (tmp_path / "reading" / "t.json").rename(tmp_path / "reading" / "t.done")  # ended already
+    rec = _recorder(tmp_path)
+    rec.adopt()
+    assert set(rec.tracker.sessions) == {"s.json"}
+    rec.handle([("open", "/m/raw/a/f"), ("end", "s.json"), ("open", "/m/raw/a/g")])
+    assert rec.tracker.figures.own == 1 and rec.tracker.opened == {("raw", "a"): 1000.0}
