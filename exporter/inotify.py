@@ -24,6 +24,9 @@ What the reader guarantees (the updater's guarantees build on these, see exporte
 - R6 (no path too long): a directory whose path passes PATH_MAX is watched through an O_PATH
   descriptor opened by an openat chain (/proc/self/fd/N names it for inotify_add_watch), and listed
   through its descriptor: depth alone never makes the reader fail (exporter.longpath).
+- R7 (opens apart): with opens tracked, an IN_OPEN of a file is never a hint (no lstat, no index
+  work): it becomes an `open` item for exporter.opens, in kernel order with the own-reads marker
+  directory's items (watched on the same descriptor); a directory's own IN_OPEN is dropped first.
 - R4 (no lost hints): one hint per path between moves, in kernel order; a move-from whose move-to is
   in the same read is one `moved` hint; an unpaired move-to is a `created` hint, an unpaired
   move-from a `deleted` one.

@@ -71,7 +71,6 @@ class OpensTracker:
         self._held: dict[ModelKey, _Held] = {}
         self._sweep_until = 0.0
         self.sessions: dict[str, Session] = {}
-        self.changed = False  # since the last save
 
     # ----- the stream -----
 
@@ -96,7 +95,6 @@ class OpensTracker:
             elif kind == "overflow":
                 self._held.clear()
                 self.since = now
-                self.changed = True
         self.tick(now)
 
     def _open(self, path: str, now: float, live: Callable[[str, Session], bool]) -> None:
@@ -104,7 +102,7 @@ class OpensTracker:
         if not path.startswith(self._prefix):
             return
         rel = path[len(self._prefix) :]
-        tier, model = self.layout.classify(tuple(rel.split("/")))
+        tier, model = self.layout.classify(tuple(rel.split("/", 2)[:2]))
         if model is None:
             return
         if self._ignore is not None and self._ignore.fullmatch(rel):
@@ -148,7 +146,6 @@ class OpensTracker:
         self.figures.counted += 1
         if self.opened.get(key, 0.0) < when:
             self.opened[key] = when
-            self.changed = True
 
     def tick(self, now: float) -> None:
         """Count the held opens whose window has passed without a sweep (O4)."""
@@ -166,8 +163,6 @@ class OpensTracker:
         gone = [k for k in self.opened if k not in keep]
         for key in gone:
             del self.opened[key]
-        if gone:
-            self.changed = True
 
     def to_json(self, saved_at: float) -> dict[str, object]:
         return {

@@ -1,7 +1,9 @@
 """The shell around exporter.opens: the state file, marker reads, pid checks, the clock and a lock.
 
-The state file (`<state>/opens.json`) is replaced atomically at most once per save interval while
-something changed, and on a clean stop; a SIGKILL loses at most the opens of the last interval.
+The state file (`<state>/opens.json`) is replaced atomically once per save interval (also when
+nothing changed: its `saved_at` is what tells a restart there was no gap) and on a clean stop; a
+SIGKILL loses at most the opens of the last interval, plus those still held back by the sweep
+window (exporter.opens, O4).
 On start it is loaded; a file that cannot be read or parsed is logged (one line, its path) and
 tracking starts afresh. Tracking continues from the saved `since` only when the exporter was
 down for less than `gap_tolerance` (two save intervals plus a minute): a longer gap may have hidden
@@ -148,7 +150,7 @@ class OpensRecorder:
         return self._clock() - self._last_save >= self.save_interval
 
     def maybe_save(self, present: Iterable[ModelKey] | None, *, force: bool = False) -> None:
-        """Save when the interval has passed (or `force`) and something changed; `present`, when
+        """Save when the interval has passed (or `force`); `present`, when
         given, is every model in the store (the others are forgotten first)."""
         now = self._clock()
         if not force and now - self._last_save < self.save_interval:
@@ -159,7 +161,6 @@ class OpensRecorder:
                 self.tracker.keep_only(present)
             # Saved also unchanged once per interval: `saved_at` is what tells a restart there was no gap.
             data = self.tracker.to_json(now)
-            self.tracker.changed = False
         self._last_save = now
         try:
             write_json_atomically(self.state_file, data)
