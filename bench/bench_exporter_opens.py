@@ -7,8 +7,12 @@ it received (index hints and opens) and the CPU seconds of this process (the exp
 from the child's start until 0.5 s after it exited, with tracking on against the same load with
 tracking off (STORAGE_OPENS_TRACKING=false), alternating, in the same run.
 
+A second phase measures the event path itself: a writer creates BENCH_OPENS_BURST_FILES (20,000)
+files in one model (each create is also an IN_OPEN when opens are tracked), and the exporter's CPU
+seconds until its index holds them all are compared the same way.
+
 Sizes by environment: BENCH_OPENS_FILES (50) of BENCH_OPENS_FILE_MB (40, sparse: 2 GB apparent),
-BENCH_OPENS_ROUNDS (5 loads per mode).
+BENCH_OPENS_ROUNDS (5 loads and bursts per mode).
 """
 
 from __future__ import annotations
@@ -50,6 +54,45 @@ def build(base: Path, files: int, file_mb: int) -> Path:
     return model
 
 
+WRITER = r"""
+import os, sys
+top, count = sys.argv[1], int(sys.argv[2])
+os.makedirs(top)
+for i in range(count):
+    fd = os.open(os.path.join(top, "f%d" % i), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"x")
+    os.close(fd)
+"""
+
+
+def one_burst(base: Path, files: int, tracking: bool, tag: int) -> dict[str, float]:
+    svc = make_service(
+        base,
+        STORAGE_OPENS_TRACKING="true" if tracking else "false",
+        STORAGE_RECONCILE_INTERVAL_SECONDS="0",
+    )
+    svc.start()
+    try:
+        wait_until(svc.ready.is_set, timeout=120)
+        time.sleep(0.5)
+        target = base / "models" / "raw" / f"burst-{tag}"
+        cpu0 = time.process_time()
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", WRITER, str(target), str(files)], check=True, timeout=600)
+
+        def indexed() -> bool:
+            return any(m.model == target.name and m.files == files for m in svc.snapshot().models)
+
+        wait_until(indexed, timeout=300, interval=0.05)
+        seconds = time.monotonic() - started
+        cpu = time.process_time() - cpu0
+        opens = svc.opens.tracker.figures.seen if svc.opens is not None else 0
+        return {"cpu_seconds": cpu, "seconds": seconds, "opens_received": float(opens)}
+    finally:
+        svc.stop()
+        shutil.rmtree(base / "models" / "raw" / f"burst-{tag}", ignore_errors=True)
+
+
 def one_load(base: Path, model: Path, tracking: bool) -> dict[str, float]:
     svc = make_service(
         base,
@@ -85,10 +128,13 @@ def main() -> dict[str, Any]:
     rounds = env_int("BENCH_OPENS_ROUNDS", 5)
     base = BENCH_DIR / "opens"
     model = build(base, files, file_mb)
+    burst_files = env_int("BENCH_OPENS_BURST_FILES", 20_000)
     runs: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
-    for _ in range(rounds):
+    bursts: dict[str, list[dict[str, float]]] = {"on": [], "off": []}
+    for i in range(rounds):
         for mode in ("off", "on"):
             runs[mode].append(one_load(base, model, mode == "on"))
+            bursts[mode].append(one_burst(base, burst_files, mode == "on", i))
 
     def med(mode: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[mode])
@@ -110,7 +156,24 @@ def main() -> dict[str, Any]:
         f"all on: {[round(r['cpu_seconds'] * 1000, 1) for r in runs['on']]} ms, "
         f"off: {[round(r['cpu_seconds'] * 1000, 1) for r in runs['off']]} ms"
     )
-    figures = {"files": files, "file_mb": file_mb, "rounds": rounds, "runs": runs, "cpu_ratio": ratio}
+    on_b = statistics.median(r["cpu_seconds"] for r in bursts["on"])
+    off_b = statistics.median(r["cpu_seconds"] for r in bursts["off"])
+    report(
+        f"  burst of {burst_files:,} creates in one model (median): exporter CPU until indexed "
+        f"{on_b:.2f} s on, {off_b:.2f} s off: ratio {on_b / off_b:.2f}x; "
+        f"opens received {statistics.median(r['opens_received'] for r in bursts['on']):.0f}; "
+        f"all on {[round(r['cpu_seconds'], 2) for r in bursts['on']]}, "
+        f"off {[round(r['cpu_seconds'], 2) for r in bursts['off']]}"
+    )
+    figures = {
+        "files": files,
+        "file_mb": file_mb,
+        "rounds": rounds,
+        "runs": runs,
+        "cpu_ratio": ratio,
+        "bursts": bursts,
+        "burst_cpu_ratio": on_b / off_b,
+    }
     write_result("exporter_opens", figures)
     shutil.rmtree(base, ignore_errors=True)
     return figures
