@@ -287,7 +287,8 @@ class _Builder:
             files=facts.files,
             last_changed=facts.last_changed,
             age_seconds=max(self.now - facts.last_changed, 0.0),
-            requests=facts.requests if served(facts, self.view) else None,
+            # Opens give the policies a stand-in figure, not a count of requests (cleaner/usage_source.py).
+            requests=facts.requests if served(facts, self.view) and facts.usage_source != "opens" else None,
             policy=policy,
             reason=reason,
         )
@@ -408,7 +409,7 @@ def _size(
             f"{fmt_bytes(low)}, fewest requests then largest first"
         )
         if served(f, view):
-            reason += f" ({fmt_requests(f.requests)} requests)"
+            reason += f" ({usage_words(f, view) if f.usage_source else f'{fmt_requests(f.requests)} requests'})"
         select(f, "size", ("evict", None, reason))
         if f.key in build.evicted:
             total -= f.bytes

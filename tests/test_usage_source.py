@@ -161,3 +161,37 @@ def test_opens_not_tracked_over_the_window_leave_unopened_models_unknown() -> No
 def test_model_files_are_still_there(stack: dict[str, Any]) -> None:
     """Planning never touches the store."""
     assert sorted(os.listdir(Path(stack["models"]) / "repository")) == sorted(MODELS)
+
+
+def test_both_is_used_if_either_says_so_and_unused_only_when_both_know() -> None:
+    view = PolicyView(timeframe_seconds=100.0, usage_tiers=("repository",), min_requests=5.0)
+    requests = {"used-req": 9.0, "unused-both": 1.0, "unused-req-only": 1.0, "no-series-opened": None}
+    facts = [ModelFacts("repository", m, 10, 1, 0.0, requests=r) for m, r in requests.items()]
+    opened = {("repository", "no-series-opened"): 990.0}
+    # Tracked over the window: every model not opened is unused by opens.
+    done, _ = choose(facts, Coverage(100.0, 100.0), Opens(800.0, opened), "both", view, 1000.0)
+    got = {f.model: (f.requests, f.usage_source) for f in done}
+    assert got == {
+        "used-req": (9.0, "requests"),
+        "unused-both": (1.0, "requests"),
+        "unused-req-only": (1.0, "requests"),
+        "no-series-opened": (5.0, "opens"),
+    }
+    # Tracking too young: requests alone cannot say unused.
+    done, _ = choose(facts, Coverage(100.0, 100.0), Opens(950.0, opened), "both", view, 1000.0)
+    got = {f.model: (f.requests, f.usage_source) for f in done}
+    assert got["unused-both"] == (None, "requests+opens") and got["used-req"] == (9.0, "requests")
+
+
+def test_an_eviction_by_opens_carries_no_request_count_and_names_its_source() -> None:
+    from cleaner.policies import decide
+
+    view = PolicyView(
+        policies=("usage",), timeframe_seconds=100.0, usage_tiers=("repository",), grace_seconds=0.0,
+        allow_large=True,
+    )  # fmt: skip
+    facts = [ModelFacts("repository", m, 10, 1, 0.0) for m in ("a", "b")]
+    done, coverage = choose(facts, Coverage(100.0, 0.0, blind=True), Opens(0.0, {}), "opens", view, 1000.0)
+    decision = decide(done, coverage, view, 1000.0)
+    assert [(e.model, e.requests) for e in decision.evictions] == [("a", None), ("b", None)]
+    assert all(e.reason == "not opened in 1.7 min (usage source: last opened)" for e in decision.evictions)
