@@ -250,14 +250,15 @@ def test_sigkill_loses_at_most_the_last_save_interval(tmp_path: Path) -> None:
     the open is saved once an interval (plus slack) has passed, and the restart serves the file."""
     models = tmp_path / "models"
     interval = 1.0
-    slack = 1.5  # event reading and a contended machine
+    slack = 3.0  # event reading and a contended machine
     names = [f"m{i}" for i in range(6)]
     for name in names:
         make_model(models, "raw", name, {"f": b"x"})
     state = tmp_path / "state" / "opens.json"
     env = {"STORAGE_OPENS_SWEEP_MODELS": "0", "STORAGE_OPENS_SAVE_INTERVAL_SECONDS": str(interval)}
     saved: dict[str, float] = {}
-    for kill_after, name in zip((0.0, 0.4, 0.9, 1.6, 2.6, 3.5), names, strict=True):
+    bounded = 0  # rounds killed long enough after the open that it must have been saved
+    for kill_after, name in zip((0.0, 0.4, 0.9, 1.6, 2.6, 4.5), names, strict=True):
         before = dict(saved)
         proc = start_exporter(models, tmp_path, tmp_path, **env)
         load_models(models / "raw" / name)
@@ -271,6 +272,7 @@ def test_sigkill_loses_at_most_the_last_save_interval(tmp_path: Path) -> None:
         assert {k: saved.get(k) for k in before} == before
         if killed - opened_at > interval + slack:
             assert f"raw/{name}" in saved, (name, killed - opened_at, saved)
+            bounded += 1
         restarted = start_exporter(models, tmp_path, tmp_path, **env)
         try:
             samples = parse_metrics(http_get(restarted.url + "/metrics")[1].decode())
@@ -279,6 +281,7 @@ def test_sigkill_loses_at_most_the_last_save_interval(tmp_path: Path) -> None:
         finally:
             assert restarted.stop() == 0
         saved = json.loads(state.read_text())["opened"] if state.exists() else {}
+    assert bounded >= 1
     # A clean stop saves everything at once.
     proc = start_exporter(models, tmp_path, tmp_path, **env | {"STORAGE_OPENS_SAVE_INTERVAL_SECONDS": "3600"})
     load_models(*(models / "raw" / n for n in names))
