@@ -423,6 +423,10 @@ class ExporterService:
             self.polling_reason = reader.failure or "inotify reader stopped"
         reader.stop()
         self._reader = None
+        # Opens are no longer seen: the last save's time is where tracking stopped, so a restart
+        # after a longer gap starts `since` afresh (exporter.opens_store).
+        self._save_opens(force=True)
+        self.opens = None
         log.warning("watch.polling", path=self.root, reason=self.polling_reason, outcome=FAILURE, error=reader.failure)
 
     def _apply(self, tree: Tree, batch: list[RawEvent]) -> None:

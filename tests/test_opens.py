@@ -440,3 +440,23 @@ def test_a_session_under_way_when_the_exporter_starts_is_taken_up(tmp_path: Path
     assert set(rec.tracker.sessions) == {"s.json"}
     rec.handle([("open", "/m/raw/a/f"), ("end", "s.json"), ("open", "/m/raw/a/g")])
     assert rec.tracker.figures.own == 1 and rec.tracker.opened == {("raw", "a"): 1000.0}
+
+
+def test_falling_back_to_polling_saves_and_stops_tracking(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    loaded = make_model(models, "raw", "a", {"f": b"1"})
+    svc = make_service(tmp_path, STORAGE_OPENS_SWEEP_MODELS="0", STORAGE_OPENS_SAVE_INTERVAL_SECONDS="3600")
+    svc.start()
+    try:
+        wait_until(svc.ready.is_set, timeout=60)
+        load_models(loaded)
+        wait_until(lambda: svc.snapshot().last_opened, timeout=30)
+        assert svc._reader is not None
+        svc._reader.failed = True  # what a failed read or watch sets; the updater falls back
+        wait_until(lambda: svc.polling and svc.opens is None, timeout=30)
+        snap = svc.snapshot()
+        assert snap.opens_since is None and snap.last_opened == ()
+        saved = json.loads((tmp_path / "state" / "opens.json").read_text())
+        assert set(saved["opened"]) == {"raw/a"} and saved["saved_at"] <= time.time()
+    finally:
+        svc.stop()
