@@ -2,7 +2,8 @@
 rate, /metrics (and /storage/info) while a burst is applied, idle CPU.
 
 Sizes by environment: BENCH_MODELS (10,000), BENCH_BURST_FILES (100,000), BENCH_SUSTAINED_RATE (20,000
-files/s) for BENCH_SUSTAINED_SECONDS (5), BENCH_LATENCY_WRITES (1,000 at 100/s), BENCH_IDLE_SECONDS (10).
+files/s) for BENCH_SUSTAINED_SECONDS (5), BENCH_LATENCY_WRITES (1,000 at 100/s), BENCH_IDLE_SECONDS (10);
+BENCH_OPENS_TRACKING=false measures without last-opened tracking (every create is also an IN_OPEN).
 BENCH_EVENTS_DIR picks the filesystem (default: the temp dir; a disk mounted with `discard` creates
 files at a varying 5,000-25,000/s, so the same writer is first timed alone, unwatched, as the baseline).
 """
@@ -232,7 +233,13 @@ def main() -> dict[str, object]:
             model.mkdir()
             (model / "w.bin").write_bytes(b"w" * (i % 100))
         proc = start_exporter(
-            models, base, logs, STORAGE_SCAN_WORKERS="0", STORAGE_READ_TOKEN=TOKEN, STORAGE_LOG_LEVEL="warning"
+            models,
+            base,
+            logs,
+            STORAGE_SCAN_WORKERS="0",
+            STORAGE_READ_TOKEN=TOKEN,
+            STORAGE_LOG_LEVEL="warning",
+            STORAGE_OPENS_TRACKING=os.environ.get("BENCH_OPENS_TRACKING", "true"),
         )
         try:
             pid = proc.popen.pid

@@ -16,6 +16,7 @@ from cleaner.policies import (
     guard,
     served,
     usage_verdict,
+    usage_words,
 )
 
 
@@ -53,7 +54,7 @@ def explain(facts: ModelFacts, coverage: Coverage, view: PolicyView, now: float,
                 check("usage", "skipped", coverage.describe())
             else:
                 verdict = usage_verdict(facts, view, now)
-                enough = f"{fmt_requests(facts.requests)} requests (>= {view.min_requests:g})"
+                enough = usage_words(facts, view)
                 check("usage", verdict[0] if verdict else "pass", verdict[2] if verdict else enough)
         else:
             size = plan.evidence.get("size") or {}
@@ -81,6 +82,7 @@ def explain(facts: ModelFacts, coverage: Coverage, view: PolicyView, now: float,
         "last_changed": facts.last_changed,
         "age_seconds": max(now - facts.last_changed, 0.0),
         "requests": facts.requests if served(facts, view) else None,
+        "usage_source": (facts.usage_source or "requests") if served(facts, view) else None,
         "partial": facts.partial,
         "coverage": coverage.to_json(),
         "checks": checks,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from string import Template
 from typing import Any
 
+from cleaner import usage_source
 from cleaner.plan_values import ModelFacts
 from cleaner.policies import Coverage, PolicyView
 from cleaner.prom import PromClient, QueryResult, Sample, shorten
@@ -182,7 +183,8 @@ def fetch(client: PromClient, cleaner: CleanerSettings, view: PolicyView, now: f
     )
     window = view.timeframe_seconds
     coverage = Coverage(window_seconds=window, covered_seconds=0.0, queried=False)
-    if view.needs_usage():
+    source = cleaner.usage_source
+    if view.needs_usage() and source != usage_source.OPENS:
         template = cleaner.usage_query
         label = cleaner.usage_label
         if matchers and "$matchers" not in template and "${matchers}" not in template:
@@ -207,4 +209,7 @@ def fetch(client: PromClient, cleaner: CleanerSettings, view: PolicyView, now: f
                 hint=f"labels seen: {', '.join(sorted(usage_result.samples[0].labels)) or 'none'}",
             )
         facts = attach_usage(facts, usage, view.usage_tiers)
+    if view.needs_usage() and source != usage_source.REQUESTS:
+        opens = usage_source.fetch_opens(run, matchers)
+        facts, coverage = usage_source.choose(facts, coverage, opens, source, view, now)
     return Inventory(tuple(facts), coverage, tuple(results), tuple(warnings))

@@ -27,6 +27,7 @@ class ModelFacts:
     partial: bool = False  # holds *.incomplete/*.partial/*.tmp/*.lock: a download in progress
     hold: str = ""  # why the filesystem check keeps it (a `.keep` marker, unreadable); empty = nothing
     hold_code: str = ""  # the shared.reasons.Reason of `hold`
+    usage_source: str = ""  # which signal gave `requests` (cleaner.usage_source); "" = requests, as always
 
     @property
     def key(self) -> str:

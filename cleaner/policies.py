@@ -246,6 +246,26 @@ def size_order(facts: ModelFacts, view: PolicyView) -> tuple[float, int, float, 
     return (requests, -facts.bytes, facts.last_changed, facts.key)
 
 
+def usage_words(facts: ModelFacts, view: PolicyView) -> str:
+    """The model's usage in the words of the source that gave it (cleaner/usage_source.py)."""
+    window = fmt_duration(view.timeframe_seconds)
+    used = facts.requests is not None and facts.requests >= view.min_requests
+    if facts.usage_source == "opens":
+        return f"{'opened' if used else 'not opened'} in {window} (usage source: last opened)"
+    words = f"{fmt_requests(facts.requests)} requests in {window} ({'>=' if used else '<'} {view.min_requests:g})"
+    return f"{words} (usage source: requests)" if facts.usage_source else words
+
+
+def unknown_words(facts: ModelFacts) -> str:
+    if facts.usage_source == "opens":
+        return (
+            "not opened since opens tracking began, which does not cover the usage window (usage source: last opened)"
+        )
+    if facts.usage_source == "requests+opens":
+        return "neither request counters nor last opened cover the usage window for this model"
+    return "no usage series for this model"
+
+
 def usage_order(facts: ModelFacts) -> tuple[float, int, str]:
     return (facts.requests if facts.requests is not None else float("inf"), -facts.bytes, facts.key)
 
@@ -268,7 +288,8 @@ class _Builder:
             files=facts.files,
             last_changed=facts.last_changed,
             age_seconds=max(self.now - facts.last_changed, 0.0),
-            requests=facts.requests if served(facts, self.view) else None,
+            # Opens give the policies a stand-in figure, not a count of requests (cleaner/usage_source.py).
+            requests=facts.requests if served(facts, self.view) and facts.usage_source != "opens" else None,
             policy=policy,
             reason=reason,
         )
@@ -286,27 +307,24 @@ def age_verdict(facts: ModelFacts, coverage: Coverage, view: PolicyView, now: fl
     old = f"unchanged for {fmt_duration(age)} (> {fmt_duration(view.age_seconds)})"
     if not served(facts, view):
         return "evict", None, old
-    window = fmt_duration(view.timeframe_seconds)
     if facts.requests is not None and facts.requests >= view.min_requests:
-        enough = f"{fmt_requests(facts.requests)} requests in {window} (>= {view.min_requests:g})"
-        return "keep", Reason.ENOUGH_REQUESTS, sentence(Reason.ENOUGH_REQUESTS, enough)
+        return "keep", Reason.ENOUGH_REQUESTS, sentence(Reason.ENOUGH_REQUESTS, usage_words(facts, view))
     if facts.requests is None:
-        return "keep", Reason.UNKNOWN_USAGE, sentence(Reason.UNKNOWN_USAGE, f"no usage series for this model; {old}")
+        return "keep", Reason.UNKNOWN_USAGE, sentence(Reason.UNKNOWN_USAGE, f"{unknown_words(facts)}; {old}")
     if not coverage.complete:
         return "keep", Reason.UNKNOWN_USAGE, sentence(Reason.UNKNOWN_USAGE, f"{coverage.describe()}; {old}")
-    return "evict", None, f"{old}, {fmt_requests(facts.requests)} requests in {window} (< {view.min_requests:g})"
+    return "evict", None, f"{old}, {usage_words(facts, view)}"
 
 
 def usage_verdict(facts: ModelFacts, view: PolicyView, now: float) -> Verdict | None:
     """The usage policy's view of a model of a served tier (coverage is checked by the caller)."""
     if not served(facts, view):
         return None
-    window = fmt_duration(view.timeframe_seconds)
     if facts.requests is None:
-        return "keep", Reason.UNKNOWN_USAGE, sentence(Reason.UNKNOWN_USAGE, "no usage series for this model")
+        return "keep", Reason.UNKNOWN_USAGE, sentence(Reason.UNKNOWN_USAGE, unknown_words(facts))
     if facts.requests >= view.min_requests:
         return None
-    few = f"{fmt_requests(facts.requests)} requests in {window} (< {view.min_requests:g})"
+    few = usage_words(facts, view)
     age = now - facts.last_changed
     if age < view.timeframe_seconds:
         young = f"{few}, but changed {fmt_duration(max(age, 0.0))} ago"
@@ -392,7 +410,7 @@ def _size(
             f"{fmt_bytes(low)}, fewest requests then largest first"
         )
         if served(f, view):
-            reason += f" ({fmt_requests(f.requests)} requests)"
+            reason += f" ({usage_words(f, view) if f.usage_source else f'{fmt_requests(f.requests)} requests'})"
         select(f, "size", ("evict", None, reason))
         if f.key in build.evicted:
             total -= f.bytes

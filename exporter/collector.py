@@ -3,6 +3,8 @@
 Series it emits (see shared/metric_names.py):
     model_storage_bytes{tier} / _files{tier} / _models{tier}
     model_storage_model_bytes{tier,model} / _model_files / _model_last_changed_timestamp_seconds
+    model_storage_model_last_opened_timestamp_seconds{tier,model} (only models seen opened),
+    model_storage_opens_tracking_since_timestamp_seconds (only while opens are tracked)
     model_storage_capacity_bytes, model_storage_filesystem_size_bytes / _avail_bytes
     model_storage_scan_duration_seconds, model_storage_last_full_scan_timestamp_seconds,
     model_storage_scan_failures_total
@@ -92,6 +94,7 @@ class StorageCollector(Collector):
         yield from self._tiers(snap)
         if models:
             yield from self._models(snap)
+        yield from self._opens(snap)
         yield from self._capacity_and_fs()
         yield from self._health(snap)
         yield from self._cleanup()
@@ -134,6 +137,24 @@ class StorageCollector(Collector):
             changed.add_metric(key, stat.changed)
             allocated.add_metric(key, stat.allocated)
         yield from (size, files, changed, allocated)
+
+    def _opens(self, snap: Snapshot) -> Iterator[Metric]:
+        """O(models seen opened), outside the per-model cache: a scrape reads them fresh."""
+        if snap.opens_since is None:
+            return
+        yield GaugeMetricFamily(
+            m.OPENS_TRACKING_SINCE,
+            "Since when opens of model files are tracked without a gap (a model not opened since is unused).",
+            snap.opens_since,
+        )
+        opened = GaugeMetricFamily(
+            m.MODEL_LAST_OPENED,
+            "When a file of the model was last opened by anyone but model-storage, seconds.",
+            labels=[m.TIER_LABEL, m.MODEL_LABEL],
+        )
+        for tier, model, ts in sorted(snap.last_opened):
+            opened.add_metric([tier, name_text(model)], ts)
+        yield opened
 
     def _capacity_and_fs(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(m.CAPACITY_BYTES, "Configured capacity of the models path, bytes.", self._capacity)

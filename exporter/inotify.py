@@ -24,6 +24,9 @@ What the reader guarantees (the updater's guarantees build on these, see exporte
 - R6 (no path too long): a directory whose path passes PATH_MAX is watched through an O_PATH
   descriptor opened by an openat chain (/proc/self/fd/N names it for inotify_add_watch), and listed
   through its descriptor: depth alone never makes the reader fail (exporter.longpath).
+- R7 (opens apart): with opens tracked, an IN_OPEN of a file is never a hint (no lstat, no index
+  work): it becomes an `open` item for exporter.opens, in kernel order with the own-reads marker
+  directory's items (watched on the same descriptor); a directory's own IN_OPEN is dropped first.
 - R4 (no lost hints): one hint per path between moves, in kernel order; a move-from whose move-to is
   in the same read is one `moved` hint; an unpaired move-to is a `created` hint, an unpaired
   move-from a `deleted` one.
@@ -43,9 +46,11 @@ from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchDescr
 from watchdog.observers.inotify_c import InotifyConstants as C
 
 from exporter.longpath import PATH_FLAGS, lstat, open_path, too_long
+from exporter.opens import OpenItem
 from exporter.watcher import RawEvent
 
-# Reads are not events: no IN_OPEN, IN_ACCESS or IN_CLOSE_NOWRITE ever reach the kernel queue.
+# Reads are not events: no IN_ACCESS or IN_CLOSE_NOWRITE ever reach the kernel queue. IN_OPEN is
+# added when opens are tracked (OPENS_MASK): one event per open(), none per read() or mmap page.
 MASK = Mask(
     C.IN_CREATE
     | C.IN_MODIFY
@@ -63,7 +68,11 @@ READ_BUFFER = 512 * 1024
 # A chunk much smaller than the buffer means the queue was nearly empty: wait a moment and let
 # the kernel gather more (its queue holds 16,384 events, ~0.3 s of a 20,000 files/s writer).
 GATHER_SECONDS = 0.01
+OPENS_MASK = Mask(MASK | C.IN_OPEN)
+# The own-reads marker directory (shared.own_reads): arrivals and ends of sessions only.
+MARKER_MASK = Mask(C.IN_MOVED_TO | C.IN_MOVED_FROM | C.IN_DELETE | C.IN_ONLYDIR | C.IN_DONT_FOLLOW)
 _CALLBACK_ID = CallbackId(1)
+_IN_OPEN = C.IN_OPEN
 _IN_Q_OVERFLOW = C.IN_Q_OVERFLOW
 _IN_IGNORED = C.IN_IGNORED
 _IN_ISDIR = C.IN_ISDIR
@@ -75,9 +84,6 @@ _IN_ATTRIB = C.IN_ATTRIB
 # Errors that mean "not now" for one directory, not "events can no longer be trusted" (R1).
 _UNWATCHABLE = (errno.EACCES, errno.EPERM)
 UNWATCHED_LIMIT = 10_000
-
-
-_LONG_MASK = Mask(MASK & ~C.IN_DONT_FOLLOW)
 
 
 def _subdirs(path: str) -> list[str]:
@@ -161,8 +167,18 @@ class InotifyReader:
         on_overflow: Callable[[str], None],
         on_watch_error: Callable[[str, OSError], None],
         leaf_device: int | None = None,
+        on_opens: Callable[[list[OpenItem]], None] | None = None,
+        marker_dir: str | None = None,
     ) -> None:
         self.root = root
+        # Opens of files (exporter.opens), in kernel order with the own-reads markers; None: not tracked.
+        self._on_opens = on_opens
+        self._mask = OPENS_MASK if on_opens is not None else MASK
+        self._long_mask = Mask(self._mask & ~C.IN_DONT_FOLLOW)
+        self._marker_dir = marker_dir if on_opens is not None else None
+        self._marker_wd = -1
+        self._opens: list[OpenItem] = []
+        self.marker_error = ""  # why the marker directory is not watched, if it is not
         # Directories on this device with st_nlink 2 have no subdirectories (see fsinfo.COUNTS_SUBDIRS):
         # watching a tree lists only the others, not every file of a million-file store.
         self._leaf_device = leaf_device
@@ -198,11 +214,24 @@ class InotifyReader:
         try:
             with self._map_lock:
                 self._watch_tree(self.root, strict=True)
+                self._watch_markers()
         except OSError:
             self._fd.close()
             raise
         self._thread = threading.Thread(target=self._run, name="inotify-reader", daemon=True)
         self._thread.start()
+
+    def _watch_markers(self) -> None:
+        """Watch the own-reads marker directory on the same descriptor, so its events are ordered
+        with the opens they cover. Best effort: without it, the cleaner's own opens count as use."""
+        if self._marker_dir is None:
+            return
+        try:
+            self._marker_wd = self._fd.add_callback(
+                os.fsencode(self._marker_dir), MARKER_MASK, self._callback, _CALLBACK_ID
+            )
+        except OSError as err:
+            self.marker_error = f"{self._marker_dir}: {err.strerror or err}"
 
     def stop(self) -> None:
         self._stop.set()
@@ -264,7 +293,7 @@ class InotifyReader:
             # Adding an existing watch is how we re-check it; watchdog warns about that.
             warnings.simplefilter("ignore", RuntimeWarning)
             try:
-                return self._fd.add_callback(os.fsencode(path), MASK, self._callback, _CALLBACK_ID)
+                return self._fd.add_callback(os.fsencode(path), self._mask, self._callback, _CALLBACK_ID)
             except OSError as err:
                 if not too_long(err):
                     raise
@@ -274,7 +303,7 @@ class InotifyReader:
             fd = open_path(path, PATH_FLAGS)
             try:
                 proc = f"/proc/self/fd/{fd}".encode()
-                return self._fd.add_callback(proc, _LONG_MASK, self._callback, _CALLBACK_ID)
+                return self._fd.add_callback(proc, self._long_mask, self._callback, _CALLBACK_ID)
             finally:
                 os.close(fd)
 
@@ -390,14 +419,25 @@ class InotifyReader:
                 return
             with self._map_lock:
                 hints = self.translate((e.wd, e.mask, e.cookie, e.name) for e in events)
+            opens = self.take_opens()
+            if opens and self._on_opens is not None:
+                self._on_opens(opens)
             if hints and not self._handoff.put(hints):
                 self._on_overflow("handoff_queue_full")
             if len(events) < 256:
                 self._stop.wait(GATHER_SECONDS)
 
+    def take_opens(self) -> list[OpenItem]:
+        """The opens and marker items the last `translate` found, in kernel order."""
+        opens, self._opens = self._opens, []
+        return opens
+
     def translate(self, raw: Iterable[tuple[int, int, int, bytes]]) -> list[RawEvent]:
-        """One chunk of kernel events to hints: one per path between moves, moves paired by cookie."""
+        """One chunk of kernel events to hints: one per path between moves, moves paired by cookie.
+        Opens are no hints: they go to `take_opens`, with the marker items."""
         out: list[RawEvent] = []
+        opens = self._opens
+        marker_wd = self._marker_wd
         touched: dict[str, str] = {}  # path -> created | deleted (the parent changes too) | modified
         # cookie -> (path, is_dir, its watched subtree then, event number)
         moved_from: dict[int, tuple[str, bool, list[tuple[str, int]], int]] = {}
@@ -412,6 +452,19 @@ class InotifyReader:
 
         for wd, mask, cookie, name in raw:
             self._seq += 1
+            if mask & _IN_OPEN:
+                # A directory's own open (listing it) has IN_ISDIR, or no name when the watched one
+                # itself is opened: never use. Checked first, so an open costs two tests and an append.
+                if name and not mask & _IN_ISDIR:
+                    parent = paths.get(wd)
+                    if parent is not None:
+                        opens.append(("open", parent + "/" + fsdecode(name)))
+                continue
+            if wd == marker_wd and not mask & (_IN_Q_OVERFLOW | _IN_IGNORED):
+                marker = fsdecode(name)
+                if marker.endswith(".json"):
+                    opens.append(("start" if mask & _IN_MOVED_TO else "end", marker))
+                continue
             if mask & _IN_Q_OVERFLOW:
                 self._recover_from_overflow()
                 continue
@@ -475,5 +528,7 @@ class InotifyReader:
 
     def _recover_from_overflow(self) -> None:
         # Directories made while events were lost have no watch yet: add them before the rescan.
+        if self._on_opens is not None:
+            self._opens.append(("overflow", ""))  # opens were lost too: a gap in the tracking
         self._watch_tree(self.root)
         self._on_overflow("inotify_queue_overflow")

@@ -103,6 +103,7 @@ class PageData:
     scrub: ScrubView | None = None  # None: the scrub is off (STORAGE_SCRUB_STATS_PER_SECOND=0)
     allocated_tracked: bool = False
     last_opened_tracked: bool = False
+    opens_since: float | None = None  # since when opens are tracked without a gap (exporter/opens.py)
     links: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (path, label): fixed by the caller
 
     @property
@@ -133,6 +134,8 @@ def page_data(
     links: tuple[tuple[str, str], ...] = (),
     scrub: ScrubView | None = None,
     allocated: Mapping[str, int] | None = None,
+    last_opened: Mapping[tuple[str, str], float] | None = None,
+    opens_since: float | None = None,
 ) -> PageData:
     """The page's data from a snapshot's parts: the largest models picked in O(models log k). Pure."""
     largest = heapq.nsmallest(LARGEST_SHOWN, models, key=lambda s: (-s.bytes, s.tier, s.model)) if show_details else []
@@ -149,7 +152,15 @@ def page_data(
         last_full_scan=last_full_scan if last_full_scan > 0 else None,
         models_total=len(models),
         largest=tuple(
-            ModelRow(s.tier, s.model, s.bytes, s.files, s.changed if s.changed > 0 else None) for s in largest
+            ModelRow(
+                s.tier,
+                s.model,
+                s.bytes,
+                s.files,
+                s.changed if s.changed > 0 else None,
+                (last_opened or {}).get((s.tier, s.model)),
+            )
+            for s in largest
         ),
         show_details=show_details,
         token_rejected=token_rejected,
@@ -160,6 +171,8 @@ def page_data(
         links=links,
         scrub=scrub,
         allocated_tracked=allocated is not None,
+        last_opened_tracked=opens_since is not None,
+        opens_since=opens_since,
     )
 
 
@@ -207,6 +220,12 @@ def _when(timestamp: float | None, now: float) -> str:
     if timestamp is None:
         return "<span class='muted'>never</span>"
     return f"{_stamp(timestamp)} <span class='muted'>({human_age(now - timestamp)} ago)</span>"
+
+
+def _opened(timestamp: float | None, data: PageData) -> str:
+    if timestamp is None and data.opens_since is not None:
+        return f"<span class='muted'>not since {_stamp(data.opens_since)}</span>"
+    return _when(timestamp, data.generated_at)
 
 
 def _bytes_cell(n: int) -> str:
@@ -386,7 +405,7 @@ def _largest(data: PageData) -> str:
             "<svg width='160' height='10' viewBox='0 0 160 10' xmlns='http://www.w3.org/2000/svg' aria-hidden='true'>"
             f"<rect width='{width:.1f}' height='10' fill='{color}'/></svg>"
         )
-        opened = f"<td class='when'>{_when(r.last_opened, data.generated_at)}</td>" if data.last_opened_tracked else ""
+        opened = f"<td class='when'>{_opened(r.last_opened, data)}</td>" if data.last_opened_tracked else ""
         rows.append(
             f"<tr class='model'><td>{_h(r.tier)}</td><td class='name'>{_h(r.model)}</td>{_bytes_cell(r.bytes)}"
             f"<td>{spark}</td><td class='num'>{r.files:,}</td>"
@@ -397,7 +416,14 @@ def _largest(data: PageData) -> str:
         f"<th>last changed</th>{opened_head}</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
     )
     if not data.last_opened_tracked:
-        out.append("<p class='gap' id='last-opened-gap'>Last opened: not tracked by this exporter yet.</p>")
+        out.append(
+            "<p class='gap' id='last-opened-gap'>Last opened: not tracked by this exporter (off, or polling).</p>"
+        )
+    elif data.opens_since is not None:
+        out.append(
+            f"<p class='muted' id='last-opened-note'>Last opened: by anyone but model-storage; tracked since "
+            f"{_stamp(data.opens_since)}.</p>"
+        )
     out.append("</section>")
     return "".join(out)
 

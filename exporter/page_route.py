@@ -73,6 +73,8 @@ def page_routes(api: StorageApi, *, state_path: Path, trash_limit_bytes: int, sc
             links=LINKS,
             scrub=_scrub_view(snap.scrub) if scrub_enabled else None,
             allocated=snap.allocated,
+            last_opened={(t, m): ts for t, m, ts in snap.last_opened} if show_details else None,
+            opens_since=snap.opens_since,
         )
         return render_page(data)
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from exporter.fsinfo import network_filesystem, subdir_counting_device, watch_limit
 from exporter.inotify import Handoff, InotifyReader
 from exporter.mounts import MountWatcher
+from exporter.opens_store import OpensRecorder
 from exporter.scan import ScanFailedError, Scanner
 from exporter.scrub import Finding, Scrubber, ScrubFigures, apply_finding
 from exporter.tree import ModelStat, Parts, Tree
@@ -64,6 +65,10 @@ class Snapshot:
     scrub: ScrubFigures = field(default_factory=ScrubFigures)
     scan_failures_total: int = 0
     allocated: dict[str, int] = field(default_factory=dict)  # tier -> allocated bytes
+    # Last opened (exporter.opens): since when tracking has no gap (None: not tracked), and
+    # (tier, model, timestamp) of the models in the index that were seen opened.
+    opens_since: float | None = None
+    last_opened: tuple[tuple[str, str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +122,17 @@ class ExporterService:
         budget = settings.exporter.scrub_stats_per_second
         self.mounts = MountWatcher(self.root, self._mount_changed, self._stop)
         self.updater.inner_mounts = self.mounts.has_inner
+        self.opens: OpensRecorder | None = None
+        if settings.exporter.opens_tracking and not self.polling:
+            self.opens = OpensRecorder(
+                self.root,
+                settings.layout,
+                settings.state_path,
+                ignore=settings.exporter.opens_ignore,
+                sweep_models=settings.exporter.opens_sweep_models,
+                sweep_window=settings.exporter.opens_sweep_window_seconds,
+                save_interval=settings.exporter.opens_save_interval_seconds,
+            )
         self.scrubber = (
             Scrubber(
                 self.root, budget, self._with_tree, self._scrub_findings.put, self._rewatch, self.ready, self._stop
@@ -157,8 +173,17 @@ class ExporterService:
             self.scrubber.start()  # it waits for the initial scan
 
     def _start_reader(self) -> None:
+        opens = self.opens
+        if opens is not None:
+            opens.prepare()
         reader = InotifyReader(
-            self.root, self.events, self._on_overflow, self._on_watch_error, subdir_counting_device(self.root)
+            self.root,
+            self.events,
+            self._on_overflow,
+            self._on_watch_error,
+            subdir_counting_device(self.root),
+            on_opens=opens.handle if opens is not None else None,
+            marker_dir=str(opens.markers) if opens is not None else None,
         )
         try:
             reader.start()
@@ -170,6 +195,10 @@ class ExporterService:
             return
         self._reader = reader
         log.info("watch.started", path=self.root, watches=reader.watches, outcome=SUCCESS)
+        if opens is not None:
+            opens.adopt()
+        if reader.marker_error:
+            log.warning("opens.markers_unwatched", error=reader.marker_error, outcome=FAILURE)
 
     def stop(self) -> None:
         self._stop.set()
@@ -182,6 +211,8 @@ class ExporterService:
             self.scrubber.join(timeout=30)
         if self._thread is not None:
             self._thread.join(timeout=30)
+            # After the updater (which saves on its interval): one writer of the state file at a time.
+            self._save_opens(force=True)
             log.info("exporter.stopped", outcome=SUCCESS)
 
     def is_alive(self) -> bool:
@@ -217,6 +248,12 @@ class ExporterService:
 
     def _snapshot_locked(self, models: bool) -> Snapshot:
         c = self.counters
+        opens_since: float | None = None
+        last_opened: tuple[tuple[str, str, float], ...] = ()
+        if self.opens is not None and not self.polling:
+            opens_since, opened = self.opens.view()
+            present = self.tree.models
+            last_opened = tuple((t, m, ts) for (t, m), ts in opened.items() if (t, m) in present)
         return Snapshot(
             tiers=self.tree.tier_totals(),
             allocated=self.tree.tier_allocated(),
@@ -232,6 +269,8 @@ class ExporterService:
             watches=self._reader.watches if self._reader is not None else 0,
             scan_failures_total=c.scan_failures,
             scrub=self.scrubber.figures() if self.scrubber is not None else ScrubFigures(),
+            opens_since=opens_since,
+            last_opened=last_opened,
         )
 
     def watch_limit(self) -> int | None:
@@ -321,8 +360,18 @@ class ExporterService:
                 self._apply(self.tree, batch)
             self._run_due_settles()
             self._apply_scrub_findings()
+            self._save_opens()
             if self.updater.links_pending(self.tree) and time.monotonic() >= self._next_link_pass:
                 self._resolve_links()
+
+    def _save_opens(self, *, force: bool = False) -> None:
+        """Save the last-opened state when due (models gone from the index are forgotten first)."""
+        opens = self.opens
+        if opens is None or not (force or opens.due()):
+            return
+        with self.lock:
+            present = list(self.tree.models) if self.ready.is_set() else None
+        opens.maybe_save(present, force=True)
 
     def _resolve_links(self) -> None:
         started = time.monotonic()
@@ -376,6 +425,10 @@ class ExporterService:
             self.polling_reason = reader.failure or "inotify reader stopped"
         reader.stop()
         self._reader = None
+        # Opens are no longer seen: the last save's time is where tracking stopped, so a restart
+        # after a longer gap starts `since` afresh (exporter.opens_store).
+        self._save_opens(force=True)
+        self.opens = None
         log.warning("watch.polling", path=self.root, reason=self.polling_reason, outcome=FAILURE, error=reader.failure)
 
     def _apply(self, tree: Tree, batch: list[RawEvent]) -> None:

@@ -43,6 +43,7 @@ from shared.typed_settings import (
     Policy,
     StorageSettings,
     Tier,
+    UsageSource,
     build,
     missing_and_extra,
     where_to_declare,
@@ -56,6 +57,7 @@ POLICIES: tuple[str, ...] = get_args(Policy)
 BACKUP_MODES: tuple[str, ...] = get_args(BackupMode)
 LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+USAGE_SOURCES: tuple[str, ...] = get_args(UsageSource)
 
 # Triton's success plus failure counters, each summed on its own: increase() drops the metric
 # name, so one regex selector over both fails ("vector cannot contain metrics with the same
@@ -436,6 +438,35 @@ FIELDS: tuple[Field, ...] = (
         _number(0.1, 300),
         "An idle kept-alive connection is closed after this",
     ),
+    Field("exporter.opens_tracking", "STORAGE_OPENS_TRACKING", True, _bool, "Record when each model was last opened"),
+    Field(
+        "exporter.opens_save_interval_seconds",
+        "STORAGE_OPENS_SAVE_INTERVAL_SECONDS",
+        60.0,
+        _number(1),
+        "Last-opened state saved at most this often (and on a clean stop)",
+    ),
+    Field(
+        "exporter.opens_ignore",
+        "STORAGE_OPENS_IGNORE",
+        "",
+        _list,
+        "Globs of tier/model/file paths whose opens are no use",
+    ),
+    Field(
+        "exporter.opens_sweep_models",
+        "STORAGE_OPENS_SWEEP_MODELS",
+        50,
+        _integer(0),
+        "Opens reaching more models than this within the sweep window are a sweep, not use; 0 = off",
+    ),
+    Field(
+        "exporter.opens_sweep_window_seconds",
+        "STORAGE_OPENS_SWEEP_WINDOW_SECONDS",
+        60.0,
+        _number(1, 3600),
+        "Sweep window; opens count after it",
+    ),
     Field("log.format", "STORAGE_LOG_FORMAT", "auto", _choice(LOG_FORMATS), "auto: JSON unless on a TTY"),
     Field("log.level", "STORAGE_LOG_LEVEL", "info", _choice(LOG_LEVELS), "Log level"),
     Field("api.admin_tokens", "STORAGE_ADMIN_TOKEN", None, _tokens, "Admin token(s)", secret=True),
@@ -499,6 +530,13 @@ FIELDS: tuple[Field, ...] = (
     Field("cleaner.usage_query", "STORAGE_USAGE_QUERY", DEFAULT_USAGE_QUERY, _string, "Usage template"),
     Field("cleaner.usage_label", "STORAGE_USAGE_LABEL", "model", _string, "Label naming the model"),
     Field("cleaner.usage_tiers", "STORAGE_USAGE_TIERS", "repository", _subset(TIERS), "Usage tiers"),
+    Field(
+        "cleaner.usage_source",
+        "STORAGE_USAGE_SOURCE",
+        "requests",
+        _choice(USAGE_SOURCES),
+        "requests|opens|both|auto: what says a model is used",
+    ),
     Field(
         "cleaner.max_size_gb",
         "STORAGE_CLEANUP_MAX_SIZE_GB",

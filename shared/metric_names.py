@@ -18,6 +18,9 @@ MODEL_BYTES: Final = "model_storage_model_bytes"
 MODEL_FILES: Final = "model_storage_model_files"
 MODEL_LAST_CHANGED: Final = "model_storage_model_last_changed_timestamp_seconds"
 MODEL_ALLOCATED_BYTES: Final = "model_storage_model_allocated_bytes"
+# Last opened (exporter/opens.py): absent for a model not seen opened since tracking began.
+MODEL_LAST_OPENED: Final = "model_storage_model_last_opened_timestamp_seconds"
+OPENS_TRACKING_SINCE: Final = "model_storage_opens_tracking_since_timestamp_seconds"
 
 # Capacity and filesystem.
 CAPACITY_BYTES: Final = "model_storage_capacity_bytes"

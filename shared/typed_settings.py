@@ -31,6 +31,7 @@ Policy = Literal["age", "usage", "size"]
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 BackupMode = Literal["trash", "archive", "none"]
+UsageSource = Literal["requests", "opens", "both", "auto"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,11 @@ class ExporterSettings:
     http_max_connections: int
     http_request_timeout_seconds: float
     http_keepalive_timeout_seconds: float
+    opens_tracking: bool
+    opens_save_interval_seconds: float
+    opens_ignore: tuple[str, ...]
+    opens_sweep_models: int
+    opens_sweep_window_seconds: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +159,7 @@ class CleanerSettings:
     usage_query: str
     usage_label: str
     usage_tiers: tuple[Tier, ...]
+    usage_source: UsageSource
     max_size_gb: float
     size_tiers: tuple[Tier, ...]
     low_watermark: float

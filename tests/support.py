@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
     """Poll `predicate` until it returns a truthy value or the deadline passes (then fail)."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None

@@ -19,7 +19,8 @@ from exporter.tree import ModelStat
 from shared.cleanup_state import CleanupState, write_cleanup_state
 from shared.plan_summary import PlannedEviction, summarize, summary_path, write_plan_summary
 from tests.chromium import run_chromium, screenshot
-from tests.support import make_model, running, start_exporter
+from tests.support import make_model, parse_metrics, running, start_exporter, wait_until
+from tests.test_opens import LAST_OPENED, SINCE, load_models
 
 HOSTILE = [
     "<script>alert(1)</script>",
@@ -135,6 +136,22 @@ def test_with_allocated_bytes_capacity_is_measured_in_them_and_apparent_bytes_st
     assert "(26.4%)" in page and "(65.0%)" in page  # allocated and apparent against the capacity
     assert "data-allocated-bytes='20000'" in page and "data-allocated-bytes='32768'" in page
     assert "aria-label='models&#x27; allocated bytes by tier against the capacity, 26.4%'" in page
+
+
+def test_last_opened_fills_its_column_when_tracked_and_never_shows_a_zero() -> None:
+    names = ["a", "b"]
+    page = sample(names=names, last_opened={("raw", "b"): 1.7e9 + 3000}, opens_since=1.7e9 - 50)
+    assert "id='last-opened-gap'" not in page and ">last opened<" in page and "id='last-opened-note'" in page
+    rows = model_rows(page, "model")
+    assert [r[1] for r in rows] == ["b", "a"]
+    cells = Rows("model")
+    cells.feed(page)
+    opened = [row["cells"][6] for row in cells.rows]  # type: ignore[index]
+    assert opened == [
+        "2023-11-14 23:03:20Z (10 min ago)",
+        "not since 2023-11-14 22:12:30Z",
+    ]
+    assert "1970" not in page
 
 
 def test_the_scrub_section_says_what_the_scrub_found_or_that_it_is_off() -> None:
@@ -253,8 +270,20 @@ def test_the_page_in_headless_chromium_matches_storage_info_with_no_console_mess
     store: Path, logs_dir: Path, tmp_path: Path
 ) -> None:
     build_store(store)
-    with running(start_exporter(store / "models", store, logs_dir, STORAGE_MAX_SIZE_GB="0.001")) as exporter:
+    env = {"STORAGE_MAX_SIZE_GB": "0.001", "STORAGE_OPENS_SWEEP_MODELS": "0"}
+    with running(start_exporter(store / "models", store, logs_dir, **env)) as exporter:
         url = exporter.url + "/"
+        load_models(store / "models" / "raw" / "mistral")  # a child process opens and maps it
+        opened_key = (LAST_OPENED, frozenset({("tier", "raw"), ("model", "mistral")}))
+        metrics = wait_until(
+            lambda: (
+                m
+                if (m := parse_metrics(httpx.get(exporter.url + "/metrics", timeout=10).text)).get(opened_key)
+                else None
+            ),
+            timeout=30,
+            what="mistral's last opened on /metrics",
+        )
         response = httpx.get(url, timeout=10)
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
         assert response.headers["content-security-policy"] == PAGE_CSP
@@ -289,6 +318,15 @@ def test_the_page_in_headless_chromium_matches_storage_info_with_no_console_mess
         assert evict == [("raw", "mistral", 120_002), ("raw", "<svg onload=alert(2)>", 1001)]
         assert "bad-\\xff-name" in text and "<svg onload=alert(2)>" in text
         assert "would free" in text and "succeeded" in text
+        # Last opened: the figure /metrics serves for the model opened, "not since" tracking began for the rest.
+        rows = Rows("model")
+        rows.feed(dom_run.stdout)
+        opened = {row["cells"][1]: row["cells"][6] for row in rows.rows}  # type: ignore[index]
+        stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(metrics[opened_key]))
+        since = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(metrics[(SINCE, frozenset())]))
+        assert opened["mistral"].startswith(stamp + " ("), opened
+        assert {v for k, v in opened.items() if k != "mistral"} == {f"not since {since}"}, opened
+        assert "id='last-opened-gap'" not in dom_run.stdout
 
 
 class Rows(html.parser.HTMLParser):

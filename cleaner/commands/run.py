@@ -29,6 +29,7 @@ from shared.config import Settings
 from shared.errors import FilesystemError, StorageError
 from shared.exit_codes import ExitCode
 from shared.logs import get_logger
+from shared.own_reads import own_reads
 
 log = get_logger("cleaner.act")
 
@@ -98,7 +99,9 @@ def _run_locked(
     )
     journal = Journal(settings.state_path, run_id, command="run")
     ctx = apply.Context.from_settings(settings, run_id=run_id, actor=actor, now=now)
-    result = apply.apply_evictions(plan.evictions, ctx, journal, audit)
+    # Its verification reads and copies are no use of the models (shared.own_reads).
+    with own_reads(settings.state_path, (f"{e.tier}/{e.model}" for e in plan.evictions)):
+        result = apply.apply_evictions(plan.evictions, ctx, journal, audit)
     record_plan(plan, settings.state_path, gone=[(d.tier, d.model) for d in result.done], applied_run_id=run_id)
     purge = restore_purge.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=False, keep_run=run_id)
     purged = purge.entries

@@ -17,6 +17,7 @@ from shared.cleanup_state import read_cleanup_state, write_cleanup_state
 from shared.config import Settings
 from shared.errors import ConfigError, PreconditionError
 from shared.exit_codes import ExitCode
+from shared.own_reads import own_reads
 
 
 def register(subparsers: Any) -> None:
@@ -66,7 +67,8 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError(f"restore: nothing of {what} is in {settings.trash_path} or {settings.backup_path}")
         journal = Journal(settings.state_path, new_plan_id(now), command="restore")
         try:
-            restored = restore_purge.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
+            with own_reads(settings.state_path, (e.key for e in entries)):
+                restored = restore_purge.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
         except PreconditionError:
             journal.close()  # refused before anything was done: nothing for recovery to look at
             raise
