@@ -10,7 +10,7 @@ smallest section it needs (`settings.cleaner`, `settings.cleaner.prometheus`, `s
 To add a setting (two edits, both one line):
 1. a `Field(...)` row in `FIELDS` below (YAML key, variable, default, parser, doc);
 2. `name: type` in the class of its section in `shared/typed_settings.py`, named as the last part
-   of the key, typed as its parser returns (e.g. `cleaner.usage_source` -> `usage_source: str` in
+   of the key, typed as its parser returns (e.g. `cleaner.usage_source` -> `usage_source: UsageSource` in
    `CleanerSettings`; a `_choice` is a `Literal` alias there). A new section (`exporter.opens.*`)
    is a new frozen class there and one attribute naming it in its parent.
 Importing this module fails, naming the key, if a row and an attribute do not match one to one;

@@ -68,8 +68,8 @@ def test_every_field_is_one_typed_attribute_and_back() -> None:
 
 def test_a_row_without_an_attribute_or_an_attribute_without_a_row_is_named() -> None:
     keys = [f.key for f in FIELDS]
-    missing, extra = missing_and_extra([*keys, "cleaner.usage_source"])
-    assert (missing, extra) == (["cleaner.usage_source"], [])
+    missing, extra = missing_and_extra([*keys, "cleaner.not_a_setting"])
+    assert (missing, extra) == (["cleaner.not_a_setting"], [])
     missing, extra = missing_and_extra([k for k in keys if k != "cleaner.trash.max_gb"])
     assert (missing, extra) == ([], ["cleaner.trash.max_gb"])
 
@@ -225,14 +225,14 @@ def test_a_merged_row_without_its_attribute_says_where_it_goes(monkeypatch: pyte
     from shared import config
 
     new = (
-        config.Field("cleaner.usage_source", "STORAGE_USAGE_SOURCE", "prometheus", config._string, "Usage source"),
+        config.Field("cleaner.usage_origin", "STORAGE_USAGE_ORIGIN", "prometheus", config._string, "Usage origin"),
         config.Field("exporter.opens.enabled", "STORAGE_OPENS_ENABLED", False, config._bool, "Track opens"),
         config.Field("exporter.opens_window_seconds", "STORAGE_OPENS_WINDOW", None, config._optional_path, "x"),
     )
     monkeypatch.setattr(config, "FIELDS", config.FIELDS + new)
     monkeypatch.setattr(config, "FIELDS_BY_KEY", {f.key: f for f in config.FIELDS})
     assert config.undeclared() == [
-        "cleaner.usage_source: no typed attribute; add `usage_source: ...` in CleanerSettings "
+        "cleaner.usage_origin: no typed attribute; add `usage_origin: ...` in CleanerSettings "
         "in shared/typed_settings.py, typed as its parser returns (str)",
         "exporter.opens.enabled: no typed attribute; add a new section exporter.opens.*: a frozen class, "
         "named by `opens: ...` in ExporterSettings in shared/typed_settings.py, typed as its parser returns (bool)",
@@ -248,7 +248,7 @@ def test_importing_the_settings_fails_on_a_row_without_an_attribute(tmp_path: Pa
     for source in (ROOT / "shared").glob("*.py"):
         (shared / source.name).write_text(source.read_text())
     config = shared / "config.py"
-    row = '    Field("cleaner.usage_source", "STORAGE_USAGE_SOURCE", "prometheus", _string, "Usage source"),\n'
+    row = '    Field("cleaner.usage_origin", "STORAGE_USAGE_ORIGIN", "prometheus", _string, "Usage origin"),\n'
     text = config.read_text()
     anchor = "FIELDS: tuple[Field, ...] = (\n"
     assert anchor in text
@@ -262,4 +262,4 @@ def test_importing_the_settings_fails_on_a_row_without_an_attribute(tmp_path: Pa
         check=False,
     )
     assert imported.returncode == 1
-    assert "cleaner.usage_source: no typed attribute; add `usage_source: ...` in CleanerSettings" in imported.stderr
+    assert "cleaner.usage_origin: no typed attribute; add `usage_origin: ...` in CleanerSettings" in imported.stderr
