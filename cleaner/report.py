@@ -10,7 +10,6 @@ from typing import Any
 
 from cleaner.plan_values import Plan
 from cleaner.policies import fmt_bytes, fmt_duration, fmt_requests
-from shared.config import FIELDS_BY_KEY
 
 POLICY_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "age": (
@@ -136,12 +135,17 @@ class ShownSettings:
 
     values: Mapping[str, object]  # by YAML key, secrets replaced (Settings.public())
     sources: Mapping[str, str]  # by YAML key: file or env; a key not in it is a default
+    envs: Mapping[str, str]  # by YAML key: its environment variable
     enabled: tuple[str, ...]  # cleaner.policies
 
 
 def _setting(settings: ShownSettings, key: str) -> dict[str, Any]:
-    f = FIELDS_BY_KEY[key]
-    return {"key": key, "env": f.env, "value": settings.values[key], "source": settings.sources.get(key, "default")}
+    return {
+        "key": key,
+        "env": settings.envs[key],
+        "value": settings.values[key],
+        "source": settings.sources.get(key, "default"),
+    }
 
 
 def policies_document(settings: ShownSettings) -> dict[str, Any]:

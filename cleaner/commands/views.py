@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from cleaner.report import ShownSettings
 from cleaner.store_paths import StorePaths
-from shared.config import Settings
+from shared.config import FIELDS, Settings
 
 
 def store_paths(settings: Settings) -> StorePaths:
@@ -24,4 +24,9 @@ def store_paths(settings: Settings) -> StorePaths:
 
 
 def shown_settings(settings: Settings) -> ShownSettings:
-    return ShownSettings(values=settings.public(), sources=settings.sources, enabled=settings.cleaner.policies)
+    return ShownSettings(
+        values=settings.public(),
+        sources=settings.sources,
+        envs={f.key: f.env for f in FIELDS},
+        enabled=settings.cleaner.policies,
+    )
