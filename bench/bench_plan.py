@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cleaner.commands.views import store_paths
 from cleaner.inventory import attach_usage, parse_coverage, parse_inventory, parse_usage
 from cleaner.plan_build import decide_with_disk_checks
 from cleaner.plan_values import Plan
@@ -81,7 +82,7 @@ def plan_once(answers: dict[str, bytes], base: Path, now: float) -> tuple[Plan, 
     facts = attach_usage(facts, parse_usage(decoded("usage"), "model"), view.usage_tiers)
     timings["decode_and_inventory"] = time.perf_counter() - started
     mark = time.perf_counter()
-    decision, facts = decide_with_disk_checks(settings, facts, coverage, view, now)
+    decision, facts = decide_with_disk_checks(store_paths(settings), facts, coverage, view, now)
     timings["disk_checks_and_decide"] = time.perf_counter() - mark
     mark = time.perf_counter()
     plan = Plan("bench", now, decision.evictions, decision.kept, decision.total_bytes_before, {}, decision.warnings)

@@ -18,12 +18,13 @@ from typing import Any
 from cleaner import crash_hook, fileops, recovery, staged, trash, verify
 from cleaner import journal as jr
 from cleaner.plan_values import Eviction, Kept
+from cleaner.store_paths import StorePaths
 from shared.audit import AuditLog
-from shared.config import Settings
 from shared.exit_codes import ExitCode
 from shared.layout import Layout
 from shared.logs import get_logger
 from shared.reasons import SKIP_WORTHY, Reason, parse
+from shared.typed_settings import CleanerSettings
 
 log = get_logger("cleaner.apply")
 
@@ -44,15 +45,15 @@ class Context:
     now: float
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, run_id: str, actor: str, now: float) -> Context:
+    def for_run(cls, paths: StorePaths, cleaner: CleanerSettings, *, run_id: str, actor: str, now: float) -> Context:
         return cls(
-            models_path=settings.models_path,
-            layout=settings.layout,
-            state_path=settings.state_path,
-            trash_path=settings.trash_path,
-            backup_path=settings.backup_path,
-            mode=settings.cleaner.backup.mode,
-            protect=settings.cleaner.protect,
+            models_path=paths.models_path,
+            layout=paths.layout,
+            state_path=paths.state_path,
+            trash_path=paths.trash_path,
+            backup_path=paths.backup_path,
+            mode=cleaner.backup.mode,
+            protect=cleaner.protect,
             run_id=run_id,
             actor=actor,
             now=now,
@@ -303,15 +304,13 @@ def apply_evictions(
 # ---- recovery --------------------------------------------------------------------------------
 
 
-def recover(settings: Settings, audit: AuditLog, *, actor: str, now: float) -> list[recovery.Recovered]:
+def recover(paths: StorePaths, audit: AuditLog, *, actor: str, now: float) -> list[recovery.Recovered]:
     """Finish what a killed cleaner left half-done, and bring the trash metadata up to date."""
-    left_journals = jr.journal_dir(settings.state_path).is_dir() and any(
-        jr.journal_dir(settings.state_path).glob("*.jsonl")
-    )
-    results = recovery.recover(settings.state_path)
+    left_journals = jr.journal_dir(paths.state_path).is_dir() and any(jr.journal_dir(paths.state_path).glob("*.jsonl"))
+    results = recovery.recover(paths.state_path)
     if left_journals:
         # A killed run, restore or purge may leave run directories with nothing in them.
-        for root in (settings.trash_path, settings.backup_path):
+        for root in (paths.trash_path, paths.backup_path):
             for run_id in os.listdir(root) if root.is_dir() else []:
                 if trash.valid_run_id(run_id):
                     trash.remove_run_if_empty(root, run_id)
@@ -320,7 +319,7 @@ def recover(settings: Settings, audit: AuditLog, *, actor: str, now: float) -> l
         key = f"{meta.get('tier')}/{meta.get('model')}"
         run_id = str(meta.get("run_id", ""))
         if item.purpose == "evict" and meta.get("store") in ("trash", "archive"):
-            root = settings.trash_path if meta["store"] == "trash" else settings.backup_path
+            root = paths.trash_path if meta["store"] == "trash" else paths.backup_path
             if trash.valid_run_id(run_id) and (root / run_id).is_dir():
                 if item.outcome == "completed":
                     trash.record_entry(root, run_id, meta)

@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line and exit code 2 instead of argparse's usage block.
         print(f"{PROG}: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(ExitCode.CONFIG)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,10 +13,11 @@ from cleaner.plan_store import new_plan_id
 from cleaner.plan_values import ModelFacts, Plan
 from cleaner.policies import Coverage, Decision, PolicyView, decide
 from cleaner.prom import PromClient
+from cleaner.store_paths import StorePaths
 from cleaner.walk import walk_selected
-from shared.config import Settings
 from shared.logs import get_logger
 from shared.reasons import Reason, sentence
+from shared.typed_settings import CleanerSettings
 
 PARTIAL_SUFFIXES = (".incomplete", ".partial", ".tmp", ".lock")
 KEEP_MARKER = ".keep"
@@ -36,17 +37,17 @@ class Planned:
     view: PolicyView
 
 
-def model_dir(settings: Settings, facts: ModelFacts) -> Path:
-    return settings.models_path / settings.layout.dir_for_tier(facts.tier) / facts.model
+def model_dir(paths: StorePaths, facts: ModelFacts) -> Path:
+    return paths.models_path / paths.layout.dir_for_tier(facts.tier) / facts.model
 
 
-def check_partial(settings: Settings, facts: ModelFacts) -> ModelFacts:
+def check_partial(paths: StorePaths, facts: ModelFacts) -> ModelFacts:
     """A selected model, checked on disk: a partial download in it, and what evicting it frees.
 
     The exporter charges an inode shared by several models once; evicting one of them frees only
     the bytes whose last link it holds (cleaner.walk), which is what the run re-checks too.
     """
-    path = model_dir(settings, facts)
+    path = model_dir(paths, facts)
     try:
         if not path.is_dir():
             return replace(facts, partial=path.name.endswith(PARTIAL_SUFFIXES))
@@ -61,11 +62,11 @@ def check_partial(settings: Settings, facts: ModelFacts) -> ModelFacts:
     return replace(facts, partial=found is not None, bytes=freed)
 
 
-def mark_kept(settings: Settings, facts: Sequence[ModelFacts]) -> list[ModelFacts]:
+def mark_kept(paths: StorePaths, facts: Sequence[ModelFacts]) -> list[ModelFacts]:
     """`.keep` markers are one lstat per model, so every model is checked and the plan can list them."""
     marked = []
     for f in facts:
-        if os.path.lexists(model_dir(settings, f) / KEEP_MARKER):
+        if os.path.lexists(model_dir(paths, f) / KEEP_MARKER):
             f = replace(
                 f,
                 hold=sentence(Reason.PROTECTED, f"{KEEP_MARKER} marker in the model directory"),
@@ -76,13 +77,13 @@ def mark_kept(settings: Settings, facts: Sequence[ModelFacts]) -> list[ModelFact
 
 
 def decide_with_disk_checks(
-    settings: Settings, facts: Sequence[ModelFacts], coverage: Coverage, view: PolicyView, now: float
+    paths: StorePaths, facts: Sequence[ModelFacts], coverage: Coverage, view: PolicyView, now: float
 ) -> tuple[Decision, list[ModelFacts]]:
     """Decide; check selected models for partial downloads; decide again until no new model is selected.
 
     Walking every model's files would cost as much as a scan; only the few selected ones are walked.
     """
-    current = mark_kept(settings, facts)
+    current = mark_kept(paths, facts)
     checked: set[str] = set()
     unlimited = replace(view, allow_large=True)  # see past the cap, so capped models are checked too
     for _ in range(MAX_CHECK_ROUNDS):
@@ -91,21 +92,28 @@ def decide_with_disk_checks(
         if not fresh:
             break
         checked |= fresh
-        current = [check_partial(settings, f) if f.key in fresh else f for f in current]
+        current = [check_partial(paths, f) if f.key in fresh else f for f in current]
     return decide(current, coverage, view, now), current
 
 
-def build(settings: Settings, now: float, *, allow_large: bool = False, client: PromClient | None = None) -> Planned:
-    view = PolicyView.from_settings(settings.cleaner, allow_large=allow_large)
-    client = client or PromClient.from_settings(settings.cleaner.prometheus)
+def build(
+    paths: StorePaths,
+    cleaner: CleanerSettings,
+    now: float,
+    *,
+    allow_large: bool = False,
+    client: PromClient | None = None,
+) -> Planned:
+    view = PolicyView.from_settings(cleaner, allow_large=allow_large)
+    client = client or PromClient.from_settings(cleaner.prometheus)
     started = time.monotonic()
-    inventory: Inventory = fetch(client, settings.cleaner, view, now)
+    inventory: Inventory = fetch(client, cleaner, view, now)
     queried = time.monotonic()
-    decision, facts = decide_with_disk_checks(settings, inventory.facts, inventory.coverage, view, now)
+    decision, facts = decide_with_disk_checks(paths, inventory.facts, inventory.coverage, view, now)
     decided = time.monotonic()
     evidence = {
         "prometheus_url": client.url,
-        "matchers": settings.cleaner.prometheus.matchers,
+        "matchers": cleaner.prometheus.matchers,
         "evaluated_at": now,
         **inventory.evidence(),
         "models": len(facts),
@@ -135,6 +143,6 @@ def build(settings: Settings, now: float, *, allow_large: bool = False, client: 
     return Planned(plan, tuple(facts), inventory.coverage, view)
 
 
-def build_plan(settings: Settings, now: float, *, allow_large: bool = False) -> Plan:
+def build_plan(paths: StorePaths, cleaner: CleanerSettings, now: float, *, allow_large: bool = False) -> Plan:
     """What `run` calls: the plan for `now`, not saved (the caller saves it)."""
-    return build(settings, now, allow_large=allow_large).plan
+    return build(paths, cleaner, now, allow_large=allow_large).plan

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cleaner.plan_values import Eviction, Kept, ModelFacts
-from shared.config import DAY_SECONDS, GB, HOUR_SECONDS
 from shared.errors import ConfigError
 from shared.reasons import Reason, sentence
 from shared.typed_settings import CleanerSettings
+from shared.units import DAY_SECONDS, GB, HOUR_SECONDS
 
 USAGE_PLACEHOLDERS = ("window", "matchers")
 _PLACEHOLDER = re.compile(r"\$(?:\{([A-Za-z_]\w*)\}|([A-Za-z_]\w*))")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cleaner.plan_values import Plan
 from cleaner.policies import fmt_bytes, fmt_duration, fmt_requests
-from shared.config import FIELDS_BY_KEY, Settings
 
 POLICY_KEYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "age": (
@@ -128,13 +129,27 @@ def render_explain(explanation: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _setting(settings: Settings, key: str) -> dict[str, Any]:
-    f = FIELDS_BY_KEY[key]
-    return {"key": key, "env": f.env, "value": settings.public()[key], "source": settings.sources.get(key, "default")}
+@dataclass(frozen=True, slots=True)
+class ShownSettings:
+    """What the `policies` listing shows of the settings (built by cleaner.commands.views)."""
+
+    values: Mapping[str, object]  # by YAML key, secrets replaced (Settings.public())
+    sources: Mapping[str, str]  # by YAML key: file or env; a key not in it is a default
+    envs: Mapping[str, str]  # by YAML key: its environment variable
+    enabled: tuple[str, ...]  # cleaner.policies
 
 
-def policies_document(settings: Settings) -> dict[str, Any]:
-    enabled = settings.cleaner.policies
+def _setting(settings: ShownSettings, key: str) -> dict[str, Any]:
+    return {
+        "key": key,
+        "env": settings.envs[key],
+        "value": settings.values[key],
+        "source": settings.sources.get(key, "default"),
+    }
+
+
+def policies_document(settings: ShownSettings) -> dict[str, Any]:
+    enabled = settings.enabled
     return {
         "policies": [
             {
@@ -161,7 +176,7 @@ def _value(value: Any) -> str:
     return str(value)
 
 
-def render_policies(settings: Settings) -> str:
+def render_policies(settings: ShownSettings) -> str:
     doc = policies_document(settings)
     lines: list[str] = []
 

@@ -13,11 +13,13 @@ from pathlib import Path
 from cleaner import fileops, trash, verify
 from cleaner import journal as jr
 from cleaner.apply import error_text
+from cleaner.store_paths import StorePaths
 from shared.audit import AuditLog
-from shared.config import GB, Settings
 from shared.errors import PreconditionError
 from shared.layout import Layout
 from shared.logs import get_logger
+from shared.typed_settings import TrashSettings
+from shared.units import GB
 
 log = get_logger("cleaner.restore_purge")
 
@@ -25,13 +27,13 @@ log = get_logger("cleaner.restore_purge")
 # ---- restore ---------------------------------------------------------------------------------
 
 
-def find_run_entries(settings: Settings, run_id: str) -> tuple[Path, list[trash.TrashEntry]]:
+def find_run_entries(paths: StorePaths, run_id: str) -> tuple[Path, list[trash.TrashEntry]]:
     """The area (trash, else archive) holding a run, and its models."""
-    for root in (settings.trash_path, settings.backup_path):
+    for root in (paths.trash_path, paths.backup_path):
         entries = [e for e in trash.list_entries(root) if e.run_id == run_id]
         if entries:
             return root, entries
-    return settings.trash_path, []
+    return paths.trash_path, []
 
 
 def restore_conflicts(entries: Sequence[trash.TrashEntry], models_path: Path, layout: Layout) -> list[str]:
@@ -51,7 +53,7 @@ def restore_conflicts(entries: Sequence[trash.TrashEntry], models_path: Path, la
 def restore_entries(
     root: Path,
     entries: Sequence[trash.TrashEntry],
-    settings: Settings,
+    paths: StorePaths,
     journal: jr.Journal,
     audit: AuditLog,
     *,
@@ -59,7 +61,7 @@ def restore_entries(
     now: float,
 ) -> list[trash.TrashEntry]:
     """Put models back where they were; refuses, changing nothing, if any original path is taken."""
-    problems = restore_conflicts(entries, settings.models_path, settings.layout)
+    problems = restore_conflicts(entries, paths.models_path, paths.layout)
     if problems:
         for problem in problems:
             audit.append("restore", actor=actor, target=problem.split(":")[0], result="failure", error=problem)
@@ -70,7 +72,7 @@ def restore_entries(
         )
     restored: list[trash.TrashEntry] = []
     for entry in entries:
-        dst = verify.model_location(settings.models_path, settings.layout, entry.tier, entry.model)
+        dst = verify.model_location(paths.models_path, paths.layout, entry.tier, entry.model)
         assert dst is not None  # checked by restore_conflicts
         fileops.make_dirs(dst.parent)
         meta = {"run_id": entry.run_id, "tier": entry.tier, "model": entry.model, "root": str(root)}
@@ -105,7 +107,8 @@ class Purged:
 
 
 def purge_trash(
-    settings: Settings,
+    paths: StorePaths,
+    trash_settings: TrashSettings,
     journal: jr.Journal,
     audit: AuditLog,
     *,
@@ -119,13 +122,13 @@ def purge_trash(
     `keep_run`'s entries are never deleted: the purge that ends a run must not take back what that
     run just evicted, or a run evicting more than the cap would leave nothing to restore.
     """
-    root = settings.trash_path
+    root = paths.trash_path
     entries = trash.list_entries(root)
-    cap = trash_cap_bytes(settings)
+    cap = trash_cap_bytes(trash_settings)
     chosen = trash.select_for_purge(
         entries,
         now,
-        settings.cleaner.trash.retention_days,
+        trash_settings.retention_days,
         cap,
         purge_all=purge_all,
         keep_runs=frozenset() if keep_run is None else frozenset({keep_run}),
@@ -167,10 +170,10 @@ def purge_trash(
     return Purged(chosen, warnings)
 
 
-def trash_cap_bytes(settings: Settings) -> int:
-    cap_gb = settings.cleaner.trash.max_gb
+def trash_cap_bytes(trash_settings: TrashSettings) -> int:
+    cap_gb = trash_settings.max_gb
     return round(cap_gb * GB)
 
 
-def trash_bytes(settings: Settings) -> int:
-    return sum(e.bytes for e in trash.list_entries(settings.trash_path))
+def trash_bytes(paths: StorePaths) -> int:
+    return sum(e.bytes for e in trash.list_entries(paths.trash_path))

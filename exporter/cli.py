@@ -23,6 +23,7 @@ from shared.audit import AuditLog
 from shared.cleanup_state import read_cleanup_state
 from shared.config import GB, Settings, load_settings
 from shared.errors import StorageError
+from shared.exit_codes import ExitCode
 from shared.logs import SUCCESS, configure_logging, get_logger
 
 
@@ -30,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # One line and exit code 2, as every bad-usage path does.
         print(f"model-storage-exporter: {message}", file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(ExitCode.CONFIG)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from exporter.collector import package_version
 
         print(package_version())
-        return 0
+        return ExitCode.OK
     try:
         settings = load(args)
     except StorageError as err:
@@ -126,5 +127,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         service.stop()
     if not server.started:
         print(f"model-storage-exporter: cannot listen on {host}:{port}", file=sys.stderr)
-        return 2
-    return 0
+        return ExitCode.CONFIG
+    return ExitCode.OK

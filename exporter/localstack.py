@@ -23,6 +23,7 @@ import yaml
 
 from shared.config import Settings, load_settings
 from shared.errors import StorageError
+from shared.exit_codes import ExitCode
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -306,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prometheus_config = yaml.safe_load(PROMETHEUS_CONFIG.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         print(f"localstack: cannot read {PROMETHEUS_CONFIG}: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     plan = plan_stack(
         settings,
         venv_bin=Path(sys.executable).parent,
@@ -339,11 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"localstack: skipping {reason}", flush=True)
 
     stack = Stack()
-    code = 0
+    code: int = ExitCode.OK
     try:
         for component in plan.components:
             if not _wait_ready(component, stack.start(component), stop):
-                return 0 if stop.is_set() else 1
+                return ExitCode.OK if stop.is_set() else ExitCode.UNEXPECTED
         lines = [f"  {c.name:<13} {c.show_url}" for c in plan.components]
         hint = cleaner_hint(plan, Path(sys.executable).parent, settings.cleaner.prometheus.url)
         if hint:
@@ -355,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if exited:
                 component, returncode = exited[0]
                 print(f"localstack: {component.name} exited with {returncode}; stopping", file=sys.stderr)
-                code = 1
+                code = ExitCode.UNEXPECTED
                 break
     finally:
         stack.stop()

@@ -49,9 +49,11 @@ from shared.typed_settings import (
     where_to_declare,
 )
 
-GB = 10**9
-DAY_SECONDS = 86400.0
-HOUR_SECONDS = 3600.0
+# Re-exported: older imports of the units from here keep working.
+from shared.units import DAY_SECONDS as DAY_SECONDS
+from shared.units import GB as GB
+from shared.units import HOUR_SECONDS as HOUR_SECONDS
+
 TIERS: tuple[str, ...] = get_args(Tier)
 POLICIES: tuple[str, ...] = get_args(Policy)
 BACKUP_MODES: tuple[str, ...] = get_args(BackupMode)

@@ -20,6 +20,7 @@ import pytest
 from cleaner import apply, restore_purge, trash, verify
 from cleaner.commands import run as run_command
 from cleaner.commands import trash as trash_command
+from cleaner.commands.views import store_paths
 from cleaner.fileops import CopyMismatchError, tree_manifest
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
@@ -554,12 +555,24 @@ def test_purge_respects_retention_on_real_trash(store: Path, capsys: pytest.Capt
 
     journal = Journal(settings.state_path, "purge-test", command="purge")
     purged = restore_purge.purge_trash(
-        settings, journal, audit, actor="cli", now=moved + 6.9 * DAY, purge_all=False
+        store_paths(settings),
+        settings.cleaner.trash,
+        journal,
+        audit,
+        actor="cli",
+        now=moved + 6.9 * DAY,
+        purge_all=False,
     ).entries
     assert purged == []
     assert len(trash.list_entries(settings.trash_path)) == 2
     purged = restore_purge.purge_trash(
-        settings, journal, audit, actor="cli", now=moved + 7.1 * DAY, purge_all=False
+        store_paths(settings),
+        settings.cleaner.trash,
+        journal,
+        audit,
+        actor="cli",
+        now=moved + 7.1 * DAY,
+        purge_all=False,
     ).entries
     journal.close()
     assert sorted(e.model for e in purged) == ["a", "b"]
@@ -695,7 +708,7 @@ def test_archive_mode_catches_a_corrupted_copy_and_deletes_nothing(store: Path, 
         data[1234] ^= 0xFF
         target.write_bytes(bytes(data))
 
-    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=time.time())
+    ctx = apply.Context.for_run(store_paths(settings), settings.cleaner, run_id="r1", actor="cli", now=time.time())
     journal = Journal(settings.state_path, "r1", command="run")
     result = apply.apply_evictions([eviction], ctx, journal, AuditLog(settings.audit_log_path), after_copy=corrupt)
     journal.close()
@@ -730,7 +743,7 @@ def test_archive_mode_keeps_a_staged_model_changed_during_the_copy_and_skips_it(
             later = time.time() + 5
             os.utime(staged / "config.json", (later, later))
 
-    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=time.time())
+    ctx = apply.Context.for_run(store_paths(settings), settings.cleaner, run_id="r1", actor="cli", now=time.time())
     journal = Journal(settings.state_path, "r1", command="run")
     result = apply.apply_evictions(
         [eviction], ctx, journal, AuditLog(settings.audit_log_path), after_copy=writer_at_work
@@ -772,7 +785,7 @@ def test_archive_mode_a_writer_at_the_old_path_during_the_copy_recreates_it_and_
             (model / "weights").mkdir(parents=True)
             (model / "weights/extra.safetensors").write_bytes(b"new shard")
 
-    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=time.time())
+    ctx = apply.Context.for_run(store_paths(settings), settings.cleaner, run_id="r1", actor="cli", now=time.time())
     journal = Journal(settings.state_path, "r1", command="run")
     result = apply.apply_evictions(
         [eviction], ctx, journal, AuditLog(settings.audit_log_path), after_copy=writer_at_work
@@ -901,7 +914,9 @@ def test_an_unreadable_model_directory_is_counted_as_unreadable_not_as_a_partial
         return None, 1
 
     monkeypatch.setattr(plan_build, "walk_selected", unreadable)
-    facts = [plan_build.check_partial(settings, ModelFacts("raw", m, 1, 1, 0.0)) for m in ("locked", "old")]
+    facts = [
+        plan_build.check_partial(store_paths(settings), ModelFacts("raw", m, 1, 1, 0.0)) for m in ("locked", "old")
+    ]
     view = PolicyView(policies=("age",), age_seconds=10.0, grace_seconds=0.0)
     decision = decide(facts, Coverage(1.0, 1.0), view, 1e6)
 
@@ -1222,12 +1237,12 @@ def test_a_cp_al_twin_is_planned_at_the_bytes_it_frees_and_is_evictable(store: P
     seen = [ModelFacts("raw", "llama", 2_000_000, 2, old), ModelFacts("quantized", "llama-twin", 5_000, 3, old)]
     view = PolicyView(policies=("age",), age_tiers=("quantized",), age_seconds=0.0, grace_seconds=0.0)
     now = time.time() + 10
-    decision, _facts = plan_build.decide_with_disk_checks(settings, seen, Coverage(1.0, 1.0), view, now)
+    decision, _facts = plan_build.decide_with_disk_checks(store_paths(settings), seen, Coverage(1.0, 1.0), view, now)
     (eviction,) = decision.evictions
     assert (eviction.model, eviction.bytes) == ("llama-twin", 5_000)  # only own.bin's last link goes
     assert decide(_facts, Coverage(1.0, 1.0), view, now).evictions == decision.evictions
 
-    ctx = apply.Context.from_settings(settings, run_id="r1", actor="cli", now=now)
+    ctx = apply.Context.for_run(store_paths(settings), settings.cleaner, run_id="r1", actor="cli", now=now)
     journal = Journal(settings.state_path, "r1", command="run")
     result = apply.apply_evictions([eviction], ctx, journal, AuditLog(settings.audit_log_path))
     journal.close()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from cleaner import plan_build
+from cleaner.commands.views import store_paths
 from cleaner.plan_store import load_plan, new_plan_id, save_plan
 from cleaner.plan_values import ModelFacts, Plan
 from cleaner.policies import Coverage, PolicyView
@@ -55,7 +56,7 @@ def test_an_unwalkable_model_is_unreadable_in_the_plan_state_file_and_metrics_ne
     view = PolicyView(policies=("age",), age_seconds=10.0, grace_seconds=0.0)
     facts = [ModelFacts("raw", "deep", 1, 1, now - 3600)]
 
-    decision, _facts = plan_build.decide_with_disk_checks(settings, facts, Coverage(1.0, 1.0), view, now)
+    decision, _facts = plan_build.decide_with_disk_checks(store_paths(settings), facts, Coverage(1.0, 1.0), view, now)
 
     assert decision.evictions == ()
     (kept,) = decision.kept

@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from cleaner.commands.views import shown_settings, store_paths
 from cleaner.explain import explain, find_models
 from cleaner.plan_build import build
 from cleaner.plan_record import record_plan
@@ -33,7 +34,8 @@ def register(subparsers: Any) -> None:
 
 def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
     """Build and save a plan; print it, or explain one model's fate in it."""
-    planned = build(settings, time.time(), allow_large=args.allow_large)
+    paths = store_paths(settings)
+    planned = build(paths, settings.cleaner, time.time(), allow_large=args.allow_large)
     plan = planned.plan
     if args.explain:
         matches = find_models(planned.facts, args.explain)
@@ -42,11 +44,11 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
                 f"plan --explain: no model {args.explain!r} among the {len(planned.facts)} models Prometheus reports",
                 hint="name it as TIER/MODEL or MODEL",
             )
-    path = save_plan(plan, settings.state_path)
-    record_plan(plan, settings.state_path)
-    record_usage_blind(settings, plan_usage_blind(plan.evidence))
+    path = save_plan(plan, paths.state_path)
+    record_plan(plan, paths.state_path)
+    record_usage_blind(paths, plan_usage_blind(plan.evidence))
     audit_plan(
-        AuditLog(settings.audit_log_path),
+        AuditLog(paths.audit_log_path),
         plan,
         actor=str(getattr(args, "actor", None) or "cli"),
         command="run --dry-run" if getattr(args, "dry_run", False) else "plan",
@@ -65,5 +67,6 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_policies(settings: Settings, args: argparse.Namespace) -> int:
     """The policies with their effective settings and where each value came from."""
-    print(dumps(policies_document(settings)) if args.json else render_policies(settings), end="\n" if args.json else "")
+    shown = shown_settings(settings)
+    print(dumps(policies_document(shown)) if args.json else render_policies(shown), end="\n" if args.json else "")
     return ExitCode.OK

@@ -15,12 +15,14 @@ from typing import Any
 from cleaner import apply, restore_purge
 from cleaner.commands.output import actor_of, emit, human_bytes
 from cleaner.commands.plan import cmd_plan
+from cleaner.commands.views import store_paths
 from cleaner.crash_hook import crash_point
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
 from cleaner.plan_build import build_plan
 from cleaner.plan_record import record_plan
 from cleaner.plan_store import audit_plan, load_plan, new_plan_id, save_plan
+from cleaner.store_paths import StorePaths
 from cleaner.usage_blind import plan_usage_blind
 from cleaner.writable import places_to_check, require_writable
 from shared.audit import AuditLog
@@ -30,6 +32,7 @@ from shared.errors import FilesystemError, StorageError
 from shared.exit_codes import ExitCode
 from shared.logs import get_logger
 from shared.own_reads import own_reads
+from shared.typed_settings import CleanerSettings
 
 log = get_logger("cleaner.act")
 
@@ -53,17 +56,18 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     if args.dry_run:
         return _dry_run(settings, args)
     now = time.time()
+    paths = store_paths(settings)
     actor = actor_of(args)
-    audit = AuditLog(settings.audit_log_path)
+    audit = AuditLog(paths.audit_log_path)
     run_id = new_plan_id(now)
-    with CleanerLock(lock_path(settings.state_path)):
+    with CleanerLock(lock_path(paths.state_path)):
         try:
             # Before recovery too: on a read-only models path even finishing a killed run's step
             # could only copy, never remove. The failure is still written down for the alerts.
-            require_writable([settings.models_path])
-            apply.recover(settings, audit, actor=actor, now=now)
+            require_writable([paths.models_path])
+            apply.recover(paths, audit, actor=actor, now=now)
             crash_point("run_started")
-            report, exit_code = _run_locked(settings, args, audit, run_id=run_id, actor=actor, now=now)
+            report, exit_code = _run_locked(paths, settings.cleaner, args, audit, run_id=run_id, actor=actor, now=now)
         except BaseException as err:
             code = err.exit_code if isinstance(err, StorageError) else ExitCode.UNEXPECTED
             message = err.one_line() if isinstance(err, StorageError) else f"{type(err).__name__}: {err}"
@@ -71,7 +75,7 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
                 # Best effort: on a full or read-only state path these fail too, and the first
                 # error is the one to report.
                 with contextlib.suppress(OSError, StorageError):
-                    _write_state(settings, run_id, code, message, apply.ApplyResult(), ())
+                    _write_state(paths, run_id, code, message, apply.ApplyResult(), ())
                 with contextlib.suppress(OSError):
                     audit.append("run", actor=actor, target=run_id, result="failure", error=message)
             raise
@@ -80,36 +84,45 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run_locked(
-    settings: Settings, args: argparse.Namespace, audit: AuditLog, *, run_id: str, actor: str, now: float
+    paths: StorePaths,
+    cleaner: CleanerSettings,
+    args: argparse.Namespace,
+    audit: AuditLog,
+    *,
+    run_id: str,
+    actor: str,
+    now: float,
 ) -> tuple[dict[str, Any], int]:
     if args.plan:
-        plan = load_plan(args.plan, settings.state_path)
+        plan = load_plan(args.plan, paths.state_path)
     else:
-        plan = build_plan(settings, now, allow_large=args.allow_large)
-        save_plan(plan, settings.state_path)
+        plan = build_plan(paths, cleaner, now, allow_large=args.allow_large)
+        save_plan(plan, paths.state_path)
         audit_plan(audit, plan, actor=actor, command="run", run_id=run_id)
     # Every tier directory and model the plan would change must be changeable, or none is touched.
-    require_writable(places_to_check(settings.models_path, settings.layout, plan.evictions))
+    require_writable(places_to_check(paths.models_path, paths.layout, plan.evictions))
     audit.append(
         "run_started",
         actor=actor,
         target=run_id,
         bytes=plan.bytes_to_free,
-        details={"plan_id": plan.plan_id, "evictions": len(plan.evictions), "mode": settings.cleaner.backup.mode},
+        details={"plan_id": plan.plan_id, "evictions": len(plan.evictions), "mode": cleaner.backup.mode},
     )
-    journal = Journal(settings.state_path, run_id, command="run")
-    ctx = apply.Context.from_settings(settings, run_id=run_id, actor=actor, now=now)
+    journal = Journal(paths.state_path, run_id, command="run")
+    ctx = apply.Context.for_run(paths, cleaner, run_id=run_id, actor=actor, now=now)
     # Its verification reads and copies are no use of the models (shared.own_reads).
-    with own_reads(settings.state_path, (f"{e.tier}/{e.model}" for e in plan.evictions)):
+    with own_reads(paths.state_path, (f"{e.tier}/{e.model}" for e in plan.evictions)):
         result = apply.apply_evictions(plan.evictions, ctx, journal, audit)
-    record_plan(plan, settings.state_path, gone=[(d.tier, d.model) for d in result.done], applied_run_id=run_id)
-    purge = restore_purge.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=False, keep_run=run_id)
+    record_plan(plan, paths.state_path, gone=[(d.tier, d.model) for d in result.done], applied_run_id=run_id)
+    purge = restore_purge.purge_trash(
+        paths, cleaner.trash, journal, audit, actor=actor, now=now, purge_all=False, keep_run=run_id
+    )
     purged = purge.entries
     journal.close()
     exit_code = apply.exit_code_for(result)
     error = f"{len(result.failed)} eviction(s) failed" if result.failed else None
     trash_total = _write_state(
-        settings, run_id, exit_code, error, result, plan.kept, usage_blind=plan_usage_blind(plan.evidence)
+        paths, run_id, exit_code, error, result, plan.kept, usage_blind=plan_usage_blind(plan.evidence)
     )
     audit.append(
         "run",
@@ -133,11 +146,11 @@ def _run_locked(
         "run_id": run_id,
         "plan_id": plan.plan_id,
         "plan": plan.to_json(),
-        "mode": settings.cleaner.backup.mode,
+        "mode": cleaner.backup.mode,
         **result.to_json(),
         "freed_bytes": sum(d.bytes for d in result.done),
         "purged": [{"run_id": e.run_id, "tier": e.tier, "model": e.model, "bytes": e.bytes} for e in purged],
-        "trash_path": str(settings.trash_path / run_id),
+        "trash_path": str(paths.trash_path / run_id),
         "trash_bytes": trash_total,
         "warnings": purge.warnings,
         "exit_code": exit_code,
@@ -146,7 +159,7 @@ def _run_locked(
 
 
 def _write_state(
-    settings: Settings,
+    paths: StorePaths,
     run_id: str,
     exit_code: int,
     error: str | None,
@@ -156,9 +169,9 @@ def _write_state(
     usage_blind: bool = False,
 ) -> int:
     crash_point("before_state_written")
-    total = restore_purge.trash_bytes(settings)
+    total = restore_purge.trash_bytes(paths)
     state = next_state(
-        read_cleanup_state(settings.cleanup_state_file),
+        read_cleanup_state(paths.cleanup_state_file),
         # When the run finished, not `now` (its start): the "cleaner has not succeeded for N hours"
         # alert measures from here, and a long run would otherwise look older than it is.
         timestamp=time.time(),
@@ -172,9 +185,9 @@ def _write_state(
         usage_blind=usage_blind,
     )
     try:
-        write_cleanup_state(settings.cleanup_state_file, state)
+        write_cleanup_state(paths.cleanup_state_file, state)
     except OSError as err:
-        raise FilesystemError.from_os(err, "write the state file", settings.cleanup_state_file) from None
+        raise FilesystemError.from_os(err, "write the state file", paths.cleanup_state_file) from None
     return total
 
 

@@ -9,15 +9,18 @@ from typing import Any
 
 from cleaner import apply, restore_purge, trash
 from cleaner.commands.output import actor_of, emit, human_bytes
+from cleaner.commands.views import store_paths
 from cleaner.journal import Journal
 from cleaner.lock import CleanerLock, lock_path
 from cleaner.plan_store import new_plan_id
+from cleaner.store_paths import StorePaths
 from shared.audit import AuditLog
 from shared.cleanup_state import read_cleanup_state, write_cleanup_state
 from shared.config import Settings
 from shared.errors import ConfigError, PreconditionError
 from shared.exit_codes import ExitCode
 from shared.own_reads import own_reads
+from shared.typed_settings import TrashSettings
 
 
 def register(subparsers: Any) -> None:
@@ -38,13 +41,11 @@ def register(subparsers: Any) -> None:
     listing.set_defaults(func=cmd_trash)
 
 
-def _refresh_trash_bytes(settings: Settings) -> None:
+def _refresh_trash_bytes(paths: StorePaths) -> None:
     """After a restore or purge the trash changed: the served trash gauge follows."""
-    state = read_cleanup_state(settings.cleanup_state_file)
+    state = read_cleanup_state(paths.cleanup_state_file)
     if state is not None:
-        write_cleanup_state(
-            settings.cleanup_state_file, replace(state, trash_bytes=restore_purge.trash_bytes(settings))
-        )
+        write_cleanup_state(paths.cleanup_state_file, replace(state, trash_bytes=restore_purge.trash_bytes(paths)))
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
@@ -55,25 +56,26 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     if target is not None and (target.count("/") != 1 or not all(trash.valid_name(p) for p in target.split("/"))):
         raise ConfigError(f"restore: {target!r}: expected TIER/MODEL")
     now = time.time()
+    paths = store_paths(settings)
     actor = actor_of(args)
-    audit = AuditLog(settings.audit_log_path)
-    with CleanerLock(lock_path(settings.state_path)):
-        apply.recover(settings, audit, actor=actor, now=now)
-        root, entries = restore_purge.find_run_entries(settings, run_id)
+    audit = AuditLog(paths.audit_log_path)
+    with CleanerLock(lock_path(paths.state_path)):
+        apply.recover(paths, audit, actor=actor, now=now)
+        root, entries = restore_purge.find_run_entries(paths, run_id)
         if target is not None:
             entries = [e for e in entries if e.key == target]
         if not entries:
             what = f"{target} of run {run_id}" if target else f"run {run_id}"
-            raise ConfigError(f"restore: nothing of {what} is in {settings.trash_path} or {settings.backup_path}")
-        journal = Journal(settings.state_path, new_plan_id(now), command="restore")
+            raise ConfigError(f"restore: nothing of {what} is in {paths.trash_path} or {paths.backup_path}")
+        journal = Journal(paths.state_path, new_plan_id(now), command="restore")
         try:
-            with own_reads(settings.state_path, (e.key for e in entries)):
-                restored = restore_purge.restore_entries(root, entries, settings, journal, audit, actor=actor, now=now)
+            with own_reads(paths.state_path, (e.key for e in entries)):
+                restored = restore_purge.restore_entries(root, entries, paths, journal, audit, actor=actor, now=now)
         except PreconditionError:
             journal.close()  # refused before anything was done: nothing for recovery to look at
             raise
         journal.close()
-        _refresh_trash_bytes(settings)
+        _refresh_trash_bytes(paths)
     data = {
         "run_id": run_id,
         "restored": [{"tier": e.tier, "model": e.model, "bytes": e.bytes} for e in restored],
@@ -86,14 +88,17 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     now = time.time()
+    paths = store_paths(settings)
     actor = actor_of(args)
-    audit = AuditLog(settings.audit_log_path)
-    with CleanerLock(lock_path(settings.state_path)):
-        apply.recover(settings, audit, actor=actor, now=now)
-        journal = Journal(settings.state_path, new_plan_id(now), command="purge")
-        purged = restore_purge.purge_trash(settings, journal, audit, actor=actor, now=now, purge_all=args.all).entries
+    audit = AuditLog(paths.audit_log_path)
+    with CleanerLock(lock_path(paths.state_path)):
+        apply.recover(paths, audit, actor=actor, now=now)
+        journal = Journal(paths.state_path, new_plan_id(now), command="purge")
+        purged = restore_purge.purge_trash(
+            paths, settings.cleaner.trash, journal, audit, actor=actor, now=now, purge_all=args.all
+        ).entries
         journal.close()
-        _refresh_trash_bytes(settings)
+        _refresh_trash_bytes(paths)
     data = {
         "purged": [{"run_id": e.run_id, "tier": e.tier, "model": e.model, "bytes": e.bytes} for e in purged],
         "purged_bytes": sum(e.bytes for e in purged),
@@ -103,10 +108,10 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def trash_listing(settings: Settings, now: float) -> dict[str, Any]:
-    entries = trash.list_entries(settings.trash_path)
-    retention = settings.cleaner.trash.retention_days
-    cap = restore_purge.trash_cap_bytes(settings)
+def trash_listing(paths: StorePaths, trash_settings: TrashSettings, now: float) -> dict[str, Any]:
+    entries = trash.list_entries(paths.trash_path)
+    retention = trash_settings.retention_days
+    cap = restore_purge.trash_cap_bytes(trash_settings)
     over_cap = {(e.run_id, e.key) for e in trash.select_for_purge(entries, now, retention, cap)}
     rows = [
         {
@@ -126,7 +131,7 @@ def trash_listing(settings: Settings, now: float) -> dict[str, Any]:
         for e in entries
     ]
     return {
-        "trash_path": str(settings.trash_path),
+        "trash_path": str(paths.trash_path),
         "entries": rows,
         "total_bytes": sum(e.bytes for e in entries),
         "cap_bytes": cap,
@@ -136,7 +141,7 @@ def trash_listing(settings: Settings, now: float) -> dict[str, Any]:
 
 def cmd_trash(settings: Settings, args: argparse.Namespace) -> int:
     now = time.time()
-    data = trash_listing(settings, now)
+    data = trash_listing(store_paths(settings), settings.cleaner.trash, now)
     lines = [f"{'RUN':<24} {'TIER/MODEL':<40} {'SIZE':>10} {'AGE':>8}  PURGED"]
     for row in data["entries"]:
         when = "next purge" if row["purge_due"] else time.strftime("%Y-%m-%d %H:%M", time.gmtime(row["purge_at"]))
