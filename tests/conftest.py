@@ -75,6 +75,7 @@ SLOW_MODULES = {
     "test_cleaner_torture",
     "test_compose_stack",
     "test_exporter_cli",
+    "test_exporter_allocated",
     "test_exporter_events",
     "test_exporter_long_paths",
     "test_exporter_mounts",
@@ -87,8 +88,10 @@ SLOW_MODULES = {
     "test_http_hardening",
     "test_kubernetes",
     "test_localstack",
+    "test_opens",
     "test_prom_client",
     "test_tokens",
+    "test_usage_source",
 }
 SLOW_TESTS = {
     "test_api.py::test_bad_input_gets_a_json_4xx",
@@ -118,6 +121,7 @@ SLOW_TESTS = {
     "test_exporter_logs.py::test_failures_are_logged_as_failures_with_their_error",
     "test_exporter_races.py::test_the_thread_guard_sees_a_service_left_running",
     "test_names.py::test_metrics_audit_and_api_spell_each_hostile_name_alike",
+    "test_names.py::test_metrics_are_byte_for_byte_the_exposition_of_each_name_on_a_real_tree",
     "test_names.py::test_two_models_differing_only_in_undecodable_bytes_are_two_entries_in_storage_info",
     "test_page.py::test_the_console_check_sees_a_page_that_logs_an_error_or_breaks_its_csp",
     "test_page.py::test_the_page_in_headless_chromium_matches_storage_info_with_no_console_messages",
@@ -126,6 +130,7 @@ SLOW_TESTS = {
     "test_plan_summary.py::test_a_plan_saved_by_the_cleaner_cli_is_served_by_the_exporter_and_a_run_leaves_the_rest",
     "test_plan_summary.py::test_a_reader_sees_one_whole_summary_or_the_other_while_another_process_rewrites_it",
     "test_rules.py::test_promtool_unit_tests_can_fail",
+    "test_reasons.py::test_an_unwalkable_model_is_unreadable_in_the_plan_state_file_and_metrics_never_partial_download",
     "test_rules.py::test_promtool_unit_tests_pass",
 }
 
