@@ -7,24 +7,20 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from starlette.routing import BaseRoute
-
-from exporter.api import StorageApi, docs_routes
-from exporter.auth import TokenBook
-from exporter.cleanup_runner import CleanupRunner
-from exporter.exposition import build_renderer
-from exporter.fsinfo import filesystem_usage
-from exporter.http import BoundedServer, build_app, metrics_routes, raise_open_files_limit, server_config
-from exporter.page_route import page_routes
-from exporter.refusals import RefusalThrottle
-from exporter.service import ExporterService
-from shared.audit import AuditLog
-from shared.cleanup_state import read_cleanup_state
-from shared.config import GB, Settings, load_settings
-from shared.errors import StorageError
 from shared.exit_codes import ExitCode
-from shared.logs import SUCCESS, configure_logging, get_logger
+
+# Only what parsing the arguments needs is imported here: the scan's worker processes import this
+# module too (multiprocessing runs the console script, `from exporter.cli import main`, as their
+# __mp_main__), and the HTTP stack is a CPU second of imports that would compete with the first
+# scan. `main` imports the rest once the watch and the scan are under way.
+if TYPE_CHECKING:
+    from starlette.routing import BaseRoute
+
+    from exporter.api import StorageApi
+    from exporter.service import ExporterService
+    from shared.config import Settings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load(args: argparse.Namespace) -> Settings:
+    from shared.config import load_settings
+
     env = dict(os.environ)
     if args.listen:
         env["STORAGE_EXPORTER_LISTEN"] = args.listen
@@ -50,6 +48,14 @@ def load(args: argparse.Namespace) -> Settings:
 
 
 def storage_api(service: ExporterService, settings: Settings, config_file: str | None) -> StorageApi:
+    from exporter.api import StorageApi
+    from exporter.auth import TokenBook
+    from exporter.cleanup_runner import CleanupRunner
+    from exporter.fsinfo import filesystem_usage
+    from exporter.refusals import RefusalThrottle
+    from shared.audit import AuditLog
+    from shared.cleanup_state import read_cleanup_state
+
     state_file = settings.cleanup_state_file
     return StorageApi(
         snapshot=service.snapshot,
@@ -72,6 +78,12 @@ def storage_api(service: ExporterService, settings: Settings, config_file: str |
 
 def exporter_routes(service: ExporterService, settings: Settings, api: StorageApi) -> list[BaseRoute]:
     """Everything the exporter serves: `/`, `/metrics`, `/healthz`, `/readyz`, the storage API and its docs."""
+    from exporter.api import docs_routes
+    from exporter.exposition import build_renderer
+    from exporter.http import metrics_routes
+    from exporter.page_route import page_routes
+    from shared.config import GB
+
     routes = metrics_routes(
         build_renderer(service, settings),
         readiness=service.readiness,
@@ -93,21 +105,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(package_version())
         return ExitCode.OK
+    from shared.errors import StorageError
+
     try:
         settings = load(args)
     except StorageError as err:
         print(f"model-storage-exporter: {err.one_line()}", file=sys.stderr)
         return err.exit_code
+    # The scan's worker processes first: they boot while the rest is imported and the tree watched.
+    from exporter.scan import Scanner
+
+    scanner = Scanner(settings.exporter.scan_workers)
+    scanner.start()
+    from shared.logs import configure_logging
+
     configure_logging(settings.log.format, settings.log.level)
-    log = get_logger("exporter")
-    service = ExporterService(settings)
-    api = storage_api(service, settings, args.config)
+    from exporter.service import ExporterService
+
+    service = ExporterService(settings, scanner)
+    # Watching and the initial scan start next: the HTTP stack is imported while they run.
     try:
         service.start()
     except StorageError as err:
         print(f"model-storage-exporter: {err.one_line()}", file=sys.stderr)
         service.stop()
         return err.exit_code
+    try:
+        return _serve(service, settings, args.config)
+    finally:
+        service.stop()
+
+
+def _serve(service: ExporterService, settings: Settings, config_file: str | None) -> int:
+    """Serve HTTP until signalled; the exit code."""
+    from exporter.http import BoundedServer, build_app, raise_open_files_limit, server_config
+    from shared.logs import SUCCESS, get_logger
+
+    log = get_logger("exporter")
+
+    api = storage_api(service, settings, config_file)
     host, port = settings.exporter.listen
     tls = settings.exporter.tls_cert_file is not None
     app = build_app(exporter_routes(service, settings, api))
@@ -121,10 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # no-op so that the index threads are stopped and the exit code is 0.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
-    try:
-        server.run()
-    finally:
-        service.stop()
+    server.run()
     if not server.started:
         print(f"model-storage-exporter: cannot listen on {host}:{port}", file=sys.stderr)
         return ExitCode.CONFIG

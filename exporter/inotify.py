@@ -24,12 +24,16 @@ What the reader guarantees (the updater's guarantees build on these, see exporte
 - R6 (no path too long): a directory whose path passes PATH_MAX is watched through an O_PATH
   descriptor opened by an openat chain (/proc/self/fd/N names it for inotify_add_watch), and listed
   through its descriptor: depth alone never makes the reader fail (exporter.longpath).
-- R7 (opens apart): with opens tracked, an IN_OPEN of a file is never a hint (no lstat, no index
-  work): it becomes an `open` item for exporter.opens, in kernel order with the own-reads marker
-  directory's items (watched on the same descriptor); a directory's own IN_OPEN is dropped first.
 - R4 (no lost hints): one hint per path between moves, in kernel order; a move-from whose move-to is
   in the same read is one `moved` hint; an unpaired move-to is a `created` hint, an unpaired
   move-from a `deleted` one.
+- R7 (opens apart): with opens tracked, an IN_OPEN of a file is never a hint (no lstat, no index
+  work): it becomes an `open` item for exporter.opens, in kernel order with the own-reads marker
+  directory's items (watched on the same descriptor); a directory's own IN_OPEN is dropped first.
+- R8 (the initial watch and scan in one pass): the reader starts with the root watched; the initial
+  scan calls `watch_ahead` for each directory it lists itself and for each subtree before a worker
+  gets it, so every directory is watched before it is listed (what is written before its listing
+  is in the scan, what comes after has its event) and the workers scan while the rest is watched.
 """
 
 from __future__ import annotations
@@ -209,11 +213,13 @@ class InotifyReader:
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self.failed
 
-    def start(self) -> None:
-        """Watch every directory under the root (raises OSError when not even that works), then read."""
+    def start(self, *, tree: bool = True) -> None:
+        """Watch the root and, with `tree`, every directory under it (raises OSError when not even
+        the root can be watched), then read. Without `tree` the caller watches the rest before it
+        lists it (`watch_ahead`, R8)."""
         try:
             with self._map_lock:
-                self._watch_tree(self.root, strict=True)
+                self._watch_tree(self.root, strict=True, subtree=tree)
                 self._watch_markers()
         except OSError:
             self._fd.close()
@@ -241,6 +247,15 @@ class InotifyReader:
             self._thread = None
 
     # ----- watches -----
+
+    def watch_ahead(self, path: str, subtree: bool) -> None:
+        """For a scan that watches as it goes (R8): watch `path` and, with `subtree`, every directory
+        below it, before the scan lists them. A watch that cannot be added fails the reader (once:
+        the service polls after the scan, so the rest is not tried)."""
+        if self.failed:
+            return
+        with self._map_lock:
+            self._watch_tree(path, subtree=subtree)
 
     def rewatch(self, path: str) -> None:
         """Make sure `path` and everything below it is watched (and mapped) as it is now."""
@@ -313,9 +328,9 @@ class InotifyReader:
         self._unwatched[path] = None
         return -1
 
-    def _watch_tree(self, top: str, *, strict: bool = False) -> int:
-        """Watch `top` and every directory below it; a watch comes before its directory is listed.
-        Returns `top`'s wd (-1: gone or not watchable)."""
+    def _watch_tree(self, top: str, *, strict: bool = False, subtree: bool = True) -> int:
+        """Watch `top` and (with `subtree`) every directory below it; a watch comes before its
+        directory is listed. Returns `top`'s wd (-1: gone or not watchable)."""
         # The wds of the directories above each pending one: a directory whose wd is one of them is
         # its own ancestor (a bind mount into its own subtree) and is neither re-mapped nor listed.
         above: frozenset[int] = frozenset(
@@ -334,7 +349,7 @@ class InotifyReader:
                 return -1
             if path == top:
                 top_wd = wd
-            if wd < 0:
+            if wd < 0 or not subtree:
                 continue
             if self._leaf_device is not None and self._is_leaf(path):
                 continue

@@ -7,9 +7,11 @@ reported, not fatal.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import stat
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -43,6 +45,11 @@ def stat_changed(st: os.stat_result) -> float:
 
 
 Progress = Callable[[int], None]
+# watch(directory, subtree): called by a scan before it lists a directory itself (subtree False) and
+# before it hands a directory's subtree to a worker (subtree True). The initial scan watches the
+# tree this way as it goes, so that every directory is watched before it is listed, in one pass
+# over the tree instead of a watch walk first and the scan after it.
+WatchAhead = Callable[[str, bool], None]
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -182,43 +189,67 @@ def _scan_in_worker(path: str, above: Chain) -> ScanResult:
     return scan_local(path, above=above)
 
 
+def _start_workers(pool: ProcessPoolExecutor, workers: int) -> None:
+    # A pool broken already (a worker that could not start) raises here and again at the first
+    # scan's submit, which handles it.
+    with contextlib.suppress(BrokenProcessPool, RuntimeError):
+        for _ in range(workers):
+            pool.submit(os.getpid)
+
+
 class Scanner:
     """Scans subtrees, splitting large ones over a pool of worker processes (the syscalls are the floor)."""
 
     def __init__(self, workers: int = 0) -> None:
         self.workers = workers or os.cpu_count() or 1
         self._pool: ProcessPoolExecutor | None = None
+        self._starting: threading.Thread | None = None
 
     def start(self) -> None:
-        """Create the pool before any thread starts: forkserver keeps the children clean (a pool
-        rebuilt later forks from the same clean server)."""
+        """Start the pool's worker processes in the background: the caller goes on (watching the
+        tree) while the forkserver boots; the first scan waits for them. The forkserver is a fresh
+        interpreter, not a fork of this process, so its children are clean whatever threads run
+        here, and a pool rebuilt later forks from the same server."""
         if self.workers > 1 and self._pool is None:
             context = multiprocessing.get_context("forkserver")
             # The server imports only what the workers run, not the daemon's __main__ (its default):
             # that is the whole HTTP stack, about a CPU second competing with the first scan.
             context.set_forkserver_preload([__name__])
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
-            # Workers start on demand: start them now, while the tree is being watched, not when
-            # the first scan hands them work.
-            for _ in range(self.workers):
-                self._pool.submit(os.getpid)
+            pool = self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context)
+            # Workers start on demand: start them now, not when the first scan hands them work.
+            # The first submit waits for the forkserver (about 0.2 s): not on the caller's time.
+            self._starting = threading.Thread(target=_start_workers, args=(pool, self.workers), name="scan-pool-start")
+            self._starting.start()
+
+    def _started(self) -> None:
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            starting.join()
 
     def _rebuild(self) -> None:
         """A worker died (SIGKILL, the OOM killer): the pool is unusable for good; start a new one."""
+        self._started()
         broken, self._pool = self._pool, None
         if broken is not None:
             broken.shutdown(wait=False, cancel_futures=True)
         self.start()
 
     def close(self) -> None:
+        self._started()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def scan(self, path: str | Path, progress: Progress | None = None) -> ScanResult:
-        """Scan `path`; with a pool, the top two levels are read here and the subtrees farmed out."""
+    def scan(
+        self, path: str | Path, progress: Progress | None = None, *, watch: WatchAhead | None = None
+    ) -> ScanResult:
+        """Scan `path`; with a pool, the top two levels are read here and the subtrees farmed out.
+        `watch`: see WatchAhead; every directory of the tree passes through it before it is listed."""
         path = os.fspath(path)
+        self._started()
         if self._pool is None:
+            if watch is not None:
+                watch(path, True)
             return scan_local(path, progress)
         started = time.monotonic()
         try:
@@ -235,25 +266,29 @@ class Scanner:
             next_frontier: Pending = []
             for current_path, node, chain in frontier:
                 result.dirs += 1
+                if watch is not None:
+                    watch(current_path, False)
                 _scan_one(current_path, node, result, next_frontier, chain)
             frontier = next_frontier
             if len(frontier) >= 4 * self.workers:
                 break
         try:
-            self._gather(frontier, result, progress)
+            self._gather(frontier, result, progress, watch)
         except BrokenProcessPool as err:
             self._rebuild()
             raise ScanFailedError("a scan worker process died (killed, or out of memory)") from err
         result.seconds = time.monotonic() - started
         return result
 
-    def _gather(self, jobs: Pending, result: ScanResult, progress: Progress | None) -> None:
+    def _gather(self, jobs: Pending, result: ScanResult, progress: Progress | None, watch: WatchAhead | None) -> None:
         assert self._pool is not None
         next_report = 200_000
-        futures: list[tuple[DirNode, Future[ScanResult]]] = [
-            (placeholder, self._pool.submit(_scan_in_worker, job_path, chain[2] if chain else None))
-            for job_path, placeholder, chain in jobs
-        ]
+        futures: list[tuple[DirNode, Future[ScanResult]]] = []
+        for job_path, placeholder, chain in jobs:
+            if watch is not None:
+                # The workers scan the subtrees handed out so far while the next one is watched.
+                watch(job_path, True)
+            futures.append((placeholder, self._pool.submit(_scan_in_worker, job_path, chain[2] if chain else None)))
         for placeholder, future in futures:
             sub = future.result()
             result.errors.extend(sub.errors)

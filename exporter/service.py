@@ -186,7 +186,8 @@ class ExporterService:
             marker_dir=str(opens.markers) if opens is not None else None,
         )
         try:
-            reader.start()
+            # Only the root now: the initial scan watches the rest as it lists it (R8).
+            reader.start(tree=False)
         except OSError as err:
             # Usually ENOSPC: fs.inotify.max_user_watches is exhausted. Poll rather than be wrong.
             self._record_error("watch", self.root, err.strerror or str(err))
@@ -298,6 +299,10 @@ class ExporterService:
                 if self._stop.wait(delay):
                     return
             self._scan_failure = ""
+            if self._reader is not None and self._reader.failed:
+                # A watch the initial scan needed could not be added (R8): poll before saying ready,
+                # never "watcher stopped" in between.
+                self._fall_back_to_polling()
             self.ready.set()
             log.info("exporter.ready", path=self.root, outcome=SUCCESS)
             self._loop()
@@ -470,9 +475,14 @@ class ExporterService:
             elapsed = time.monotonic() - started
             log.info("scan.progress", files_scanned=files, files_per_second=round(files / max(elapsed, 1e-6)))
 
+        # The initial scan watches each directory before it lists it (R8); later ones find the tree
+        # watched (an overflow re-watches it before its scan).
+        reader = self._reader
+        watch = reader.watch_ahead if reason == "initial" and reader is not None else None
+
         def scan() -> None:
             try:
-                result_box.append(self.scanner.scan(self.root, progress))
+                result_box.append(self.scanner.scan(self.root, progress, watch=watch))
             except BaseException as err:
                 result_box.append(err)
 

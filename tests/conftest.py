@@ -85,6 +85,7 @@ SLOW_MODULES = {
     "test_exporter_scale",
     "test_exporter_scan_faults",
     "test_exporter_scrub",
+    "test_exporter_startup",
     "test_http_hardening",
     "test_kubernetes",
     "test_localstack",

@@ -550,10 +550,11 @@ def test_a_kernel_queue_overflow_rewatches_rescans_and_ends_exact(store: Path, m
 
 def test_no_watches_left_falls_back_to_polling_and_stays_exact(store: Path) -> None:
     svc = make_service(store, STORAGE_POLL_INTERVAL_SECONDS="1")
-    with inotify_limit("max_user_watches", 1):
-        svc.start()
     try:
-        wait_until(svc.ready.is_set, timeout=10, what="initial scan")
+        # Held until ready: the initial scan adds the watches below the root as it lists (R8).
+        with inotify_limit("max_user_watches", 1):
+            svc.start()
+            wait_until(svc.ready.is_set, timeout=10, what="initial scan")
         assert svc.polling and "watches" in (svc.polling_reason or "")
         assert svc.snapshot().errors_total.get("watch", 0) > 0
         model = models_of(store) / "quantized" / "m"

@@ -12,7 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from exporter.cleanup_runner import CleanupRunner
-from exporter.scan import Progress, Scanner, ScanResult
+from exporter.scan import Progress, Scanner, ScanResult, WatchAhead
 from exporter.service import ExporterService
 from shared.logs import FAILURE, SUCCESS
 from tests.oracle import assert_exact
@@ -63,11 +63,13 @@ class FailingScanner(Scanner):
         super().__init__(workers=1)
         self.scans = 0
 
-    def scan(self, path: str | Path, progress: Progress | None = None) -> ScanResult:
+    def scan(
+        self, path: str | Path, progress: Progress | None = None, *, watch: WatchAhead | None = None
+    ) -> ScanResult:
         self.scans += 1
         if self.scans > 1:
             raise OSError(errno.EIO, "Input/output error", str(path))
-        return super().scan(path, progress)
+        return super().scan(path, progress, watch=watch)
 
 
 def test_failures_are_logged_as_failures_with_their_error(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:

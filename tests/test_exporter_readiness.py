@@ -12,7 +12,7 @@ import pytest
 
 from exporter.cli import exporter_routes, storage_api
 from exporter.http import build_app
-from exporter.scan import Progress, Scanner, ScanResult
+from exporter.scan import Progress, Scanner, ScanResult, WatchAhead
 from exporter.service import ExporterService
 from tests.oracle import assert_exact
 from tests.support import make_service, parse_metrics, wait_until
@@ -49,10 +49,12 @@ class GatedScanner(Scanner):
         self.waiting = threading.Event()
         self.gate = threading.Event()
 
-    def scan(self, path: str | Path, progress: Progress | None = None) -> ScanResult:
+    def scan(
+        self, path: str | Path, progress: Progress | None = None, *, watch: WatchAhead | None = None
+    ) -> ScanResult:
         self.waiting.set()
         self.gate.wait(timeout=30)
-        return super().scan(path, progress)
+        return super().scan(path, progress, watch=watch)
 
 
 def test_readyz_is_503_until_the_initial_scan_is_done(store: Path) -> None:
