@@ -3,7 +3,8 @@ rate, /metrics (and /storage/info) while a burst is applied, idle CPU.
 
 Sizes by environment: BENCH_MODELS (10,000), BENCH_BURST_FILES (100,000), BENCH_SUSTAINED_RATE (20,000
 files/s) for BENCH_SUSTAINED_SECONDS (5), BENCH_LATENCY_WRITES (1,000 at 100/s), BENCH_IDLE_SECONDS (10);
-BENCH_OPENS_TRACKING=false measures without last-opened tracking (every create is also an IN_OPEN).
+BENCH_OPENS_TRACKING=false measures without last-opened tracking (every create is also an IN_OPEN);
+BENCH_SCRUB_STATS_PER_SECOND sets the scrub's budget (0: off; unset: the default).
 BENCH_EVENTS_DIR picks the filesystem (default: the temp dir; a disk mounted with `discard` creates
 files at a varying 5,000-25,000/s, so the same writer is first timed alone, unwatched, as the baseline).
 """
@@ -240,6 +241,12 @@ def main() -> dict[str, object]:
             STORAGE_READ_TOKEN=TOKEN,
             STORAGE_LOG_LEVEL="warning",
             STORAGE_OPENS_TRACKING=os.environ.get("BENCH_OPENS_TRACKING", "true"),
+            # Unset: the product's default budget; 0 turns the scrub off (to tell its share of a figure).
+            **(
+                {"STORAGE_SCRUB_STATS_PER_SECOND": scrub}
+                if (scrub := os.environ.get("BENCH_SCRUB_STATS_PER_SECOND"))
+                else {}
+            ),
         )
         try:
             pid = proc.popen.pid
