@@ -1,7 +1,8 @@
 """Front page render time at 10,000 models: snapshot parts in, HTML out, against /storage/info's JSON.
 
 What is timed is what a request to `/` costs after the snapshot is taken: picking the largest
-models (`page_data`) and rendering (`render_page`), with a 200-eviction plan and a last run. The
+models (`page_data`) and rendering (`render_page`), with a 200-eviction plan, a last run, allocated
+bytes and last-opened times (the mapping built per request, as the route does). The
 baseline, in the same run on the same snapshot, is `/storage/info?top=25`: `info_document` plus
 `json.dumps`, the other per-request view of the same figures.
 """
@@ -26,14 +27,36 @@ TIERS = ("raw", "quantized", "repository")
 
 
 def _snapshot(n_models: int) -> Snapshot:
+    sizes = [1000 + (i * 7919) % 100_003 for i in range(n_models)]
     models = [
-        ModelStat(TIERS[i % 3], f"model-{i:05d}<&>", 1000 + (i * 7919) % 100_003, 3, 1.7e9 + i) for i in range(n_models)
+        ModelStat(TIERS[i % 3], f"model-{i:05d}<&>", size, 3, 1.7e9 + i, -(-size // 4096) * 4096)
+        for i, size in enumerate(sizes)
     ]
     tiers: dict[str, tuple[int, int, int]] = {}
     for s in models:
         b, f, m = tiers.get(s.tier, (0, 0, 0))
         tiers[s.tier] = (b + s.bytes, f + s.files, m + 1)
-    return Snapshot(tiers, models, True, False, 0, 0, {}, 1.0, 1.7e9, 0, 10)
+    allocated: dict[str, int] = {}
+    for s in models:
+        allocated[s.tier] = allocated.get(s.tier, 0) + s.allocated
+    # Every other model seen opened, so the page's last-opened column is filled as in use.
+    opened = tuple((s.tier, s.model, 1.7e9 + i) for i, s in enumerate(models) if i % 2)
+    return Snapshot(
+        tiers,
+        models,
+        True,
+        False,
+        0,
+        0,
+        {},
+        1.0,
+        1.7e9,
+        0,
+        10,
+        allocated=allocated,
+        opens_since=1.6e9,
+        last_opened=opened,
+    )
 
 
 def _timed(fn: object, runs: int) -> list[float]:
@@ -72,6 +95,9 @@ def main() -> int:
             trash_bytes=123,
             trash_limit_bytes=10**10,
             plan=plan,
+            allocated=snap.allocated,
+            last_opened={(t, m): ts for t, m, ts in snap.last_opened},
+            opens_since=snap.opens_since,
         )
         return render_page(data)
 
