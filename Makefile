@@ -42,7 +42,7 @@ system-deps:
 
 run: $(STAMP)
 	@mkdir -p storage/models/raw storage/models/quantized storage/models/repository
-	$(PY) -m exporter.localstack
+	$(PY) -m tools.localstack
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -55,7 +55,7 @@ fmt: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# The import contracts in pyproject.toml: exporter and cleaner apart, pure modules pure, no cycles.
+# The import contracts in pyproject.toml: exporter and cleaner apart, layers inside the exporter, pure modules pure, no cycles.
 imports: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 

@@ -28,8 +28,8 @@ def rss_bytes() -> int:
 
 def _child(kind: str, path: str) -> None:
     """Runs in a fresh interpreter: RSS before and after holding the index, as JSON on stdout."""
-    from exporter.scan import Scanner
-    from exporter.tree import Tree
+    from exporter.index.scan import Scanner
+    from exporter.index.tree import Tree
     from shared.layout import Layout
 
     gc.collect()

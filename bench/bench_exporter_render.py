@@ -11,9 +11,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import env_int, report, write_result
-from exporter.exposition import build_registry, build_renderer
-from exporter.service import ExporterService
-from exporter.tree import FileInfo
+from exporter.index.service import ExporterService
+from exporter.index.tree import FileInfo
+from exporter.metrics.endpoint import build_registry, build_renderer
 from shared.config import load_settings
 
 TARGET_MS = 50.0

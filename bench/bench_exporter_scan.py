@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from bench.common import env_int, generated_tree, report, warm, write_result
-from exporter.scan import Scanner, scan_local
-from exporter.tree import Tree
+from exporter.index.scan import Scanner, scan_local
+from exporter.index.tree import Tree
 from shared.layout import Layout
 from tests.support import VENV_BIN, exporter_env, free_port, start_process
 

@@ -9,9 +9,9 @@ import time
 from typing import Any
 
 from bench.common import env_float, env_int, generated_tree, report, warm, write_result
-from exporter.scan import Scanner
-from exporter.scrub import Finding, Scrubber
-from exporter.tree import Tree
+from exporter.index.scan import Scanner
+from exporter.index.scrub import Finding, Scrubber
+from exporter.index.tree import Tree
 from shared.config import load_settings
 from shared.layout import Layout
 

@@ -18,8 +18,8 @@ from shared.exit_codes import ExitCode
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
-    from exporter.api import StorageApi
-    from exporter.service import ExporterService
+    from exporter.api.routes import StorageApi
+    from exporter.index.service import ExporterService
     from shared.config import Settings
 
 
@@ -48,11 +48,11 @@ def load(args: argparse.Namespace) -> Settings:
 
 
 def storage_api(service: ExporterService, settings: Settings, config_file: str | None) -> StorageApi:
-    from exporter.api import StorageApi
-    from exporter.auth import TokenBook
-    from exporter.cleanup_runner import CleanupRunner
-    from exporter.fsinfo import filesystem_usage
-    from exporter.refusals import RefusalThrottle
+    from exporter.api.auth import TokenBook
+    from exporter.api.cleanup_runner import CleanupRunner
+    from exporter.api.refusals import RefusalThrottle
+    from exporter.api.routes import StorageApi
+    from exporter.index.fsinfo import filesystem_usage
     from shared.audit import AuditLog
     from shared.cleanup_state import read_cleanup_state
 
@@ -78,10 +78,10 @@ def storage_api(service: ExporterService, settings: Settings, config_file: str |
 
 def exporter_routes(service: ExporterService, settings: Settings, api: StorageApi) -> list[BaseRoute]:
     """Everything the exporter serves: `/`, `/metrics`, `/healthz`, `/readyz`, the storage API and its docs."""
-    from exporter.api import docs_routes
-    from exporter.exposition import build_renderer
-    from exporter.http import metrics_routes
-    from exporter.page_route import page_routes
+    from exporter.api.page_route import page_routes
+    from exporter.api.routes import docs_routes
+    from exporter.api.server import metrics_routes
+    from exporter.metrics.endpoint import build_renderer
     from shared.config import GB
 
     routes = metrics_routes(
@@ -101,7 +101,7 @@ def exporter_routes(service: ExporterService, settings: Settings, api: StorageAp
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.version:
-        from exporter.collector import package_version
+        from exporter.metrics.families import package_version
 
         print(package_version())
         return ExitCode.OK
@@ -113,14 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"model-storage-exporter: {err.one_line()}", file=sys.stderr)
         return err.exit_code
     # The scan's worker processes first: they boot while the rest is imported and the tree watched.
-    from exporter.scan import Scanner
+    from exporter.index.scan import Scanner
 
     scanner = Scanner(settings.exporter.scan_workers)
     scanner.start()
     from shared.logs import configure_logging
 
     configure_logging(settings.log.format, settings.log.level)
-    from exporter.service import ExporterService
+    from exporter.index.service import ExporterService
 
     service = ExporterService(settings, scanner)
     # Watching and the initial scan start next: the HTTP stack is imported while they run.
@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(service: ExporterService, settings: Settings, config_file: str | None) -> int:
     """Serve HTTP until signalled; the exit code."""
-    from exporter.http import BoundedServer, build_app, raise_open_files_limit, server_config
+    from exporter.api.server import BoundedServer, build_app, raise_open_files_limit, server_config
     from shared.logs import SUCCESS, get_logger
 
     log = get_logger("exporter")

@@ -18,7 +18,7 @@ MODEL_BYTES: Final = "model_storage_model_bytes"
 MODEL_FILES: Final = "model_storage_model_files"
 MODEL_LAST_CHANGED: Final = "model_storage_model_last_changed_timestamp_seconds"
 MODEL_ALLOCATED_BYTES: Final = "model_storage_model_allocated_bytes"
-# Last opened (exporter/opens.py): absent for a model not seen opened since tracking began.
+# Last opened (exporter/index/opens.py): absent for a model not seen opened since tracking began.
 MODEL_LAST_OPENED: Final = "model_storage_model_last_opened_timestamp_seconds"
 OPENS_TRACKING_SINCE: Final = "model_storage_opens_tracking_since_timestamp_seconds"
 
@@ -41,7 +41,7 @@ POLLING: Final = "model_storage_polling"
 READY: Final = "model_storage_ready"
 BUILD_INFO: Final = "model_storage_build"  # info metric: model_storage_build_info
 
-# The scrub (exporter/scrub.py).
+# The scrub (exporter/index/scrub.py).
 SCRUB_CORRECTIONS: Final = "model_storage_scrub_corrections"  # counter: _total
 SCRUB_DRIFT_BYTES: Final = "model_storage_scrub_drift_bytes"  # counter: _total
 SCRUB_CYCLE: Final = "model_storage_scrub_cycle_seconds"

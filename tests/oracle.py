@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporter.service import ExporterService
+from exporter.index.service import ExporterService
 from shared.layout import Layout
 from tests.support import wait_until
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import yaml
 
 if TYPE_CHECKING:
-    from exporter.service import ExporterService
+    from exporter.index.service import ExporterService
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0, interva
 
 def make_service(base: Path, **env: str) -> ExporterService:
     """An in-process exporter service on `base`/models, not started, with short windows for tests."""
-    from exporter.service import ExporterService
+    from exporter.index.service import ExporterService
     from shared.config import load_settings
 
     values = {

@@ -9,10 +9,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.exposition import build_registry, build_renderer
-from exporter.render import ModelLinesCache, escape_label_value, format_value
-from exporter.service import ExporterService
-from exporter.tree import FileInfo, Tree
+from exporter.index.service import ExporterService
+from exporter.index.tree import FileInfo, Tree
+from exporter.metrics.endpoint import build_registry, build_renderer
+from exporter.metrics.model_lines import ModelLinesCache, escape_label_value, format_value
 from shared.config import load_settings
 from shared.layout import Layout
 from tests.support import have, parse_metrics

@@ -15,9 +15,9 @@ import jsonschema
 import pytest
 import yaml
 
-from exporter.localstack import RULES_DIR, loopback_prometheus_config
 from shared.config import FIELDS, load_settings
 from tests.support import ROOT, VENV_BIN, free_port, have, start_exporter
+from tools.localstack import RULES_DIR, loopback_prometheus_config
 
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = ROOT / "tests" / "data" / "compose-spec.schema.json"

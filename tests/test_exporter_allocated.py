@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from exporter.drift import DirView, compare
-from exporter.scan import scan_local
-from exporter.scrub import Correction, Finding, Scrubber, apply_finding, list_dir
-from exporter.tree import DirNode, Tree
-from exporter.watcher import IndexUpdater
+from exporter.index.drift import DirView, compare
+from exporter.index.scan import scan_local
+from exporter.index.scrub import Correction, Finding, Scrubber, apply_finding, list_dir
+from exporter.index.tree import DirNode, Tree
+from exporter.index.updater import IndexUpdater
 from shared.layout import Layout
 from tests.chaos import metrics_differences, scrape
 from tests.support import Proc, http_json, parse_metrics, start_exporter, wait_until

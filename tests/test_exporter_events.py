@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from watchdog.observers.inotify_c import InotifyConstants
 
-from exporter.fsinfo import subdir_counting_device
-from exporter.inotify import MASK, Handoff, InotifyReader
-from exporter.service import ExporterService
-from exporter.tree import Tree
-from exporter.watcher import IndexUpdater, RawEvent
+from exporter.index.fsinfo import subdir_counting_device
+from exporter.index.reader import MASK, Handoff, InotifyReader
+from exporter.index.service import ExporterService
+from exporter.index.tree import Tree
+from exporter.index.updater import IndexUpdater, RawEvent
 from shared.layout import Layout
 from tests.oracle import assert_exact
 from tests.support import make_service, wait_until
@@ -367,7 +367,7 @@ def test_unreadable_directory_is_counted_not_fatal(
     service: ExporterService, store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As root nothing is unreadable; opening the directory is the scanner's one edge, so fail it there.
-    import exporter.scan as scan_module
+    import exporter.index.scan as scan_module
 
     real_open = os.open
     locked = str(models_of(store) / "raw" / "locked")

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from exporter.cleanup_runner import CleanupRunner
-from exporter.scan import Progress, Scanner, ScanResult, WatchAhead
-from exporter.service import ExporterService
+from exporter.api.cleanup_runner import CleanupRunner
+from exporter.index.scan import Progress, Scanner, ScanResult, WatchAhead
+from exporter.index.service import ExporterService
 from shared.logs import FAILURE, SUCCESS
 from tests.oracle import assert_exact
 from tests.support import make_service, wait_until
@@ -73,8 +73,8 @@ class FailingScanner(Scanner):
 
 
 def test_failures_are_logged_as_failures_with_their_error(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import exporter.scan as scan_module
-    from exporter.scan import ScanFailedError
+    import exporter.index.scan as scan_module
+    from exporter.index.scan import ScanFailedError
 
     locked = str(store / "models" / "raw" / "locked")
     real_open = os.open

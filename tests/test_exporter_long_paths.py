@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from watchdog.observers.inotify_c import CallbackId, WatchDescriptor
 
-from exporter.longpath import lstat, open_path
-from exporter.service import ExporterService
+from exporter.index.longpath import lstat, open_path
+from exporter.index.service import ExporterService
 from tests.oracle import assert_exact, walk_truth
 from tests.support import make_service, wait_until
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter.mounts import changed_points, mounts_under
-from exporter.service import ExporterService
+from exporter.index.mounts import changed_points, mounts_under
+from exporter.index.service import ExporterService
 from tests.chaos import cpu_hogs
 from tests.oracle import assert_exact, walk_truth
 from tests.support import make_service, wait_until
@@ -239,7 +239,7 @@ def test_the_watcher_is_woken_by_the_kernel_not_by_its_periodic_read(
     and an unmount are still reported, each once, at the mount point."""
     import threading
 
-    from exporter import mounts as mounts_module
+    from exporter.index import mounts as mounts_module
 
     monkeypatch.setattr(mounts_module, "REREAD_SECONDS", 3600.0)
     (tmp_path / "models" / "raw" / "m").mkdir(parents=True)

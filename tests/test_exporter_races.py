@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from watchdog.observers.inotify_c import InotifyConstants as C
 
-from exporter.inotify import Handoff, InotifyReader
-from exporter.scan import scan_local
-from exporter.tree import Tree
-from exporter.watcher import IndexUpdater, RawEvent
+from exporter.index.reader import Handoff, InotifyReader
+from exporter.index.scan import scan_local
+from exporter.index.tree import Tree
+from exporter.index.updater import IndexUpdater, RawEvent
 from shared.layout import Layout
 from tests.oracle import walk_truth
 
@@ -157,7 +157,7 @@ def test_an_unreadable_directory_is_scanned_again_when_its_permissions_change(
     refused, and the IN_ATTRIB of the chmod back is a plain `modified` hint for the directory. (As
     root nothing is refused: the refusal is made at the edges, os.lstat and the scanner's os.open;
     the kernel test runs unprivileged.)"""
-    import exporter.scan as scan_module
+    import exporter.index.scan as scan_module
 
     (models / "raw" / "m").mkdir()
     tree, updater, errors = index_of(models)
@@ -189,7 +189,7 @@ def test_an_unreadable_directory_is_scanned_again_when_its_permissions_change(
 def test_a_directory_the_scan_could_not_open_is_scanned_again_at_its_next_hint(
     models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import exporter.scan as scan_module
+    import exporter.index.scan as scan_module
 
     (models / "raw" / "m").mkdir()
     tree, updater, errors = index_of(models)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.service import ExporterService
+from exporter.index.service import ExporterService
 from tests.chaos import cpu_hogs, metrics_differences, scrape
 from tests.oracle import assert_exact
 from tests.support import VENV_BIN, Proc, exporter_env, free_port, make_service, start_process, wait_until

@@ -10,10 +10,10 @@ import anyio
 import httpx
 import pytest
 
+from exporter.api.server import build_app
 from exporter.cli import exporter_routes, storage_api
-from exporter.http import build_app
-from exporter.scan import Progress, Scanner, ScanResult, WatchAhead
-from exporter.service import ExporterService
+from exporter.index.scan import Progress, Scanner, ScanResult, WatchAhead
+from exporter.index.service import ExporterService
 from tests.oracle import assert_exact
 from tests.support import make_service, parse_metrics, wait_until
 

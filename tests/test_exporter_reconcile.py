@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from exporter.exposition import build_renderer
+from exporter.metrics.endpoint import build_renderer
 from tests.oracle import assert_exact, differences
 from tests.support import make_service, parse_metrics, wait_until
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.scan import Scanner, scan_local
-from exporter.tree import FileTable, Tree
+from exporter.index.scan import Scanner, scan_local
+from exporter.index.tree import FileTable, Tree
 from shared.layout import Layout
 
 NAMES = [f"n{i}" for i in range(80)]  # more than FileTable.INDEX_FROM, so the index is exercised
@@ -99,7 +99,7 @@ def test_events_in_a_large_scanned_directory_update_it(tmp_path: Path) -> None:
     tree.graft((), result.node)
     before = tree.models[("raw", "m2")].bytes
     # Past INDEX_FROM files: the lookups build the directory's name index on first use.
-    from exporter.tree import FileInfo
+    from exporter.index.tree import FileInfo
 
     tree.set_file(("raw", "m2", "d1", "f5"), FileInfo(1000, 2.0))
     tree.remove(("raw", "m2", "d1", "f6"))

@@ -15,10 +15,10 @@ import anyio
 import httpx
 import pytest
 
+from exporter.api.server import build_app
 from exporter.cli import exporter_routes, storage_api
-from exporter.http import build_app
-from exporter.scan import Scanner
-from exporter.service import ExporterService
+from exporter.index.scan import Scanner
+from exporter.index.service import ExporterService
 from tests.oracle import assert_exact
 from tests.support import http_get, make_service, parse_metrics, start_exporter, wait_until
 

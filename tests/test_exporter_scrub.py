@@ -16,14 +16,14 @@ import pytest
 from structlog.testing import capture_logs
 from watchdog.observers.inotify_c import CallbackId, WatchDescriptor
 
-from exporter import scrub
-from exporter.drift import DirView, Listing, LogBudget, Pacer, compare, held, recent
-from exporter.exposition import build_renderer
-from exporter.scan import scan_local
-from exporter.scrub import Finding, apply_finding, list_dir
-from exporter.service import ExporterService
-from exporter.tree import DirNode, Tree
-from exporter.watcher import IndexUpdater, RawEvent
+from exporter.index import scrub
+from exporter.index.drift import DirView, Listing, LogBudget, Pacer, compare, held, recent
+from exporter.index.scan import scan_local
+from exporter.index.scrub import Finding, apply_finding, list_dir
+from exporter.index.service import ExporterService
+from exporter.index.tree import DirNode, Tree
+from exporter.index.updater import IndexUpdater, RawEvent
+from exporter.metrics.endpoint import build_renderer
 from shared.layout import Layout
 from tests.oracle import assert_exact, differences
 from tests.support import http_get, make_service, parse_metrics, start_exporter, wait_until

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import exporter.scan as scan_module
-from exporter.scan import Scanner
-from exporter.service import ExporterService
+import exporter.index.scan as scan_module
+from exporter.index.scan import Scanner
+from exporter.index.service import ExporterService
 from tests.chaos import cpu_hogs
 from tests.oracle import assert_exact
 from tests.support import make_service, wait_until

@@ -21,7 +21,7 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from exporter.connections import (
+from exporter.api.connections import (
     ACCEPT_BACKLOG,
     RESERVED_DESCRIPTORS,
     ConnectionBook,

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter.localstack import (
+from shared.config import load_settings
+from tests.support import ROOT, VENV_BIN, free_port, have, http_get, http_json, prom_query, wait_until
+from tools.localstack import (
     ALERTMANAGER_CONFIG,
     PROMETHEUS_CONFIG,
     RULES_DIR,
@@ -23,8 +25,6 @@ from exporter.localstack import (
     loopback_prometheus_config,
     plan_stack,
 )
-from shared.config import load_settings
-from tests.support import ROOT, VENV_BIN, free_port, have, http_get, http_json, prom_query, wait_until
 
 COMPOSE_CONFIG: dict[str, Any] = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
 ALL = {"exporter": "127.0.0.1:1001", "prometheus": "127.0.0.1:1002", "alertmanager": "127.0.0.1:1003"}
@@ -195,12 +195,14 @@ def localstack(tmp_path: Path) -> Iterator[dict[str, Any]]:
         STORAGE_EXPORTER_LISTEN=f"127.0.0.1:{ports['exporter']}",
         STORAGE_LOG_FORMAT="json",
         STORAGE_SCAN_WORKERS="1",
+        # The launcher is a repository tool, not an installed module: `make run` starts it from the root.
+        PYTHONPATH=str(ROOT),
     )
     out = tmp_path / "localstack.out"
     argv = [
         str(VENV_BIN / "python"),
         "-m",
-        "exporter.localstack",
+        "tools.localstack",
         f"--prometheus-port={ports['prometheus']}",
         f"--alertmanager-port={ports['alertmanager']}",
         "--interval=1s",
@@ -266,7 +268,7 @@ def test_make_run_with_bad_config_says_so_in_one_line_and_exits_2(tmp_path: Path
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORAGE_")}
     env.update(STORAGE_BASE_PATH=str(tmp_path / "storage"), STORAGE_MAX_SIZE_GB="-1")
     result = subprocess.run(
-        [sys.executable, "-m", "exporter.localstack"], env=env, capture_output=True, text=True, cwd=ROOT, check=False
+        [sys.executable, "-m", "tools.localstack"], env=env, capture_output=True, text=True, cwd=ROOT, check=False
     )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "STORAGE_MAX_SIZE_GB" in result.stderr

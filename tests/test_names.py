@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.exposition import build_renderer
+from exporter.metrics.endpoint import build_renderer
 from shared import metric_names as m
 from shared.audit import AuditLog, verify_audit
 from shared.names import name_text

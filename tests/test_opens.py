@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from watchdog.observers.inotify_c import InotifyConstants as C
 
-from exporter.inotify import Handoff, InotifyReader
-from exporter.opens import OpensTracker, parse_state
-from exporter.opens_store import OpensRecorder
+from exporter.index.opens import OpensTracker, parse_state
+from exporter.index.opens_store import OpensRecorder
+from exporter.index.reader import Handoff, InotifyReader
 from shared.layout import Layout
 from shared.own_reads import Session, own_reads
 from tests.support import (

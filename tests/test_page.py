@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.fsinfo import FsUsage
-from exporter.page import PAGE_CSP, PAGE_STYLE, LastRun, ScrubView, _csp_hash, human_bytes, page_data, render_page
-from exporter.tree import ModelStat
+from exporter.api.page import PAGE_CSP, PAGE_STYLE, LastRun, ScrubView, _csp_hash, human_bytes, page_data, render_page
+from exporter.index.fsinfo import FsUsage
+from exporter.index.tree import ModelStat
 from shared.cleanup_state import CleanupState, write_cleanup_state
 from shared.plan_summary import PlannedEviction, summarize, summary_path, write_plan_summary
 from tests.chromium import run_chromium, screenshot

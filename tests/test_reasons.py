@@ -20,8 +20,8 @@ from cleaner.commands.views import store_paths
 from cleaner.plan_store import load_plan, new_plan_id, save_plan
 from cleaner.plan_values import ModelFacts, Plan
 from cleaner.policies import Coverage, PolicyView
-from exporter.exposition import build_renderer
-from exporter.service import ExporterService
+from exporter.index.service import ExporterService
+from exporter.metrics.endpoint import build_renderer
 from shared.cleanup_state import read_cleanup_state
 from shared.config import load_settings
 from shared.metric_names import CLEANUP_SKIPPED_MODELS

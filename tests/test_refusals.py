@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exporter.refusals import MAX_ADDRESSES, SHARED, RefusalThrottle, Verdict
+from exporter.api.refusals import MAX_ADDRESSES, SHARED, RefusalThrottle, Verdict
 
 
 def test_each_address_gets_its_limit_of_audited_refusals_per_window() -> None:

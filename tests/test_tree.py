@@ -7,8 +7,8 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.render import ModelLinesCache, escape_label_value, format_value
-from exporter.tree import DirNode, FileInfo, Tree
+from exporter.index.tree import DirNode, FileInfo, Tree
+from exporter.metrics.model_lines import ModelLinesCache, escape_label_value, format_value
 from shared import metric_names as m
 from shared.layout import Layout
 from shared.metric_names import OTHER_TIER

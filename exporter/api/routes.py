@@ -24,12 +24,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from exporter.auth import Caller, Need, TokenBook, authorize
-from exporter.cleanup_runner import Answer, BusyError, CleanupRunner, error_body, interpret_policies, interpret_run
-from exporter.fsinfo import FsUsage
-from exporter.refusals import RefusalThrottle
-from exporter.scan import ScanFailedError
-from exporter.service import ReconcileResult, Snapshot
+from exporter.api.auth import Caller, Need, TokenBook, authorize
+from exporter.api.cleanup_runner import Answer, BusyError, CleanupRunner, error_body, interpret_policies, interpret_run
+from exporter.api.refusals import RefusalThrottle
+from exporter.index.fsinfo import FsUsage
+from exporter.index.scan import ScanFailedError
+from exporter.index.service import ReconcileResult, Snapshot
 from shared.audit import AuditLog
 from shared.cleanup_state import CleanupState
 from shared.logs import FAILURE, get_logger

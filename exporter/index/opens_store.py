@@ -1,9 +1,9 @@
-"""The shell around exporter.opens: the state file, marker reads, pid checks, the clock and a lock.
+"""The shell around exporter.index.opens: the state file, marker reads, pid checks, the clock and a lock.
 
 The state file (`<state>/opens.json`) is replaced atomically once per save interval (also when
 nothing changed: its `saved_at` is what tells a restart there was no gap) and on a clean stop; a
 SIGKILL loses at most the opens of the last interval, plus those still held back by the sweep
-window (exporter.opens, O4).
+window (exporter.index.opens, O4).
 On start it is loaded; a file that cannot be read or parsed is logged (one line, its path) and
 tracking starts afresh. Tracking continues from the saved `since` only when the exporter was
 down for less than `gap_tolerance` (two save intervals plus a minute): a longer gap may have hidden
@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from exporter.opens import ModelKey, OpenItem, OpensTracker, parse_state
+from exporter.index.opens import ModelKey, OpenItem, OpensTracker, parse_state
 from shared.atomic_json import write_json_atomically
 from shared.layout import Layout
 from shared.logs import FAILURE, SUCCESS, get_logger

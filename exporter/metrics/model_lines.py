@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
-from exporter.tree import Bucket, ModelKey, Tree
+from exporter.index.tree import Bucket, ModelKey, Tree
 from shared import metric_names as m
 from shared.names import name_text
 

@@ -3,7 +3,7 @@
 Invariants: no path redirects (an unknown path, trailing slash included, is a 404 JSON error, so no
 answer is built from the Host header); proxy headers are believed only from the trusted proxies
 the operator names, so a client cannot choose the address the audit log and the refusal throttle
-see; connections are bounded (see `exporter.connections`).
+see; connections are bounded (see `exporter.api.connections`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from uvicorn import Config, Server
 
-from exporter.connections import ACCEPT_BACKLOG, LISTEN_BACKLOG, ConnectionBook, bounded_protocol, effective_cap
+from exporter.api.connections import ACCEPT_BACKLOG, LISTEN_BACKLOG, ConnectionBook, bounded_protocol, effective_cap
 from shared.logs import FAILURE, get_logger
 from shared.typed_settings import ExporterSettings
 

@@ -27,8 +27,8 @@ from typing import Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from exporter.fsinfo import FsUsage
-from exporter.service import Snapshot
+from exporter.index.fsinfo import FsUsage
+from exporter.index.service import Snapshot
 from shared import metric_names as m
 from shared.names import name_text
 

@@ -1,4 +1,4 @@
-"""Serves the front page `/` (exporter/page.py) from the storage API's sources and the last plan's summary.
+"""Serves the front page `/` (exporter/api/page.py) from the storage API's sources and the last plan's summary.
 
 Who sees what: the figures `/metrics` serves are on the page for everyone. Per-model rows (the
 largest models, the models the last plan would evict) and the last run's error text are shown
@@ -16,10 +16,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from exporter.api import BadRequestError, StorageApi, error_response, parse_none
-from exporter.auth import authorize
-from exporter.page import PAGE_CSP, LastRun, ScrubView, page_data, render_page
-from exporter.scrub import ScrubFigures
+from exporter.api.auth import authorize
+from exporter.api.page import PAGE_CSP, LastRun, ScrubView, page_data, render_page
+from exporter.api.routes import BadRequestError, StorageApi, error_response, parse_none
+from exporter.index.scrub import ScrubFigures
 from shared.plan_summary import read_plan_summary, summary_path
 
 LINKS = (

@@ -236,7 +236,7 @@ def cleaner_hint(plan: StackPlan, venv_bin: Path, configured_url: str) -> str | 
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m exporter.localstack", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tools.localstack", description=__doc__)
     parser.add_argument("--prometheus-port", type=int, default=9090, help="loopback port for Prometheus")
     parser.add_argument("--alertmanager-port", type=int, default=9093, help="loopback port for Alertmanager")
     parser.add_argument(

@@ -5,7 +5,7 @@ and four locked queues; that capped a burst at about 11,000 creates/s applied. H
 reads the kernel queue in large chunks, keeps a wd -> directory map, pairs moves by cookie,
 collapses the create/modify/close of one file into one hint, and hands each chunk over as one list.
 
-What the reader guarantees (the updater's guarantees build on these, see exporter.watcher):
+What the reader guarantees (the updater's guarantees build on these, see exporter.index.updater):
 - R1 (watch before announce): a directory is announced (a `created` hint: made, moved in from
   outside, or newly readable) only after a watch was added at its path, and its subdirectories
   found by listing it were watched too. A directory that cannot be watched yet (EACCES) is not a
@@ -19,16 +19,16 @@ What the reader guarantees (the updater's guarantees build on these, see exporte
   move-to in the same read) is forgotten by the wds it had when it left, except those re-added since
   (moved back in at once: `mv m out/x; mv out/x m` leaves m watched).
 - R5 (mounts): a directory covered or uncovered by a mount is another directory at the same path:
-  `remount` (called by exporter.mounts' watcher, which sees the change) drops the old watches
+  `remount` (called by exporter.index.mounts' watcher, which sees the change) drops the old watches
   under the path and watches the new tree before the service announces it.
 - R6 (no path too long): a directory whose path passes PATH_MAX is watched through an O_PATH
   descriptor opened by an openat chain (/proc/self/fd/N names it for inotify_add_watch), and listed
-  through its descriptor: depth alone never makes the reader fail (exporter.longpath).
+  through its descriptor: depth alone never makes the reader fail (exporter.index.longpath).
 - R4 (no lost hints): one hint per path between moves, in kernel order; a move-from whose move-to is
   in the same read is one `moved` hint; an unpaired move-to is a `created` hint, an unpaired
   move-from a `deleted` one.
 - R7 (opens apart): with opens tracked, an IN_OPEN of a file is never a hint (no lstat, no index
-  work): it becomes an `open` item for exporter.opens, in kernel order with the own-reads marker
+  work): it becomes an `open` item for exporter.index.opens, in kernel order with the own-reads marker
   directory's items (watched on the same descriptor); a directory's own IN_OPEN is dropped first.
 - R8 (the initial watch and scan in one pass): the reader starts with the root watched; the initial
   scan calls `watch_ahead` for each directory it lists itself and for each subtree before a worker
@@ -49,9 +49,9 @@ from collections.abc import Callable, Iterable
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchDescriptor
 from watchdog.observers.inotify_c import InotifyConstants as C
 
-from exporter.longpath import PATH_FLAGS, lstat, open_path, too_long
-from exporter.opens import OpenItem
-from exporter.watcher import RawEvent
+from exporter.index.longpath import PATH_FLAGS, lstat, open_path, too_long
+from exporter.index.opens import OpenItem
+from exporter.index.updater import RawEvent
 
 # Reads are not events: no IN_ACCESS or IN_CLOSE_NOWRITE ever reach the kernel queue. IN_OPEN is
 # added when opens are tracked (OPENS_MASK): one event per open(), none per read() or mmap page.
@@ -175,7 +175,7 @@ class InotifyReader:
         marker_dir: str | None = None,
     ) -> None:
         self.root = root
-        # Opens of files (exporter.opens), in kernel order with the own-reads markers; None: not tracked.
+        # Opens of files (exporter.index.opens), in kernel order with the own-reads markers; None: not tracked.
         self._on_opens = on_opens
         self._mask = OPENS_MASK if on_opens is not None else MASK
         self._long_mask = Mask(self._mask & ~C.IN_DONT_FOLLOW)

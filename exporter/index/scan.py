@@ -19,8 +19,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporter.longpath import lstat, open_path
-from exporter.tree import DirNode, FileInfo
+from exporter.index.longpath import lstat, open_path
+from exporter.index.tree import DirNode, FileInfo
 
 
 @dataclass(slots=True)

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exporter.fsinfo import network_filesystem, subdir_counting_device, watch_limit
-from exporter.inotify import Handoff, InotifyReader
-from exporter.mounts import MountWatcher
-from exporter.opens_store import OpensRecorder
-from exporter.scan import ScanFailedError, Scanner
-from exporter.scrub import Finding, Scrubber, ScrubFigures, apply_finding
-from exporter.tree import ModelStat, Parts, Tree
-from exporter.watcher import IndexUpdater, OverflowFlag, RawEvent
+from exporter.index.fsinfo import network_filesystem, subdir_counting_device, watch_limit
+from exporter.index.mounts import MountWatcher
+from exporter.index.opens_store import OpensRecorder
+from exporter.index.reader import Handoff, InotifyReader
+from exporter.index.scan import ScanFailedError, Scanner
+from exporter.index.scrub import Finding, Scrubber, ScrubFigures, apply_finding
+from exporter.index.tree import ModelStat, Parts, Tree
+from exporter.index.updater import IndexUpdater, OverflowFlag, RawEvent
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.logs import FAILURE, SUCCESS, get_logger
@@ -65,7 +65,7 @@ class Snapshot:
     scrub: ScrubFigures = field(default_factory=ScrubFigures)
     scan_failures_total: int = 0
     allocated: dict[str, int] = field(default_factory=dict)  # tier -> allocated bytes
-    # Last opened (exporter.opens): since when tracking has no gap (None: not tracked), and
+    # Last opened (exporter.index.opens): since when tracking has no gap (None: not tracked), and
     # (tier, model, timestamp) of the models in the index that were seen opened.
     opens_since: float | None = None
     last_opened: tuple[tuple[str, str, float], ...] = ()
@@ -431,7 +431,7 @@ class ExporterService:
         reader.stop()
         self._reader = None
         # Opens are no longer seen: the last save's time is where tracking stopped, so a restart
-        # after a longer gap starts `since` afresh (exporter.opens_store).
+        # after a longer gap starts `since` afresh (exporter.index.opens_store).
         self._save_opens(force=True)
         self.opens = None
         log.warning("watch.polling", path=self.root, reason=self.polling_reason, outcome=FAILURE, error=reader.failure)

@@ -9,11 +9,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
-from exporter.collector import StorageCollector
-from exporter.fsinfo import filesystem_usage, watch_limit
-from exporter.plan_metrics import PlanCollector
-from exporter.render import ModelLinesCache
-from exporter.service import ExporterService
+from exporter.index.fsinfo import filesystem_usage, watch_limit
+from exporter.index.service import ExporterService
+from exporter.metrics.families import StorageCollector
+from exporter.metrics.model_lines import ModelLinesCache
+from exporter.metrics.plan_families import PlanCollector
 from shared.cleanup_state import read_cleanup_state
 from shared.config import GB, Settings
 

@@ -4,7 +4,7 @@ Invariants:
 - Every figure on the page is one `/metrics` serves (tiers, capacity, filesystem, the cleaner's and
   the last plan's figures) or one `/storage/info` serves. Per-model rows (the largest models, the
   models the last plan would evict) and the last run's error text are `show_details` material:
-  the route sets it exactly when `/storage/info` would answer the caller (see exporter/page_route.py).
+  the route sets it exactly when `/storage/info` would answer the caller (see exporter/api/page_route.py).
 - Everything that comes from outside (model and tier names, policy and reason names, error text)
   goes through `_h`: HTML-escaped, quotes included, and names that are not UTF-8 shown as `\\xNN`
   as on `/metrics`. Nothing is ever placed in a URL, a script or a style.
@@ -28,8 +28,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from exporter.fsinfo import FsUsage
-from exporter.tree import ModelStat
+from exporter.index.fsinfo import FsUsage
+from exporter.index.tree import ModelStat
 from shared.names import name_text
 from shared.plan_summary import POLICIES, PlanSummary
 
@@ -103,7 +103,7 @@ class PageData:
     scrub: ScrubView | None = None  # None: the scrub is off (STORAGE_SCRUB_STATS_PER_SECOND=0)
     allocated_tracked: bool = False
     last_opened_tracked: bool = False
-    opens_since: float | None = None  # since when opens are tracked without a gap (exporter/opens.py)
+    opens_since: float | None = None  # since when opens are tracked without a gap (exporter/index/opens.py)
     links: tuple[tuple[str, str], ...] = field(default_factory=tuple)  # (path, label): fixed by the caller
 
     @property

@@ -4,7 +4,7 @@ Events are hints, not deltas: each batch marks paths dirty and one lstat per dir
 what the index holds. That makes replaying an event harmless, which is what lets a full scan run
 while events keep arriving (they are applied again to the scanned tree before it is swapped in).
 
-What the updater guarantees, given the reader's guarantees (see exporter.inotify):
+What the updater guarantees, given the reader's guarantees (see exporter.index.reader):
 - U1 (announced directories are scanned): a directory at a path named by a `created` hint (made,
   moved in from outside, moved back in, put there by rename() over another, recreated under the same
   name, or newly readable) is scanned from scratch, whatever the index holds at that path. The scan
@@ -38,9 +38,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.longpath import lstat
-from exporter.scan import ScanResult, ancestors, file_info, scan_local, stat_changed
-from exporter.tree import DirNode, InodeKey, Parts, Tree
+from exporter.index.longpath import lstat
+from exporter.index.scan import ScanResult, ancestors, file_info, scan_local, stat_changed
+from exporter.index.tree import DirNode, InodeKey, Parts, Tree
 
 # Inodes remembered as searched, so a file whose other links are outside the tree is not searched
 # for again on each of its events; past this many the memory starts over.

@@ -3,7 +3,7 @@
 Events are the fast path; the scrub is the guarantee. One thread walks the index depth-first, lists
 each directory (listdir + one lstat per name, relative to the directory's descriptor) at a budget of
 `exporter.scrub_stats_per_second`, compares the listing with what the index holds for that
-directory (exporter/drift.py, pure), and hands the names that differ to the updater thread. A cycle
+directory (exporter/index/drift.py, pure), and hands the names that differ to the updater thread. A cycle
 ends when every directory indexed at its start (and every directory found meanwhile) was verified;
 `model_storage_scrub_cycle_seconds` is its length.
 
@@ -43,10 +43,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from exporter.drift import Difference, DirView, Listing, LogBudget, Pacer, compare, held, recent
-from exporter.longpath import lstat, open_path
-from exporter.tree import DirNode, Parts, Tree
-from exporter.watcher import IndexUpdater, RawEvent
+from exporter.index.drift import Difference, DirView, Listing, LogBudget, Pacer, compare, held, recent
+from exporter.index.longpath import lstat, open_path
+from exporter.index.tree import DirNode, Parts, Tree
+from exporter.index.updater import IndexUpdater, RawEvent
 from shared.logs import FAILURE, SUCCESS, get_logger
 
 log = get_logger("exporter.scrub")

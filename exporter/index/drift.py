@@ -1,20 +1,20 @@
 """The scrub's decisions, pure: what differs between one indexed directory and its listing, when to
 leave a difference to the events still on their way, how fast to go, and how much to log.
 
-No I/O, no clock, no threads here: the scrub thread (exporter/scrub.py) passes in what it listed,
+No I/O, no clock, no threads here: the scrub thread (exporter/index/scrub.py) passes in what it listed,
 what the index held, and the time.
 
 A difference is only ever a *name* to look at again: the scrub never writes what it listed into
 the index. The updater re-lstats the name (or scans it, when it is a new directory) and the index
 takes what that lstat says, as for any event. So a listing that went stale before it was used can
-cost one lstat, never a stale value in the index (see exporter/scrub.py for the full invariant).
+cost one lstat, never a stale value in the index (see exporter/index/scrub.py for the full invariant).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.tree import BLOCK_BYTES, DirNode, Parts, Tree
+from exporter.index.tree import BLOCK_BYTES, DirNode, Parts, Tree
 
 # A regular file as the scrub compares it: (st_size, st_blocks). Allocation can change with no
 # event at all (delayed allocation, compression or deduplication at writeback), so it is compared

@@ -1,0 +1,1 @@
+"""The API wing: the HTTP server, routes, tokens, the refusal throttle, the front page and the cleanup runner."""
