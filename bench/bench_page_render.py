@@ -17,7 +17,7 @@ from bench.common import env_int, report, write_result
 from exporter.api.page import LARGEST_SHOWN, LastRun, page_data, render_page
 from exporter.api.routes import info_document
 from exporter.index.fsinfo import FsUsage
-from exporter.index.service import Snapshot
+from exporter.index.status import Snapshot
 from exporter.index.tree import ModelStat
 from shared.cleanup_state import CleanupState
 from shared.plan_summary import EVICTIONS_KEPT, PlannedEviction, summarize

@@ -21,7 +21,7 @@ from exporter.api.auth import ANONYMOUS, TokenBook, authorize
 from exporter.api.cleanup_runner import BusyError, CleanerResult, CleanupRunner, Holder, interpret_run, parse_holder
 from exporter.api.routes import OPENAPI, BadRequestError, info_document, parse_dry_run, parse_top
 from exporter.index.fsinfo import FsUsage
-from exporter.index.service import Snapshot
+from exporter.index.status import Snapshot
 from exporter.index.tree import ModelStat
 from shared.audit import verify_audit
 from shared.cleanup_state import CleanupState

@@ -29,7 +29,7 @@ from exporter.api.cleanup_runner import Answer, BusyError, CleanupRunner, error_
 from exporter.api.refusals import RefusalThrottle
 from exporter.index.fsinfo import FsUsage
 from exporter.index.scan import ScanFailedError
-from exporter.index.service import ReconcileResult, Snapshot
+from exporter.index.status import ReconcileResult, Snapshot
 from shared.audit import AuditLog
 from shared.cleanup_state import CleanupState
 from shared.logs import FAILURE, get_logger

@@ -45,6 +45,7 @@ from typing import Any, TypeVar
 
 from exporter.index.drift import Difference, DirView, Listing, LogBudget, Pacer, compare, held, recent
 from exporter.index.longpath import lstat, open_path
+from exporter.index.status import ScrubFigures
 from exporter.index.tree import DirNode, Parts, Tree
 from exporter.index.updater import IndexUpdater, RawEvent
 from shared.logs import FAILURE, SUCCESS, get_logger
@@ -64,17 +65,6 @@ MIN_SLEEP_SECONDS = 0.2
 LOG_LINES_PER_MINUTE = 60
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
-
-
-@dataclass(frozen=True, slots=True)
-class ScrubFigures:
-    """What /metrics says of the scrub (all zero while it is disabled)."""
-
-    corrections_total: int = 0
-    drift_bytes_total: int = 0
-    cycle_seconds: float = 0.0
-    last_cycle_timestamp: float = 0.0  # until the first cycle ends: when the scrub started
-    expected_cycle_seconds: float = 0.0  # indexed files and directories over the budget
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,9 @@ from exporter.index.mounts import MountWatcher
 from exporter.index.opens_store import OpensRecorder
 from exporter.index.reader import Handoff, InotifyReader
 from exporter.index.scan import ScanFailedError, Scanner
-from exporter.index.scrub import Finding, Scrubber, ScrubFigures, apply_finding
-from exporter.index.tree import ModelStat, Parts, Tree
+from exporter.index.scrub import Finding, Scrubber, apply_finding
+from exporter.index.status import ReconcileResult, ScrubFigures, Snapshot
+from exporter.index.tree import Parts, Tree
 from exporter.index.updater import IndexUpdater, OverflowFlag, RawEvent
 from shared.config import Settings
 from shared.errors import ConfigError
@@ -45,40 +46,6 @@ _OUT_OF_DESCRIPTORS = frozenset({os.strerror(errno.EMFILE), os.strerror(errno.EN
 DESCRIPTOR_RETRY_FIRST_SECONDS = 0.25
 DESCRIPTOR_RETRY_MAX_SECONDS = 30.0
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """What a scrape or an API call sees: a consistent copy taken under the index lock."""
-
-    tiers: dict[str, tuple[int, int, int]]
-    models: list[ModelStat]
-    ready: bool
-    polling: bool
-    events_total: int
-    overflows_total: int
-    errors_total: dict[str, int]
-    scan_duration_seconds: float
-    last_full_scan: float
-    drift_bytes: int
-    watches: int
-    scrub: ScrubFigures = field(default_factory=ScrubFigures)
-    scan_failures_total: int = 0
-    allocated: dict[str, int] = field(default_factory=dict)  # tier -> allocated bytes
-    # Last opened (exporter.index.opens): since when tracking has no gap (None: not tracked), and
-    # (tier, model, timestamp) of the models in the index that were seen opened.
-    opens_since: float | None = None
-    last_opened: tuple[tuple[str, str, float], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class ReconcileResult:
-    seconds: float
-    drift_bytes: int
-    drift_models: int
-    files: int
-    reason: str
-    error: str = ""  # the scan failed: nothing above is a finding, the index was kept as it was
 
 
 @dataclass

@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from exporter.index.fsinfo import FsUsage
-from exporter.index.service import Snapshot
+from exporter.index.status import Snapshot
 from shared import metric_names as m
 from shared.names import name_text
 
