@@ -82,7 +82,7 @@ def exporter_routes(service: ExporterService, settings: Settings, api: StorageAp
     from exporter.api.routes import docs_routes
     from exporter.api.server import metrics_routes
     from exporter.metrics.endpoint import build_renderer
-    from shared.config import GB
+    from shared.units import GB
 
     routes = metrics_routes(
         build_renderer(service, settings),

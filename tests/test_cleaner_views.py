@@ -9,7 +9,8 @@ from pathlib import Path
 from cleaner.commands.views import shown_settings, store_paths
 from cleaner.report import policies_document
 from cleaner.store_paths import StorePaths
-from shared.config import FIELDS, load_settings
+from shared.config import load_settings
+from shared.settings_table import FIELDS
 from tests.support import ROOT
 
 EDGE = {"cleaner/cli.py", *(f"cleaner/commands/{p.name}" for p in (ROOT / "cleaner/commands").glob("*.py"))}

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import FIELDS, load_settings
+from shared.config import load_settings
 from shared.errors import ConfigError
+from shared.settings_table import FIELDS
 
 
 def test_defaults_follow_the_spec() -> None:

@@ -15,7 +15,8 @@ import jsonschema
 import pytest
 import yaml
 
-from shared.config import FIELDS, load_settings
+from shared.config import load_settings
+from shared.settings_table import FIELDS
 from tests.support import ROOT, VENV_BIN, free_port, have, start_exporter
 from tools.localstack import RULES_DIR, loopback_prometheus_config
 
@@ -171,7 +172,7 @@ def test_compose_sets_only_known_settings() -> None:
     for name, service in compose()["services"].items():
         for key in service.get("environment") or {}:
             if key.startswith("STORAGE_"):
-                assert key in CONFIG_ENV, f"{name}: {key} is not a setting in shared/config.py"
+                assert key in CONFIG_ENV, f"{name}: {key} is not a setting in shared/settings_table.py"
     used = set(re.findall(r"\$\{([A-Z_]+)", COMPOSE.read_text()))
     assert used <= CONFIG_ENV | COMPOSE_VARS, used - CONFIG_ENV - COMPOSE_VARS
 

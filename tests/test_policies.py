@@ -22,8 +22,10 @@ from cleaner.inventory import (
 from cleaner.plan_values import ModelFacts, Plan
 from cleaner.policies import Coverage, PolicyView, decide, validate
 from cleaner.prom import Sample
-from shared.config import DAY_SECONDS, DEFAULT_USAGE_QUERY, HOUR_SECONDS, load_settings
+from shared.config import load_settings
 from shared.errors import ConfigError
+from shared.settings_table import DEFAULT_USAGE_QUERY
+from shared.units import DAY_SECONDS, HOUR_SECONDS
 
 NOW = 1_800_000_000.0
 FULL = Coverage(window_seconds=7 * DAY_SECONDS, covered_seconds=7 * DAY_SECONDS, resolution_seconds=0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from shared import metric_names
-from shared.config import FIELDS
+from shared.settings_table import FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

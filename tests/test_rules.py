@@ -190,7 +190,7 @@ def test_usage_rule_is_the_triton_default_over_7_days() -> None:
 @needs_promtool
 def test_cleaner_default_usage_query_agrees_with_the_recording_rule(tmp_path: Path) -> None:
     from cleaner.inventory import usage_query
-    from shared.config import DEFAULT_USAGE_QUERY
+    from shared.settings_table import DEFAULT_USAGE_QUERY
 
     cleaner_expr = usage_query(DEFAULT_USAGE_QUERY, 7 * 86400, "")
     spec = yaml.safe_load((RULES / "tests" / "recording.test.yml").read_text())

@@ -12,7 +12,8 @@ from typing import Any, get_args
 
 import pytest
 
-from shared.config import FIELDS, Settings, load_settings
+from shared.config import Settings, load_settings
+from shared.settings_table import FIELDS
 from shared.typed_settings import (
     CleanerSettings,
     TrashSettings,
@@ -222,16 +223,17 @@ def test_settings_is_built_from_values_only_through_the_table() -> None:
 
 
 def test_a_merged_row_without_its_attribute_says_where_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared import config
+    from shared import settings_parsers as parsers
+    from shared import settings_table as table
 
     new = (
-        config.Field("cleaner.usage_origin", "STORAGE_USAGE_ORIGIN", "prometheus", config._string, "Usage origin"),
-        config.Field("exporter.opens.enabled", "STORAGE_OPENS_ENABLED", False, config._bool, "Track opens"),
-        config.Field("exporter.opens_window_seconds", "STORAGE_OPENS_WINDOW", None, config._optional_path, "x"),
+        table.Field("cleaner.usage_origin", "STORAGE_USAGE_ORIGIN", "prometheus", parsers.string, "Usage origin"),
+        table.Field("exporter.opens.enabled", "STORAGE_OPENS_ENABLED", False, parsers.boolean, "Track opens"),
+        table.Field("exporter.opens_window_seconds", "STORAGE_OPENS_WINDOW", None, parsers.optional_path, "x"),
     )
-    monkeypatch.setattr(config, "FIELDS", config.FIELDS + new)
-    monkeypatch.setattr(config, "FIELDS_BY_KEY", {f.key: f for f in config.FIELDS})
-    assert config.undeclared() == [
+    monkeypatch.setattr(table, "FIELDS", table.FIELDS + new)
+    monkeypatch.setattr(table, "FIELDS_BY_KEY", {f.key: f for f in table.FIELDS})
+    assert table.undeclared() == [
         "cleaner.usage_origin: no typed attribute; add `usage_origin: ...` in CleanerSettings "
         "in shared/typed_settings.py, typed as its parser returns (str)",
         "exporter.opens.enabled: no typed attribute; add a new section exporter.opens.*: a frozen class, "
@@ -247,12 +249,12 @@ def test_importing_the_settings_fails_on_a_row_without_an_attribute(tmp_path: Pa
     shared.mkdir()
     for source in (ROOT / "shared").glob("*.py"):
         (shared / source.name).write_text(source.read_text())
-    config = shared / "config.py"
-    row = '    Field("cleaner.usage_origin", "STORAGE_USAGE_ORIGIN", "prometheus", _string, "Usage origin"),\n'
-    text = config.read_text()
+    table = shared / "settings_table.py"
+    row = '    Field("cleaner.usage_origin", "STORAGE_USAGE_ORIGIN", "prometheus", string, "Usage origin"),\n'
+    text = table.read_text()
     anchor = "FIELDS: tuple[Field, ...] = (\n"
     assert anchor in text
-    config.write_text(text.replace(anchor, anchor + row))
+    table.write_text(text.replace(anchor, anchor + row))
     imported = subprocess.run(
         [sys.executable, "-c", "import shared.config"],
         cwd=tmp_path,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from cleaner.report import ShownSettings
 from cleaner.store_paths import StorePaths
-from shared.config import FIELDS, Settings
+from shared.config import Settings
+from shared.settings_table import FIELDS
 
 
 def store_paths(settings: Settings) -> StorePaths:

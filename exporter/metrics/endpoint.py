@@ -15,7 +15,8 @@ from exporter.metrics.families import StorageCollector
 from exporter.metrics.model_lines import ModelLinesCache
 from exporter.metrics.plan_families import PlanCollector
 from shared.cleanup_state import read_cleanup_state
-from shared.config import GB, Settings
+from shared.config import Settings
+from shared.units import GB
 
 
 def build_collector(service: ExporterService, settings: Settings) -> StorageCollector:
