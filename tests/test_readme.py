@@ -237,3 +237,11 @@ def test_the_map_and_the_pure_contract_name_the_same_pure_modules() -> None:
     assert listed, "no pure modules in pyproject.toml"
     assert listed <= named, f"pure in pyproject.toml, missing from docs/development.md: {sorted(listed - named)}"
     assert pure <= listed, f"called pure in docs/development.md, not in pyproject.toml: {sorted(pure - listed)}"
+
+
+def test_no_doc_repeats_a_heading() -> None:
+    """A repeated heading gets an anchor no reader would guess (#alerting-1): each doc names each section once."""
+    for source in MARKDOWN:
+        anchors = github_anchors(source.read_text())
+        repeated = [anchor for anchor in anchors if f"{anchor}-1" in anchors]
+        assert not repeated, (source.name, repeated)
