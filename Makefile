@@ -8,7 +8,7 @@ SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metri
 SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium rsync openssl
 PYTEST_ARGS ?=
 
-.PHONY: all install lock system-deps run test test-fast test-compose test-kubernetes kubernetes check lint fmt typecheck imports bench stress stress-exporter stress-cleaner clean
+.PHONY: all install lock system-deps run test test-fast test-compose test-kubernetes kubernetes docs check lint fmt typecheck imports bench stress stress-exporter stress-cleaner clean
 
 all: test
 
@@ -72,6 +72,10 @@ test-fast: $(STAMP) system-deps check
 # builds local stand-in images once); `make test` runs it too, and skips it without root.
 test-compose: $(STAMP) system-deps
 	$(VENV)/bin/pytest tests/test_compose_stack.py -v -s $(PYTEST_ARGS)
+
+# docs/configuration.md's settings reference from the settings table (FIELDS); a test fails when they differ.
+docs: $(STAMP)
+	$(PY) -m tools.settings_doc
 
 # deploy/kubernetes/base/{prometheusrule,grafana-dashboard}.yaml from rules/ and grafana/dashboards/.
 kubernetes: $(STAMP)

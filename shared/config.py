@@ -156,7 +156,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     flat = _flatten(data)
     unknown = sorted(key for key in flat if key not in FIELDS_BY_KEY)
     if unknown:
-        raise ConfigError(f"config: {path}: unknown key {unknown[0]!r}", hint="see the README's reference")
+        raise ConfigError(f"config: {path}: unknown key {unknown[0]!r}", hint="see docs/configuration.md")
     return flat
 
 

@@ -187,7 +187,7 @@ def test_filling_past_90_percent_pages_critical_and_inhibits_high(
         "job": JOB,
         "instance": instance,
     }
-    assert critical["annotations"]["runbook_url"] == "README.md#modelstoragespacecritical"
+    assert critical["annotations"]["runbook_url"] == "docs/runbook.md#modelstoragespacecritical"
     assert critical["annotations"]["description"].startswith(
         "Models have 152kiB allocated of the 160kiB capacity (95%);"
     )

@@ -1,6 +1,6 @@
-"""The compose stack on a real Docker engine, brought up by the README's own steps.
+"""The compose stack on a real Docker engine, brought up by docs/deployment.md's own steps.
 
-The README's docker compose block is extracted and run as it is, in a copy of the repository, so
+The docker compose block of docs/deployment.md is extracted and run as it is, in a copy of the repository, so
 the two cannot drift. Then every promise of that section is checked against the running stack:
 the exporter healthy, Prometheus scraping its jobs with the rules loaded, Alertmanager active, an
 alert delivered to the stack's webhook, the cleaner through `docker compose run`, the API's dry run
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
     "skipped as a non-root user; CI runs it as root (make test-compose)",
 )
 
-README = (ROOT / "README.md").read_text()
+DEPLOYMENT_DOC = (ROOT / "docs" / "deployment.md").read_text()
 PUBLISHED = {"exporter": 8470, "prometheus": 9090, "alertmanager": 9093}
 # ModelStorageExporterDown with the committed timings needs `for: 5m` plus Alertmanager's group_wait
 # (30 s): the delivery check shortens only those numbers (see alert_override).
@@ -48,7 +48,7 @@ SHORT_INTERVAL = "2s"
 
 
 def compose_section() -> str:
-    return README.split("### docker compose\n", 1)[1].split("\n### ", 1)[0]
+    return DEPLOYMENT_DOC.split("### docker compose\n", 1)[1].split("\n### ", 1)[0]
 
 
 def shell_blocks(section: str) -> list[str]:
@@ -64,12 +64,14 @@ def setup_block() -> str:
 
 
 def command_in_readme(command: str) -> str:
-    assert any(command in block for block in shell_blocks(compose_section())), f"README does not say `{command}`"
+    assert any(command in block for block in shell_blocks(compose_section())), (
+        f"docs/deployment.md does not say `{command}`"
+    )
     return command
 
 
 class Stack:
-    """The copy of the repository the README ran in, and `docker compose` in it."""
+    """The copy of the repository the docs' steps ran in, and `docker compose` in it."""
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
         self.workdir = workdir
@@ -172,7 +174,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         copy_repository(workdir)
         bin_dir = tmp_path_factory.mktemp("bin")
         if not shutil.which("sudo"):
-            # The README's `sudo chown`: this test runs as root, where sudo adds nothing.
+            # The docs' `sudo chown`: this test runs as root, where sudo adds nothing.
             (bin_dir / "sudo").write_text('#!/bin/sh\nexec "$@"\n')
             (bin_dir / "sudo").chmod(0o755)
         stack_env = {
@@ -186,7 +188,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         try:
             done = stack.sh(setup_block(), timeout=900)
             assert done.returncode == 0, (
-                f"the README's compose block failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+                f"the docs' compose block failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
             )
             timings["readme_block_seconds"] = time.monotonic() - up_started
             stack.timings = timings
@@ -388,7 +390,7 @@ def alert_override(stack: Stack) -> Path:
 
     The rule's `for` (5m) and group_wait (30s) would make the check take six minutes. Everything
     else, the expression, labels, routes and receiver URLs, is the committed files' own; the stack
-    was first checked as the README brings it up.
+    was first checked as docs/deployment.md brings it up.
     """
     rules_dir = stack.workdir / "ci-rules"
     rules_dir.mkdir()

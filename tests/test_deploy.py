@@ -27,7 +27,7 @@ ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 SYSTEMD = ROOT / "deploy" / "systemd"
 UNITS = ("model-storage-exporter.service", "model-storage-cleaner.service", "model-storage-cleaner.timer")
-# Created by whoever deploys (see the README's deployment section), never committed.
+# Created by whoever deploys (see docs/deployment.md), never committed.
 DEPLOY_TIME_DIRS = ("storage", "secrets")
 # Variables the compose file reads for itself (host paths, uid), besides the settings' own.
 COMPOSE_VARS = {"STORAGE_UID", "STORAGE_GID", "PROMETHEUS_RETENTION", "STORAGE_BUILD_CA"}

@@ -1,4 +1,4 @@
-"""The exit codes are one table (shared/exit_codes.py): the cleaner's errors, its front and the README agree with it."""
+"""The exit codes are one table (shared/exit_codes.py): the cleaner's errors, its front and docs/cleaner.md agree."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from tests.support import ROOT
 
 
 def _readme_tables() -> dict[str, set[int]]:
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "cleaner.md").read_text(encoding="utf-8")
     tables: dict[str, set[int]] = {}
     for heading in re.finditer(r"^### (Exit codes[^\n]*)\n", text, flags=re.M):
         body = text[heading.end() :].split("\n### ", 1)[0]
@@ -39,7 +39,7 @@ def test_each_error_class_exits_with_its_code_from_the_table() -> None:
 
 def test_the_readme_tables_name_only_codes_of_the_table_and_the_main_one_names_them_all() -> None:
     tables = _readme_tables()
-    assert tables, "no '### Exit codes' table in README.md"
+    assert tables, "no '### Exit codes' table in docs/cleaner.md"
     known = {int(code) for code in ExitCode}
     for heading, codes in tables.items():
         assert codes and codes <= known, (heading, codes - known)

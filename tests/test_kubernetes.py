@@ -7,7 +7,7 @@
   as the API server's strict field validation does;
 - the PrometheusRule's groups are rules/'s, and promtool accepts them; the dashboard ConfigMap is
   grafana/'s file, byte for byte;
-- the pod security settings the README promises.
+- the pod security settings docs/deployment.md promises.
 """
 
 from __future__ import annotations

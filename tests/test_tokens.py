@@ -1,4 +1,4 @@
-"""Tokens as generators make them: every README recipe starts the exporter; no part of a token is ever echoed."""
+"""Tokens as generators make them: every recipe in the docs starts the exporter; no part of a token is ever echoed."""
 
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ import yaml
 
 from tests.support import ROOT, VENV_BIN, Proc, exporter_env, free_port, start_exporter
 
-README = (ROOT / "README.md").read_text()
-# What prints a token in the README's recipes: stdin is never read, the output is the token.
+DEPLOYMENT_DOC = (ROOT / "docs" / "deployment.md").read_text()
+API_DOC = (ROOT / "docs" / "api.md").read_text()
+DOCS = "\n".join(path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+# What prints a token in the docs' recipes: stdin is never read, the output is the token.
 GENERATOR = re.compile(
     r"head -c \d+ /dev/urandom \| base64(?: -w ?0)?|openssl rand -(?:hex|base64) \d+"
     r"|python3 -c 'import secrets; print\(secrets\.token_\w+\(\d+\)\)'"
 )
 
 
-def section(heading: str) -> str:
-    return README.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+def section(text: str, heading: str) -> str:
+    return text.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
 
 
 def recipes(text: str) -> list[str]:
@@ -39,14 +41,14 @@ def recipes(text: str) -> list[str]:
     return found
 
 
-def test_the_readme_has_token_recipes_in_each_place_it_deploys() -> None:
-    assert recipes(section("### docker compose")) == ["head -c 32 /dev/urandom | base64"]
-    assert recipes(section("### systemd")) == ["head -c 32 /dev/urandom | base64"]
-    assert len(set(recipes(section("### Tokens")))) == 3
+def test_the_docs_have_token_recipes_in_each_place_it_deploys() -> None:
+    assert recipes(section(DEPLOYMENT_DOC, "### docker compose")) == ["head -c 32 /dev/urandom | base64"]
+    assert recipes(section(DEPLOYMENT_DOC, "### systemd")) == ["head -c 32 /dev/urandom | base64"]
+    assert len(set(recipes(section(API_DOC, "### Tokens")))) == 3
 
 
-@pytest.mark.parametrize("generator", sorted(set(recipes(README))))
-def test_every_readme_token_recipe_makes_a_token_the_exporter_takes(
+@pytest.mark.parametrize("generator", sorted(set(recipes(DOCS))))
+def test_every_documented_token_recipe_makes_a_token_the_exporter_takes(
     generator: str, store: Path, logs_dir: Path, tmp_path: Path
 ) -> None:
     made = subprocess.run(["bash", "-c", generator], capture_output=True, text=True, check=True, timeout=30)
