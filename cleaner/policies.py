@@ -1,6 +1,6 @@
 """The pure decision core: from (inventory, usage coverage, settings, now) to evictions and reasons. No I/O, no clock.
 
-Order of work, which the README documents:
+Order of work, which docs/cleaner.md documents:
 1. Guards beat every policy: protected (a `protect` glob or a `.keep` marker), a partial download,
    a change within the grace period. A guarded model is never evicted; the plan says why.
 2. age (oldest first), then usage (fewest requests, then largest), then size (see `size_order`).
