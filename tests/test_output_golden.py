@@ -1,0 +1,53 @@
+"""The exporter serves the same bytes as the code before the API split (issue 17: "no behaviour change").
+
+The golden files under tests/data/golden/ were written by `python -m tests.golden_capture --venv
+<checkout of 8830761>/.venv --out tests/data/golden`; this test runs the same capture against this
+checkout's `model-storage-exporter` and compares byte for byte after the normalisations listed in
+tests/golden_capture.py. A change to any served byte (a HELP text, a schema, the docs page, a JSON
+key) fails here: regenerate the golden files only for an intended change, and say so in the commit.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import pytest
+
+from tests.golden_capture import OUTPUTS, capture
+from tests.support import ROOT, VENV_BIN
+
+GOLDEN = ROOT / "tests" / "data" / "golden"
+
+
+@pytest.fixture(scope="module")
+def served() -> dict[str, str]:
+    return capture(VENV_BIN.parent)
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_exporter_output_matches_golden(served: dict[str, str], name: str) -> None:
+    expected = (GOLDEN / name).read_text(encoding="utf-8")
+    actual = served[name]
+    if actual != expected:
+        diff = "".join(
+            difflib.unified_diff(
+                expected.splitlines(keepends=True),
+                actual.splitlines(keepends=True),
+                f"golden/{name}",
+                f"served {name}",
+            )
+        )
+        pytest.fail(f"{name} differs from the golden file:\n{diff[:6000]}")
+
+
+def test_golden_files_hold_every_output_and_odd_names() -> None:
+    # The tree's odd names reach /metrics and /storage/info: a capture that lost them would compare nothing.
+    assert sorted(p.name for p in GOLDEN.iterdir()) == sorted(OUTPUTS)
+    metrics = (GOLDEN / "metrics.txt").read_text(encoding="utf-8")
+    info = (GOLDEN / "storage_info.json").read_text(encoding="utf-8")
+    for text in (metrics, info):
+        assert 'model="bad\\\\xffname\\\\xfe"' in text or '"model":"bad\\\\xffname\\\\xfe"' in text
+        assert 'quote\\"back\\\\slash' in text
+    assert 'model_storage_model_bytes{tier="raw",model="empty-model"} 0' in metrics
+    assert Path(GOLDEN / "openapi.json").read_text(encoding="utf-8").startswith('{"openapi":"3.1.0"')
