@@ -30,6 +30,11 @@ def test_exporter_output_matches_golden(served: dict[str, str], name: str) -> No
     expected = (GOLDEN / name).read_text(encoding="utf-8")
     actual = served[name]
     if actual != expected:
+        # openapi.json, docs.html and storage_info.json are one line each: show where they part first.
+        at = next((i for i, (a, b) in enumerate(zip(expected, actual, strict=False)) if a != b), None)
+        at = min(len(expected), len(actual)) if at is None else at
+        where = f"first difference at character {at}:\n  golden: {expected[max(0, at - 120) : at + 120]!r}\n"
+        where += f"  served: {actual[max(0, at - 120) : at + 120]!r}\n"
         diff = "".join(
             difflib.unified_diff(
                 expected.splitlines(keepends=True),
@@ -38,7 +43,7 @@ def test_exporter_output_matches_golden(served: dict[str, str], name: str) -> No
                 f"served {name}",
             )
         )
-        pytest.fail(f"{name} differs from the golden file:\n{diff[:6000]}")
+        pytest.fail(f"{name} differs from the golden file; {where}{diff[:3000]}")
 
 
 def test_golden_files_hold_every_output_and_odd_names() -> None:
