@@ -143,3 +143,7 @@ def collect_document(result: ReconcileResult, *, coalesced: bool) -> dict[str, A
         "files": result.files,
         "coalesced": coalesced,
     }
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}

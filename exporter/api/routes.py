@@ -22,11 +22,13 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from exporter.api.auth import Caller, Need, TokenBook, authorize
-from exporter.api.cleanup_runner import Answer, BusyError, CleanupRunner, error_body, interpret_policies, interpret_run
+from exporter.api.cleanup_answers import Answer, BusyError, interpret_policies, interpret_run
+from exporter.api.cleanup_runner import CleanupRunner
 from exporter.api.docs_page import DOCS_CSP, docs_page
 from exporter.api.documents import (
     BadRequestError,
     collect_document,
+    error_body,
     info_document,
     parse_dry_run,
     parse_none,
