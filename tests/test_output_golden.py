@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.golden_capture import OUTPUTS, capture
+from tests.golden_capture import MODELS, OUTPUTS, capture
 from tests.support import ROOT, VENV_BIN
 
 GOLDEN = ROOT / "tests" / "data" / "golden"
@@ -56,3 +56,20 @@ def test_golden_files_hold_every_output_and_odd_names() -> None:
         assert 'quote\\"back\\\\slash' in text
     assert 'model_storage_model_bytes{tier="raw",model="empty-model"} 0' in metrics
     assert Path(GOLDEN / "openapi.json").read_text(encoding="utf-8").startswith('{"openapi":"3.1.0"')
+
+
+def test_normalisations_are_narrow() -> None:
+    # Each rule replaced exactly the lines or fields it names, and nothing else: 13 models, one value each.
+    metrics = (GOLDEN / "metrics.txt").read_text(encoding="utf-8")
+    assert metrics.count(" <ctime>\n") == len(MODELS) + 1  # + raw/loose-file.bin, a file loose in a tier
+    assert metrics.count(" <fs-bytes>\n") == 2
+    assert metrics.count(" <clock>\n") == 2
+    assert metrics.count(" <sysctl>\n") == 1
+    assert "process_" not in metrics
+    info = (GOLDEN / "storage_info.json").read_text(encoding="utf-8")
+    assert info.count('"last_changed":"<clock>"') == len(MODELS) + 1
+    assert info.count('"<clock>"') == len(MODELS) + 1 + 3
+    assert info.count('"<fs>"') == 1
+    for name in ("openapi.json", "docs.html"):
+        text = (GOLDEN / name).read_text(encoding="utf-8")
+        assert not any(mark in text for mark in ("<clock>", "<ctime>", "<fs", "<sysctl>", "<tmp>")), name
