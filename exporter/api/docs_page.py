@@ -1,7 +1,8 @@
 """The HTML /docs page: every operation of the OpenAPI document, each with a form that tries it. Pure.
 
 Invariants:
-- Everything taken from the document is HTML-escaped; the page loads nothing from elsewhere.
+- The text taken from the document (title, paths, summaries, descriptions, parameters, schemas) is
+  HTML-escaped; the page loads nothing from elsewhere and sends requests to its own origin only.
 - The page's only script and style are DOCS_SCRIPT and DOCS_STYLE, allowed by hash in DOCS_CSP:
   change either and the hash follows, since both are computed here from the same strings.
 """
