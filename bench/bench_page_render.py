@@ -14,8 +14,9 @@ import statistics
 import time
 
 from bench.common import env_int, report, write_result
-from exporter.api.page import LARGEST_SHOWN, LastRun, page_data, render_page
-from exporter.api.routes import info_document
+from exporter.api.documents import info_document
+from exporter.api.page import render_page
+from exporter.api.page_data import LARGEST_SHOWN, LastRun, page_data
 from exporter.index.fsinfo import FsUsage
 from exporter.index.status import Snapshot
 from exporter.index.tree import ModelStat

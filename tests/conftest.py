@@ -90,6 +90,7 @@ SLOW_MODULES = {
     "test_kubernetes",
     "test_localstack",
     "test_opens",
+    "test_output_golden",
     "test_prom_client",
     "test_tokens",
     "test_usage_source",

@@ -18,8 +18,10 @@ import httpx
 import pytest
 
 from exporter.api.auth import ANONYMOUS, TokenBook, authorize
-from exporter.api.cleanup_runner import BusyError, CleanerResult, CleanupRunner, Holder, interpret_run, parse_holder
-from exporter.api.routes import OPENAPI, BadRequestError, info_document, parse_dry_run, parse_top
+from exporter.api.cleanup_answers import BusyError, CleanerResult, Holder, interpret_run, parse_holder
+from exporter.api.cleanup_runner import CleanupRunner
+from exporter.api.documents import BadRequestError, info_document, parse_dry_run, parse_top
+from exporter.api.openapi import OPENAPI
 from exporter.index.fsinfo import FsUsage
 from exporter.index.status import Snapshot
 from exporter.index.tree import ModelStat

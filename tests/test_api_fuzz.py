@@ -17,7 +17,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import missing_required_header
 
-from exporter.api.routes import OPENAPI
+from exporter.api.openapi import OPENAPI
 from tests.support import Proc, free_port, make_model, start_exporter
 from tests.test_api_cleanup import api_stack
 

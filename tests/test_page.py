@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.api.page import PAGE_CSP, PAGE_STYLE, LastRun, ScrubView, _csp_hash, human_bytes, page_data, render_page
+from exporter.api.page import PAGE_CSP, PAGE_STYLE, _csp_hash, human_bytes, render_page
+from exporter.api.page_data import LastRun, ScrubView, page_data
 from exporter.index.fsinfo import FsUsage
 from exporter.index.tree import ModelStat
 from shared.cleanup_state import CleanupState, write_cleanup_state

@@ -17,8 +17,10 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from exporter.api.auth import authorize
-from exporter.api.page import PAGE_CSP, LastRun, ScrubView, page_data, render_page
-from exporter.api.routes import BadRequestError, StorageApi, error_response, parse_none
+from exporter.api.documents import BadRequestError, parse_none
+from exporter.api.page import PAGE_CSP, render_page
+from exporter.api.page_data import LastRun, ScrubView, page_data
+from exporter.api.routes import StorageApi, error_response
 from exporter.index.status import ScrubFigures
 from shared.plan_summary import read_plan_summary, summary_path
 
