@@ -49,9 +49,9 @@ from collections.abc import Callable, Iterable
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchDescriptor
 from watchdog.observers.inotify_c import InotifyConstants as C
 
+from exporter.index.events import RawEvent
 from exporter.index.longpath import PATH_FLAGS, lstat, open_path, too_long
 from exporter.index.opens import OpenItem
-from exporter.index.updater import RawEvent
 
 # Reads are not events: no IN_ACCESS or IN_CLOSE_NOWRITE ever reach the kernel queue. IN_OPEN is
 # added when opens are tracked (OPENS_MASK): one event per open(), none per read() or mmap page.

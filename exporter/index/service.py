@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from exporter.index.events import RawEvent
 from exporter.index.fsinfo import network_filesystem, subdir_counting_device, watch_limit
 from exporter.index.mounts import MountWatcher
 from exporter.index.opens_store import OpensRecorder
@@ -24,7 +25,7 @@ from exporter.index.scan import ScanFailedError, Scanner
 from exporter.index.scrub import Finding, Scrubber, apply_finding
 from exporter.index.status import ReconcileResult, ScrubFigures, Snapshot
 from exporter.index.tree import Parts, Tree
-from exporter.index.updater import IndexUpdater, OverflowFlag, RawEvent
+from exporter.index.updater import IndexUpdater, OverflowFlag
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.logs import FAILURE, SUCCESS, get_logger
