@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What the reader hands exporter.index.opens, in kernel order:
+# ("open", path) | ("start", marker name) | ("end", marker name) | ("overflow", "")
+OpenItem = tuple[str, str]
+
 
 @dataclass(frozen=True, slots=True)
 class RawEvent:
