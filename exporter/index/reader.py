@@ -61,9 +61,9 @@ from exporter.index.translate import (
     Ignored,
     MoveTree,
     Overflow,
-    Translated,
     WatchTable,
     WatchTree,
+    run,
     translate,
 )
 
@@ -404,13 +404,7 @@ class InotifyReader:
         in order as they come; the opens and marker items go to `take_opens`."""
         self._table.added.clear()
         steps = translate(self._table, raw, self._marker_wd, self._on_opens is not None, os.fsdecode)
-        try:
-            action = next(steps)
-            while True:
-                action = steps.send(self._apply(action))
-        except StopIteration as done:
-            translated: Translated = done.value
-        hints, opens = translated
+        hints, opens = run(steps, self._apply)
         if opens:
             self._opens.extend(opens)
         return hints

@@ -285,6 +285,17 @@ def translate(
     return out, opens
 
 
+def run(steps: Generator[Action, int, Translated], apply: Callable[[Action], int]) -> Translated:
+    """Drive a translation: each action applied (`apply`) as it is yielded, its answer sent back."""
+    try:
+        action = next(steps)
+        while True:
+            action = steps.send(apply(action))
+    except StopIteration as done:
+        translated: Translated = done.value
+    return translated
+
+
 def _decode(name: bytes) -> str:
     """os.fsdecode where the filesystem encoding is UTF-8 (Linux, Python 3.11): bytes that are not
     UTF-8 become surrogates, so the path round-trips."""
