@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from watchdog.observers.inotify_c import InotifyConstants
 
+from exporter.index.events import RawEvent
 from exporter.index.fsinfo import subdir_counting_device
 from exporter.index.reader import MASK, Handoff, InotifyReader
 from exporter.index.service import ExporterService
 from exporter.index.tree import Tree
-from exporter.index.updater import IndexUpdater, RawEvent
+from exporter.index.updater import IndexUpdater
 from shared.layout import Layout
 from tests.oracle import assert_exact
 from tests.support import make_service, wait_until

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from watchdog.observers.inotify_c import InotifyConstants as C
 
+from exporter.index.events import RawEvent
 from exporter.index.reader import Handoff, InotifyReader
 from exporter.index.scan import scan_local
 from exporter.index.tree import Tree
-from exporter.index.updater import IndexUpdater, RawEvent
+from exporter.index.updater import IndexUpdater
 from shared.layout import Layout
 from tests.oracle import walk_truth
 

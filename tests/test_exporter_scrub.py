@@ -18,11 +18,12 @@ from watchdog.observers.inotify_c import CallbackId, WatchDescriptor
 
 from exporter.index import scrub
 from exporter.index.drift import DirView, Listing, LogBudget, Pacer, compare, held, recent
+from exporter.index.events import RawEvent
 from exporter.index.scan import scan_local
 from exporter.index.scrub import Finding, apply_finding, list_dir
 from exporter.index.service import ExporterService
 from exporter.index.tree import DirNode, Tree
-from exporter.index.updater import IndexUpdater, RawEvent
+from exporter.index.updater import IndexUpdater
 from exporter.metrics.endpoint import build_renderer
 from shared.layout import Layout
 from tests.oracle import assert_exact, differences

@@ -28,12 +28,11 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from exporter.index.events import OpenItem
 from shared.layout import Layout
 from shared.own_reads import Session, is_cleaner_work
 
 ModelKey = tuple[str, str]  # (tier, model)
-# ("open", path) | ("start", marker name) | ("end", marker name) | ("overflow", "")
-OpenItem = tuple[str, str]
 
 
 @dataclass

@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from exporter.index.opens import ModelKey, OpenItem, OpensTracker, parse_state
+from exporter.index.events import OpenItem
+from exporter.index.opens import ModelKey, OpensTracker, parse_state
 from shared.atomic_json import write_json_atomically
 from shared.layout import Layout
 from shared.logs import FAILURE, SUCCESS, get_logger

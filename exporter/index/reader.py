@@ -4,6 +4,8 @@ watchdog's Observer builds a FileSystemEvent per inotify event and passes it thr
 and four locked queues; that capped a burst at about 11,000 creates/s applied. Here one thread
 reads the kernel queue in large chunks, keeps a wd -> directory map, pairs moves by cookie,
 collapses the create/modify/close of one file into one hint, and hands each chunk over as one list.
+The translation itself is pure (exporter.index.translate: tuples in, hints and watch actions out);
+this module is its shell: the thread, the descriptor, the watches and listings, the hand-off.
 
 What the reader guarantees (the updater's guarantees build on these, see exporter.index.updater):
 - R1 (watch before announce): a directory is announced (a `created` hint: made, moved in from
@@ -45,13 +47,25 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import assert_never
 
 from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask, WatchDescriptor
 from watchdog.observers.inotify_c import InotifyConstants as C
 
+from exporter.index.events import OpenItem, RawEvent
 from exporter.index.longpath import PATH_FLAGS, lstat, open_path, too_long
-from exporter.index.opens import OpenItem
-from exporter.index.updater import RawEvent
+from exporter.index.translate import (
+    Action,
+    AddWatch,
+    Forget,
+    Ignored,
+    MoveTree,
+    Overflow,
+    WatchTable,
+    WatchTree,
+    run,
+    translate,
+)
 
 # Reads are not events: no IN_ACCESS or IN_CLOSE_NOWRITE ever reach the kernel queue. IN_OPEN is
 # added when opens are tracked (OPENS_MASK): one event per open(), none per read() or mmap page.
@@ -76,18 +90,8 @@ OPENS_MASK = Mask(MASK | C.IN_OPEN)
 # The own-reads marker directory (shared.own_reads): arrivals and ends of sessions only.
 MARKER_MASK = Mask(C.IN_MOVED_TO | C.IN_MOVED_FROM | C.IN_DELETE | C.IN_ONLYDIR | C.IN_DONT_FOLLOW)
 _CALLBACK_ID = CallbackId(1)
-_IN_OPEN = C.IN_OPEN
-_IN_Q_OVERFLOW = C.IN_Q_OVERFLOW
-_IN_IGNORED = C.IN_IGNORED
-_IN_ISDIR = C.IN_ISDIR
-_IN_CREATE = C.IN_CREATE
-_IN_DELETE = C.IN_DELETE
-_IN_MOVED_FROM = C.IN_MOVED_FROM
-_IN_MOVED_TO = C.IN_MOVED_TO
-_IN_ATTRIB = C.IN_ATTRIB
 # Errors that mean "not now" for one directory, not "events can no longer be trusted" (R1).
 _UNWATCHABLE = (errno.EACCES, errno.EPERM)
-UNWATCHED_LIMIT = 10_000
 
 
 def _subdirs(path: str) -> list[str]:
@@ -191,14 +195,13 @@ class InotifyReader:
         self._on_watch_error = on_watch_error
         self._fd = InotifyFD()
         self._callback = _NoCallback()
-        self._paths: dict[int, str] = {}  # wd -> directory path
-        self._wds: dict[str, int] = {}  # directory path -> wd
-        self._map_lock = threading.Lock()  # the maps: the reader's, and `rewatch` from the updater
-        # Directories that could not be watched (EACCES): watched at their next IN_ATTRIB (R1).
-        self._unwatched: dict[str, None] = {}
-        # Within one translated chunk: the event number at which each wd was last (re-)added (R3).
-        self._added: dict[int, int] = {}
-        self._seq = 0
+        # wd <-> directory path, read by the pure translation, changed here only.
+        self._table = WatchTable()
+        # The table's own dicts (never replaced), under the names the rest of the shell uses.
+        self._paths = self._table.paths
+        self._wds = self._table.wds
+        self._map_lock = threading.Lock()  # the table: the reader's, and `rewatch` from the updater
+        self._seq = 0  # the event number of the action being applied (R3)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Events can no longer be trusted (a watch could not be added, the read failed): the service
@@ -266,12 +269,8 @@ class InotifyReader:
         """A mount at `path` appeared or went: what is there now is another directory (another
         inode, often another device). Drop the watches of what was there, then watch what is."""
         with self._map_lock:
-            gone = self._subtree(path)
-            for sub, wd in gone:
-                if self._wds.get(sub) == wd:
-                    del self._wds[sub]
-                if self._paths.get(wd) == sub:
-                    del self._paths[wd]
+            gone = self._table.subtree(path)
+            self._table.drop(gone)
             # Those of an unmounted filesystem are gone already (IN_IGNORED is on its way): no error.
             self._fd.remove_callbacks([(WatchDescriptor(wd), _CALLBACK_ID) for _, wd in gone])
             self._watch_tree(path)
@@ -285,22 +284,15 @@ class InotifyReader:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 return -1  # gone already; its delete event follows
             if err.errno in _UNWATCHABLE:
-                return self._unwatchable(path)
+                return self._table.unwatchable(path)
             raise
         if wd < 0:
             # watchdog answers EACCES with wd -1 (and keeps a placeholder watch for it) rather than raising.
             self._fd._watch_for_wd.pop(wd, None)
-            return self._unwatchable(path)
+            return self._table.unwatchable(path)
         if wd in ancestors:
             return -1  # a directory cycle: the scan reports it
-        if self._unwatched:
-            self._unwatched.pop(path, None)
-        old = self._paths.get(wd)
-        if old is not None and old != path and self._wds.get(old) == wd:
-            del self._wds[old]
-        self._paths[wd] = path
-        self._wds[path] = wd
-        self._added[wd] = self._seq
+        self._table.record(path, wd, self._seq)
         return wd
 
     def _add_callback(self, path: str) -> WatchDescriptor:
@@ -321,12 +313,6 @@ class InotifyReader:
                 return self._fd.add_callback(proc, self._long_mask, self._callback, _CALLBACK_ID)
             finally:
                 os.close(fd)
-
-    def _unwatchable(self, path: str) -> int:
-        if len(self._unwatched) >= UNWATCHED_LIMIT:
-            del self._unwatched[next(iter(self._unwatched))]
-        self._unwatched[path] = None
-        return -1
 
     def _watch_tree(self, top: str, *, strict: bool = False, subtree: bool = True) -> int:
         """Watch `top` and (with `subtree`) every directory below it; a watch comes before its
@@ -368,40 +354,6 @@ class InotifyReader:
         except OSError:
             return False  # the listing says what is wrong, or finds it gone
         return st.st_nlink == 2 and st.st_dev == self._leaf_device
-
-    def _subtree(self, top: str) -> list[tuple[str, int]]:
-        prefix = top + "/"
-        return [(p, wd) for p, wd in self._wds.items() if p == top or p.startswith(prefix)]
-
-    def _forget(self, gone: list[tuple[str, int]], since: int) -> None:
-        """Stop watching a subtree that left the models path (a watch follows its inode), bar the
-        wds added again after event number `since` (R3)."""
-        dropped = []
-        for path, wd in gone:
-            if self._added.get(wd, -1) > since:
-                continue  # back in the tree under a path re-added since: keep it
-            if self._wds.get(path) == wd:
-                del self._wds[path]
-            if self._paths.get(wd) == path:
-                del self._paths[wd]
-                dropped.append((WatchDescriptor(wd), _CALLBACK_ID))
-        self._fd.remove_callbacks(dropped)
-
-    def _move_tree(self, src: str, dst: str, moved: list[tuple[str, int]]) -> None:
-        """A watched directory moved inside the tree: its watches (and their wds) go with it."""
-        for path, wd in moved:
-            if self._wds.get(path) == wd:
-                del self._wds[path]
-        for path, wd in moved:
-            new = dst + path[len(src) :]
-            self._wds[new] = wd
-            self._paths[wd] = new
-
-    def _ignored(self, wd: int) -> None:
-        path = self._paths.pop(wd, None)
-        if path is not None and self._wds.get(path) == wd:
-            del self._wds[path]
-        self._fd.remove_callbacks([(WatchDescriptor(wd), _CALLBACK_ID)])
 
     # ----- reading -----
 
@@ -448,102 +400,36 @@ class InotifyReader:
         return opens
 
     def translate(self, raw: Iterable[tuple[int, int, int, bytes]]) -> list[RawEvent]:
-        """One chunk of kernel events to hints: one per path between moves, moves paired by cookie.
-        Opens are no hints: they go to `take_opens`, with the marker items."""
-        out: list[RawEvent] = []
-        opens = self._opens
-        marker_wd = self._marker_wd
-        touched: dict[str, str] = {}  # path -> created | deleted (the parent changes too) | modified
-        # cookie -> (path, is_dir, its watched subtree then, event number)
-        moved_from: dict[int, tuple[str, bool, list[tuple[str, int]], int]] = {}
-        paths = self._paths
-        fsdecode = os.fsdecode
-        self._added.clear()
-        self._seq = 0
+        """One chunk of kernel events to hints (exporter.index.translate), its watch actions applied
+        in order as they come; the opens and marker items go to `take_opens`."""
+        self._table.added.clear()
+        steps = translate(self._table, raw, self._marker_wd, self._on_opens is not None, os.fsdecode)
+        hints, opens = run(steps, self._apply)
+        if opens:
+            self._opens.extend(opens)
+        return hints
 
-        def flush() -> None:
-            out.extend(RawEvent(kind, path) for path, kind in touched.items())
-            touched.clear()
-
-        for wd, mask, cookie, name in raw:
-            self._seq += 1
-            if mask & _IN_OPEN:
-                # A directory's own open (listing it) has IN_ISDIR, or no name when the watched one
-                # itself is opened: never use. Checked first, so an open costs two tests and an append.
-                if name and not mask & _IN_ISDIR:
-                    parent = paths.get(wd)
-                    if parent is not None:
-                        opens.append(("open", parent + "/" + fsdecode(name)))
-                continue
-            if wd == marker_wd and not mask & (_IN_Q_OVERFLOW | _IN_IGNORED):
-                marker = fsdecode(name)
-                if marker.endswith(".json"):
-                    opens.append(("start" if mask & _IN_MOVED_TO else "end", marker))
-                continue
-            if mask & _IN_Q_OVERFLOW:
-                self._recover_from_overflow()
-                continue
-            if mask & _IN_IGNORED:
-                self._ignored(wd)
-                continue
-            parent = paths.get(wd)
-            if parent is None:
-                continue  # a watch we dropped (moved out); its events are stale
-            path = parent + "/" + fsdecode(name) if name else parent
-            if mask & _IN_MOVED_FROM:
-                is_dir = bool(mask & _IN_ISDIR)
-                moved_from[cookie] = (path, is_dir, self._subtree(path) if is_dir else [], self._seq)
-                continue
-            if mask & _IN_MOVED_TO:
-                source = moved_from.pop(cookie, None)
-                flush()
-                if source is None:
-                    # Moved in from outside (or back in): new to us, like a create (R1).
-                    if mask & _IN_ISDIR:
-                        self._watch_tree(path)
-                    out.append(RawEvent("created", path))
-                    continue
-                out.append(RawEvent("moved", source[0], path))
-                if source[1]:
-                    moved = source[2]
-                    self._move_tree(source[0], path, moved)
-                    expected = next((w for p, w in moved if p == source[0]), -1)
-                    if self._add_watch(path) not in (expected, -1):
-                        # What we watched at the source was another directory (R2): watch this
-                        # one's tree and have it scanned.
-                        self._watch_tree(path)
-                        out.append(RawEvent("created", path))
-                continue
-            if mask & _IN_DELETE:
-                touched[path] = "deleted"
-            elif mask & _IN_CREATE:
-                if mask & _IN_ISDIR:
-                    self._watch_tree(path)
-                touched[path] = "created"
-            elif mask & _IN_ATTRIB and mask & _IN_ISDIR and self._attrib_announces(path):
-                # Permissions changed on a directory we could not watch or read in full (R1).
-                self._watch_tree(path)
-                touched[path] = "created"
-            elif path not in touched:
-                touched[path] = "modified"
-        flush()
-        # A move whose other half never came in this chunk left the tree: a delete.
-        for path, is_dir, subtree, since in moved_from.values():
-            if is_dir:
-                self._forget(subtree, since)
-            out.append(RawEvent("deleted", path))
-        return out
-
-    def _attrib_announces(self, path: str) -> bool:
-        """Whether an IN_ATTRIB on this directory may have made it, or a directory in it, watchable
-        (watching needs read on the directory and search on its parent; deeper ones were never listed)."""
-        if path not in self._wds:
-            return True
-        return bool(self._unwatched) and any(p.rpartition("/")[0] == path for p in self._unwatched)
-
-    def _recover_from_overflow(self) -> None:
-        # Directories made while events were lost have no watch yet: add them before the rescan.
-        if self._on_opens is not None:
-            self._opens.append(("overflow", ""))  # opens were lost too: a gap in the tracking
-        self._watch_tree(self.root)
-        self._on_overflow("inotify_queue_overflow")
+    def _apply(self, action: Action) -> int:
+        """Carry out one watch action of the translation; the answer it asks for (a wd), else -1."""
+        if isinstance(action, WatchTree):
+            self._seq = action.seq
+            return self._watch_tree(action.path)
+        if isinstance(action, AddWatch):
+            self._seq = action.seq
+            return self._add_watch(action.path)
+        if isinstance(action, MoveTree):
+            self._table.move_tree(action.src, action.dst, action.moved)
+        elif isinstance(action, Forget):
+            dropped = self._table.forget(action.gone, action.since)
+            self._fd.remove_callbacks([(WatchDescriptor(wd), _CALLBACK_ID) for wd in dropped])
+        elif isinstance(action, Ignored):
+            self._table.ignored(action.wd)
+            self._fd.remove_callbacks([(WatchDescriptor(action.wd), _CALLBACK_ID)])
+        elif isinstance(action, Overflow):
+            # Directories made while events were lost have no watch yet: add them before the rescan.
+            self._seq = action.seq
+            self._watch_tree(self.root)
+            self._on_overflow("inotify_queue_overflow")
+        else:
+            assert_never(action)
+        return -1

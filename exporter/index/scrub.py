@@ -44,10 +44,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from exporter.index.drift import Difference, DirView, Listing, LogBudget, Pacer, compare, held, recent
+from exporter.index.events import RawEvent
 from exporter.index.longpath import lstat, open_path
 from exporter.index.status import ScrubFigures
 from exporter.index.tree import DirNode, Parts, Tree
-from exporter.index.updater import IndexUpdater, RawEvent
+from exporter.index.updater import IndexUpdater
 from shared.logs import FAILURE, SUCCESS, get_logger
 
 log = get_logger("exporter.scrub")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import heapq
 import os
 import queue
 import sys
@@ -14,17 +13,21 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from exporter.index.fsinfo import network_filesystem, subdir_counting_device, watch_limit
+from exporter.index.events import RawEvent
+from exporter.index.fsinfo import network_filesystem, watch_limit
+from exporter.index.full_scan import drift, replayed, scan_while_applying
 from exporter.index.mounts import MountWatcher
 from exporter.index.opens_store import OpensRecorder
 from exporter.index.reader import Handoff, InotifyReader
+from exporter.index.retries import SettleQueue, retry_delay
 from exporter.index.scan import ScanFailedError, Scanner
 from exporter.index.scrub import Finding, Scrubber, apply_finding
 from exporter.index.status import ReconcileResult, ScrubFigures, Snapshot
 from exporter.index.tree import Parts, Tree
-from exporter.index.updater import IndexUpdater, OverflowFlag, RawEvent
+from exporter.index.updater import IndexUpdater, OverflowFlag
+from exporter.index.watch_start import start_reader
 from shared.config import Settings
 from shared.errors import ConfigError
 from shared.logs import FAILURE, SUCCESS, get_logger
@@ -38,13 +41,9 @@ SWITCH_INTERVAL = 0.001
 # Hard-link checks (IndexUpdater.resolve_links) walk the index: at most one per this many seconds,
 # and never more than a tenth of the updater's time.
 LINK_PASS_INTERVAL = 0.5
-# A failed full scan is tried again after 1, 2, 4... seconds, at most this long apart.
-SCAN_RETRY_MAX_SECONDS = 60.0
 # How scans report running out of file descriptors (ScanResult.errors carry strerror): a directory
 # not read for that reason is scanned again, with its watches, once descriptors may be back.
 _OUT_OF_DESCRIPTORS = frozenset({os.strerror(errno.EMFILE), os.strerror(errno.ENFILE)})
-DESCRIPTOR_RETRY_FIRST_SECONDS = 0.25
-DESCRIPTOR_RETRY_MAX_SECONDS = 30.0
 T = TypeVar("T")
 
 
@@ -80,8 +79,7 @@ class ExporterService:
         self._scan_failure = ""
         self._reader: InotifyReader | None = None
         self._thread: threading.Thread | None = None
-        self._settle: list[tuple[float, Parts]] = []
-        self._descriptor_retries: dict[Parts, int] = {}  # directories to scan again -> attempts so far
+        self._settle = SettleQueue()  # moved directories and descriptor retries (exporter.index.retries)
         self._next_link_pass = 0.0
         self._rescan_requests: queue.Queue[tuple[str, queue.Queue[ReconcileResult]]] = queue.Queue()
         # Names the scrub found different from the disk, for the updater thread (the only writer).
@@ -140,33 +138,14 @@ class ExporterService:
             self.scrubber.start()  # it waits for the initial scan
 
     def _start_reader(self) -> None:
-        opens = self.opens
-        if opens is not None:
-            opens.prepare()
-        reader = InotifyReader(
-            self.root,
-            self.events,
-            self._on_overflow,
-            self._on_watch_error,
-            subdir_counting_device(self.root),
-            on_opens=opens.handle if opens is not None else None,
-            marker_dir=str(opens.markers) if opens is not None else None,
-        )
-        try:
-            # Only the root now: the initial scan watches the rest as it lists it (R8).
-            reader.start(tree=False)
-        except OSError as err:
+        started = start_reader(self.root, self.events, self._on_overflow, self._on_watch_error, self.opens)
+        if isinstance(started, OSError):
             # Usually ENOSPC: fs.inotify.max_user_watches is exhausted. Poll rather than be wrong.
-            self._record_error("watch", self.root, err.strerror or str(err))
+            self._record_error("watch", self.root, started.strerror or str(started))
             self.polling = True
-            self.polling_reason = f"cannot add inotify watches: {err.strerror or err}"
+            self.polling_reason = f"cannot add inotify watches: {started.strerror or started}"
             return
-        self._reader = reader
-        log.info("watch.started", path=self.root, watches=reader.watches, outcome=SUCCESS)
-        if opens is not None:
-            opens.adopt()
-        if reader.marker_error:
-            log.warning("opens.markers_unwatched", error=reader.marker_error, outcome=FAILURE)
+        self._reader = started
 
     def stop(self) -> None:
         self._stop.set()
@@ -324,7 +303,7 @@ class ExporterService:
             wait = min(
                 0.5,
                 next_reconcile - now,
-                self._settle[0][0] - now if self._settle else 0.5,
+                due - now if (due := self._settle.next_due()) is not None else 0.5,
                 self._next_link_pass - now if links else 0.5,
             )
             batch = self.events.get(max(wait, 0.0), window, BATCH_LIMIT)
@@ -417,26 +396,21 @@ class ExporterService:
 
     def _run_due_settles(self) -> None:
         now = time.monotonic()
-        while self._settle and self._settle[0][0] <= now:
-            _, parts = heapq.heappop(self._settle)
+        while (parts := self._settle.pop_due(now)) is not None:
             if self._reader is not None:
                 self._reader.rewatch(self.updater.path(parts))  # watches before the scan
             self.updater.rescan(self.tree, parts, self.lock)
-        if not self._settle:
-            self._descriptor_retries.clear()  # every retry went through
+        self._settle.drained()
 
     def _moved_dir(self, parts: Parts) -> None:
         settle = self.settings.exporter.settle_seconds
-        if settle > 0 and len(self._settle) < 10_000:
-            heapq.heappush(self._settle, (time.monotonic() + settle, parts))
+        if settle > 0:
+            self._settle.moved(parts, time.monotonic() + settle)
 
     def _full_scan(self, reason: str) -> ReconcileResult:
         """Scan everything while events keep being applied; replay them on the scan, then swap."""
         log.info("scan.started", reason=reason, path=self.root)
         started = time.monotonic()
-        replay: list[RawEvent] = []
-        result_box: list[Any] = []
-        replay_limit = self.settings.exporter.queue_size
 
         def progress(files: int) -> None:
             elapsed = time.monotonic() - started
@@ -447,26 +421,13 @@ class ExporterService:
         reader = self._reader
         watch = reader.watch_ahead if reason == "initial" and reader is not None else None
 
-        def scan() -> None:
-            try:
-                result_box.append(self.scanner.scan(self.root, progress, watch=watch))
-            except BaseException as err:
-                result_box.append(err)
-
-        scanner_thread = threading.Thread(target=scan, name="full-scan", daemon=True)
-        scanner_thread.start()
         window = self.settings.exporter.coalesce_window_seconds
-        lost = False
-        while scanner_thread.is_alive():
-            batch = self.events.get(0.05, window, BATCH_LIMIT)
-            if batch:
-                self._apply(self.tree, batch)
-                if len(replay) + len(batch) <= replay_limit:
-                    replay.extend(batch)
-                else:
-                    lost = True
-        scanner_thread.join()
-        outcome = result_box[0]
+        outcome, replay, lost = scan_while_applying(
+            lambda: self.scanner.scan(self.root, progress, watch=watch),
+            lambda: self.events.get(0.05, window, BATCH_LIMIT),
+            lambda batch: self._apply(self.tree, batch),
+            self.settings.exporter.queue_size,
+        )
         if isinstance(outcome, BaseException):
             with self.lock:
                 self._record_error("scan", self.root, str(outcome))
@@ -476,18 +437,9 @@ class ExporterService:
         for path, why in outcome.errors:
             self._record_error("scan", path, why)
             self.updater.note_unreadable_path(path)
-        fresh = Tree(self.settings.layout)
-        if outcome.node is not None:
-            fresh.graft((), outcome.node)
-            # A full scan saw every link in the tree: nothing to check, bar what the replay brings.
-            fresh.take_suspects()
-            self.updater.restamp(fresh)
-        # Events seen during the scan are replayed on the fresh tree: they are stat-based, so
-        # replaying one that the scan already saw changes nothing.
-        for start in range(0, len(replay), BATCH_LIMIT):
-            self.updater.apply(fresh, replay[start : start + BATCH_LIMIT])
+        fresh = replayed(Tree(self.settings.layout), outcome, replay, self.updater, BATCH_LIMIT)
         with self.lock:
-            drift_bytes, drift_models = _drift(self.tree, fresh)
+            drift_bytes, drift_models = drift(self.tree, fresh)
             self.tree = fresh
             seconds = time.monotonic() - started
             self.counters.scan_duration = seconds
@@ -542,26 +494,4 @@ class ExporterService:
         parts = self.updater.parts(path)
         if parts is None:
             return
-        attempt = self._descriptor_retries.get(parts, 0)
-        self._descriptor_retries[parts] = attempt + 1
-        delay = min(DESCRIPTOR_RETRY_MAX_SECONDS, DESCRIPTOR_RETRY_FIRST_SECONDS * 2.0 ** min(attempt, 16))
-        heapq.heappush(self._settle, (time.monotonic() + delay, parts))
-
-
-def retry_delay(attempt: int) -> float:
-    """Seconds before retry number `attempt` (from 0) of a failed scan: 1, 2, 4... at most a minute."""
-    return min(SCAN_RETRY_MAX_SECONDS, 2.0 ** min(attempt, 16))
-
-
-def _drift(old: Tree, new: Tree) -> tuple[int, int]:
-    """Sum of |tracked - true| bytes over every model and `other`, and how many models differed."""
-    drift = abs(old.other.bytes - new.other.bytes)
-    models = 0
-    for key in old.models.keys() | new.models.keys():
-        before = old.models.get(key)
-        after = new.models.get(key)
-        delta = abs((before.bytes if before else 0) - (after.bytes if after else 0))
-        if delta or (before is None) != (after is None):
-            models += 1
-        drift += delta
-    return drift, models
+        self._settle.descriptor_retry(parts, time.monotonic())

@@ -35,9 +35,9 @@ import stat
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
+from exporter.index.events import RawEvent
 from exporter.index.longpath import lstat
 from exporter.index.scan import ScanResult, ancestors, file_info, scan_local, stat_changed
 from exporter.index.tree import DirNode, InodeKey, Parts, Tree
@@ -62,17 +62,6 @@ def _link_state(st: os.stat_result) -> tuple[int, int]:
     """What must change before a searched inode is searched again: its link count, or its ctime
     (link() moves it; so does reuse of the inode number by a new file)."""
     return st.st_nlink, st.st_ctime_ns
-
-
-@dataclass(frozen=True, slots=True)
-class RawEvent:
-    """What the index needs of a filesystem event; plain values, easy to build in a test."""
-
-    # created | modified | deleted | moved (created and deleted also re-stat the parent). `created`
-    # announces the path: a directory found there is scanned whatever the index holds (U1).
-    kind: str
-    src: str
-    dst: str = ""
 
 
 class IndexUpdater:
