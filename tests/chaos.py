@@ -14,7 +14,8 @@ Mount workloads run last in their round and their mounts stay through the measur
 a round made is undone (lazily, innermost first) when the round ends, whatever happened, so the
 next round's reset also checks that unmounting is followed. Mounting needs root.
 "Wrong" means not exact within 5 s after the workload ended. A round depends on its seed only, so
-a failing round is replayed with `--seed SEED --rounds 1` (`make stress-exporter SEED=... ROUNDS=1`).
+a failing round is replayed with `--seed SEED --rounds 1` (`make stress-exporter SEED=... ROUNDS=1`,
+with the same ONLY=... if the mix was narrowed).
 
     python -m tests.chaos --rounds 500 --seed 1 --scrub off
 """
@@ -657,6 +658,7 @@ class Summary:
     times: list[float]
     failures: list[Outcome]
     scrub_corrections: float | None
+    only: frozenset[str] = frozenset()
 
     def lines(self) -> list[str]:
         out = [f"rounds exact: {self.exact}/{self.rounds}"]
@@ -666,11 +668,12 @@ class Summary:
         out.append(
             "scrub: not present" if self.scrub_corrections is None else f"scrub corrections: {self.scrub_corrections:g}"
         )
+        narrowed = f" ONLY={','.join(sorted(self.only))}" if self.only else ""
         for failure in self.failures:
             what = "; ".join(failure.differences[:5])
             out.append(
                 f"WRONG round seed {failure.seed} ({', '.join(failure.workloads)}): {what}"
-                f" -- replay: make stress-exporter SEED={failure.seed} ROUNDS=1"
+                f" -- replay: make stress-exporter SEED={failure.seed} ROUNDS=1{narrowed}"
             )
         return out
 
@@ -713,7 +716,7 @@ def run_chaos(
         corrections = parse_metrics(scrape(proc)).get((SCRUB_METRIC, frozenset()))
     times = [o.seconds for o in outcomes if o.seconds is not None]
     failures = [o for o in outcomes if o.seconds is None]
-    return Summary(rounds, len(times), times, failures, corrections)
+    return Summary(rounds, len(times), times, failures, corrections, only)
 
 
 def main(argv: list[str] | None = None) -> int:
