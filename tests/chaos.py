@@ -23,6 +23,7 @@ with the same ONLY=... if the mix was narrowed).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import math
 import os
@@ -659,9 +660,12 @@ class Summary:
     failures: list[Outcome]
     scrub_corrections: float | None
     only: frozenset[str] = frozenset()
+    drawn: dict[str, int] = field(default_factory=dict)  # workload -> rounds it ran in
 
     def lines(self) -> list[str]:
         out = [f"rounds exact: {self.exact}/{self.rounds}"]
+        if self.drawn:
+            out.append("rounds per workload: " + ", ".join(f"{n} {c}" for n, c in sorted(self.drawn.items())))
         if self.times:
             p50, p99, top = statistics.median(self.times), percentile(self.times, 0.99), max(self.times)
             out.append(f"time to exact: p50 {p50:.3f}s p99 {p99:.3f}s max {top:.3f}s")
@@ -716,7 +720,8 @@ def run_chaos(
         corrections = parse_metrics(scrape(proc)).get((SCRUB_METRIC, frozenset()))
     times = [o.seconds for o in outcomes if o.seconds is not None]
     failures = [o for o in outcomes if o.seconds is None]
-    return Summary(rounds, len(times), times, failures, corrections, only)
+    drawn = collections.Counter(name for o in outcomes for name in o.workloads)
+    return Summary(rounds, len(times), times, failures, corrections, only, dict(drawn))
 
 
 def main(argv: list[str] | None = None) -> int:
