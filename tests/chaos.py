@@ -141,7 +141,16 @@ def mount(ctx: Ctx, point: Path, *argv: str) -> bool:
 
 
 def umount(ctx: Ctx, point: Path, *, lazy: bool) -> None:
-    run("umount", *(("-l",) if lazy else ()), str(point))
+    """Unmount `point`. A plain umount fails (EBUSY) while the exporter scans inside the mount
+    (it holds directory descriptors there for the moment): tried again for up to 2 s, then lazily."""
+    deadline = time.monotonic() + 2.0
+    while not lazy:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode == 0:
+            break
+        lazy = time.monotonic() > deadline
+        time.sleep(0.02)
+    else:
+        run("umount", "-l", str(point))
     ctx.mounts.reverse()
     ctx.mounts.remove(point)  # the last one made there
     ctx.mounts.reverse()
