@@ -88,12 +88,14 @@ test-kubernetes: $(STAMP) system-deps
 bench: $(STAMP)
 	$(PY) -m bench
 
-# Chaos rounds against the real exporter with both cores busy: ROUNDS (500), SEED (random), SCRUB (off|on).
+# Chaos rounds against the real exporter with both cores busy: ROUNDS (500), SEED (random), SCRUB (off|on),
+# ONLY (comma-separated workloads to draw from; default all). Mount workloads are in the mix: run as root.
 ROUNDS ?= 500
 SEED ?=
 SCRUB ?= off
+ONLY ?=
 stress-exporter: $(STAMP)
-	$(PY) -m tests.chaos --rounds $(ROUNDS) --scrub $(SCRUB) $(if $(SEED),--seed $(SEED))
+	$(PY) -m tests.chaos --rounds $(ROUNDS) --scrub $(SCRUB) $(if $(SEED),--seed $(SEED)) $(if $(ONLY),--only $(ONLY))
 
 # Writers against the cleaner killed at every crash point and held in every window, in every mode
 # (mounts a tmpfs: run as root). `make test` runs a reduced set of it.

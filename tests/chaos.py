@@ -5,10 +5,17 @@ A round resets the store to a base state made from the round's seed, waits until
 exact (not timed), runs 1-4 workloads picked by the seed (tar -x, cp -r, cp -al, rsync -a --delete,
 rsync --inplace, blue/green swaps, moves out and back, rm -rf and recreate, a tier removed and
 recreated, mkdir -p bursts with echo, deep chains, rename loops, hard links, truncation, sparse
-files with holes punched and blocks preallocated, concurrent writers in all three tiers), then
-measures the time until /metrics (apparent and allocated bytes, files, models) equals the walk.
+files with holes punched and blocks preallocated, concurrent writers in all three tiers, and
+mounts: a tmpfs or a bind mount of a populated directory from outside the models path on a model's
+subdirectory, written into while mounted, unmounted plainly or lazily, mounted again over a
+directory with files of its own, which are then hidden), then measures the time until /metrics
+(apparent and allocated bytes, files, models) equals the walk (which counts across mounts, as du -sb).
+Mount workloads run last in their round and their mounts stay through the measurement; every mount
+a round made is undone (lazily, innermost first) when the round ends, whatever happened, so the
+next round's reset also checks that unmounting is followed. Mounting needs root.
 "Wrong" means not exact within 5 s after the workload ended. A round depends on its seed only, so
-a failing round is replayed with `--seed SEED --rounds 1` (`make stress-exporter SEED=... ROUNDS=1`).
+a failing round is replayed with `--seed SEED --rounds 1` (`make stress-exporter SEED=... ROUNDS=1`,
+with the same ONLY=... if the mix was narrowed).
 
     python -m tests.chaos --rounds 500 --seed 1 --scrub off
 """
@@ -16,10 +23,12 @@ a failing round is replayed with `--seed SEED --rounds 1` (`make stress-exporter
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -41,6 +50,8 @@ EXACT_WITHIN = 5.0
 SCRUB_METRIC = "model_storage_scrub_corrections_total"
 # Ways of attributing shared hard links tried one by one; past this, bounds (see _bounds_differences).
 ATTRIBUTIONS = 4096
+# Mounts one round may make: a few, each a mount table change the exporter has to follow.
+MOUNTS_PER_ROUND = 3
 
 
 @dataclass
@@ -51,6 +62,9 @@ class Ctx:
     scratch: Path
     rng: random.Random
     serial: int = 0
+    mounts: list[Path] = field(default_factory=list)  # made this round, in order, still mounted
+    # Whether a mount may be replaced by another on the same point (see run_chaos).
+    replace_mounts: bool = True
 
     def name(self, prefix: str = "m") -> str:
         self.serial += 1
@@ -86,6 +100,140 @@ def run(*argv: str) -> None:
 
 def sh(script: str) -> None:
     subprocess.run(["bash", "-c", script], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# ----- mounts: made through ctx so that the round can undo every one -----
+
+
+def mountinfo_points(root: Path) -> list[Path]:
+    """Mount points at or under `root` in this mount namespace, read from /proc/self/mountinfo."""
+    prefix = str(root).rstrip("/") + "/"
+    points = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split(" ")
+            if len(fields) < 5:
+                continue
+            # Space, tab, newline and backslash come as octal escapes (\040).
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point == str(root) or point.startswith(prefix):
+                points.append(Path(point))
+    return points
+
+
+def unmount_under(root: Path) -> None:
+    """Lazily unmount everything at or under `root`, deepest first (a leftover from a failed round
+    would break the next round's rm -rf and every later test)."""
+    for _ in range(10):
+        points = mountinfo_points(root)
+        if not points:
+            return
+        for point in sorted(points, key=lambda p: len(p.parts), reverse=True):
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+    raise OSError(f"still mounted under {root}: {mountinfo_points(root)}")
+
+
+def mount(ctx: Ctx, point: Path, *argv: str) -> bool:
+    """Mount on `point` (False when the round has made its share of mounts)."""
+    if len(ctx.mounts) >= MOUNTS_PER_ROUND:
+        return False
+    ctx.mounts.append(point)  # first: a mount that half-happened is undone too
+    run("mount", *argv, str(point))
+    return True
+
+
+def umount(ctx: Ctx, point: Path, *, lazy: bool) -> None:
+    """Unmount `point`. A plain umount fails (EBUSY) while the exporter scans inside the mount
+    (it holds directory descriptors there for the moment): tried again for up to 2 s, then lazily."""
+    deadline = time.monotonic() + 2.0
+    while not lazy:
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode == 0:
+            break
+        lazy = time.monotonic() > deadline
+        time.sleep(0.02)
+    else:
+        run("umount", "-l", str(point))
+    ctx.mounts.reverse()
+    ctx.mounts.remove(point)  # the last one made there
+    ctx.mounts.reverse()
+
+
+def undo_mounts(ctx: Ctx) -> None:
+    """Unmount what the round mounted, innermost (latest) first, lazily so that nothing holds it."""
+    for point in reversed(ctx.mounts):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+    ctx.mounts.clear()
+
+
+def mount_target(ctx: Ctx) -> Path:
+    """A directory inside a model to mount on: a new empty one, or one that has files of its own
+    (hidden while mounted over: du -sb, and the walk, see only the mounted filesystem)."""
+    model = ctx.model()
+    if model is None:
+        model = ctx.models / ctx.tier() / ctx.name("mnt")
+        make_tree(ctx, model, dirs=1, files=3)
+    if ctx.rng.random() < 0.5:
+        populated = sorted(p for p in model.rglob("*") if p.is_dir() and any(q.is_file() for q in p.iterdir()))
+        if populated:
+            return ctx.rng.choice(populated)
+        under = model / ctx.name("under")
+        make_tree(ctx, under, dirs=1, files=4)
+        return under
+    target = model / ctx.name("mnt")
+    target.mkdir()
+    return target
+
+
+def write_into(ctx: Ctx, directory: Path) -> None:
+    """Writes inside a mounted directory: new files, appends, a removal."""
+    make_tree(ctx, directory, dirs=ctx.rng.randint(0, 2), files=ctx.rng.randint(1, 8))
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    for path in files[: ctx.rng.randint(0, 3)]:
+        with open(path, "ab") as handle:
+            handle.write(os.urandom(ctx.rng.randint(1, 3000)))
+    if files and ctx.rng.random() < 0.3:
+        files[-1].unlink()
+
+
+def after_mount(ctx: Ctx, point: Path, again: Callable[[], bool]) -> None:
+    """Keep the mount (it stays through the measurement), or unmount it plainly or lazily and
+    perhaps mount again on the same directory (`again`), then write into what is there now."""
+    choice = ctx.rng.random()
+    if choice < 0.4:
+        return
+    umount(ctx, point, lazy=choice < 0.7)
+    if ctx.rng.random() < 0.5 and ctx.replace_mounts and again():
+        write_into(ctx, point)
+    elif ctx.rng.random() < 0.5:
+        write_into(ctx, point)  # into the uncovered directory itself
+
+
+def w_mount_tmpfs(ctx: Ctx) -> None:
+    point = mount_target(ctx)
+
+    def tmpfs() -> bool:
+        return mount(ctx, point, "-t", "tmpfs", "-o", "size=16m", "tmpfs")
+
+    if not tmpfs():
+        return
+    if ctx.rng.random() < 0.8:  # else left empty
+        write_into(ctx, point)
+    after_mount(ctx, point, tmpfs)
+
+
+def w_mount_bind(ctx: Ctx) -> None:
+    point = mount_target(ctx)
+
+    def bind() -> bool:
+        source = ctx.scratch / ctx.name("bound")  # outside the models path, one mount each
+        make_tree(ctx, source, dirs=2, files=ctx.rng.randint(1, 10))
+        return mount(ctx, point, "--bind", str(source))
+
+    if not bind():
+        return
+    if ctx.rng.random() < 0.7:
+        write_into(ctx, point)
+    after_mount(ctx, point, bind)
 
 
 # ----- workloads: each makes real changes with real tools -----
@@ -323,7 +471,12 @@ WORKLOADS: dict[str, Callable[[Ctx], None]] = {
     "sparse-holes": w_sparse_holes,
     "rename-over-empty": w_rename_over_empty,
     "concurrent-writers": w_concurrent_writers,
+    "mount-tmpfs": w_mount_tmpfs,
+    "mount-bind": w_mount_bind,
 }
+# Run after the others of their round: the rest of the mix removes and renames whole models and
+# tiers, which a mount inside would refuse (EBUSY) or carry along.
+MOUNT_WORKLOADS = frozenset({"mount-tmpfs", "mount-bind"})
 
 
 # ----- the oracle against the real exporter's /metrics -----
@@ -455,6 +608,9 @@ class Outcome:
 
 def reset_store(ctx: Ctx) -> None:
     """The round's base state: a few models per tier, made from the round's seed."""
+    undo_mounts(ctx)
+    unmount_under(ctx.models)
+    unmount_under(ctx.scratch)
     for tier in TIERS:
         shutil.rmtree(ctx.models / tier, ignore_errors=True)
     for extra in ctx.models.iterdir():
@@ -470,16 +626,23 @@ def reset_store(ctx: Ctx) -> None:
             make_tree(ctx, ctx.models / tier / ctx.name("base"), dirs=3, files=8)
 
 
-def run_round(proc: Proc, models: Path, scratch: Path, seed: int) -> Outcome:
-    ctx = Ctx(models, scratch, random.Random(seed))
+def run_round(
+    proc: Proc, models: Path, scratch: Path, seed: int, only: frozenset[str] = frozenset(), replace_mounts: bool = True
+) -> Outcome:
+    ctx = Ctx(models, scratch, random.Random(seed), replace_mounts=replace_mounts)
     reset_store(ctx)
     settled, diffs = time_to_exact(proc, models, 30.0)
     if settled is None:
         return Outcome(seed, ["reset"], None, diffs)
-    names = ctx.rng.sample(sorted(WORKLOADS), ctx.rng.randint(1, 4))
-    for name in names:
-        WORKLOADS[name](ctx)
-    seconds, diffs = time_to_exact(proc, models, EXACT_WITHIN)
+    mix = sorted(only or WORKLOADS)
+    names = ctx.rng.sample(mix, ctx.rng.randint(1, min(4, len(mix))))
+    names.sort(key=lambda name: name in MOUNT_WORKLOADS)
+    try:
+        for name in names:
+            WORKLOADS[name](ctx)
+        seconds, diffs = time_to_exact(proc, models, EXACT_WITHIN)
+    finally:
+        undo_mounts(ctx)
     return Outcome(seed, names, seconds, diffs)
 
 
@@ -509,20 +672,25 @@ class Summary:
     times: list[float]
     failures: list[Outcome]
     scrub_corrections: float | None
+    only: frozenset[str] = frozenset()
+    drawn: dict[str, int] = field(default_factory=dict)  # workload -> rounds it ran in
 
     def lines(self) -> list[str]:
         out = [f"rounds exact: {self.exact}/{self.rounds}"]
+        if self.drawn:
+            out.append("rounds per workload: " + ", ".join(f"{n} {c}" for n, c in sorted(self.drawn.items())))
         if self.times:
             p50, p99, top = statistics.median(self.times), percentile(self.times, 0.99), max(self.times)
             out.append(f"time to exact: p50 {p50:.3f}s p99 {p99:.3f}s max {top:.3f}s")
         out.append(
             "scrub: not present" if self.scrub_corrections is None else f"scrub corrections: {self.scrub_corrections:g}"
         )
+        narrowed = f" ONLY={','.join(sorted(self.only))}" if self.only else ""
         for failure in self.failures:
             what = "; ".join(failure.differences[:5])
             out.append(
                 f"WRONG round seed {failure.seed} ({', '.join(failure.workloads)}): {what}"
-                f" -- replay: make stress-exporter SEED={failure.seed} ROUNDS=1"
+                f" -- replay: make stress-exporter SEED={failure.seed} ROUNDS=1{narrowed}"
             )
         return out
 
@@ -535,10 +703,17 @@ def run_chaos(
     hogs: int = 2,
     workdir: Path | None = None,
     echo: Callable[[str], None] | None = None,
+    only: frozenset[str] = frozenset(),
+    replace_mounts: bool = True,
 ) -> Summary:
-    """Run `rounds` rounds (round i has seed `seed + i`) against one real exporter."""
+    """Run `rounds` rounds (round i has seed `seed + i`) against one real exporter; `only`, when
+    given, narrows the mix to those workloads (a seed replays the same round with the same `only`).
+    `replace_mounts=False` leaves out one step: a mount replaced by another on the same point (the
+    kernel reuses the mount id, and the exporter's mount watcher does not see the change yet:
+    tests/test_chaos.py has it as a strict xfail; `make stress` keeps the step)."""
     with contextlib.ExitStack() as stack:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-", dir=workdir)))
+        stack.callback(unmount_under, base)  # before the directory is removed: never rm -rf into a mount
         storage = base / "storage"
         models = storage / "models"
         for tier in TIERS:
@@ -552,7 +727,7 @@ def run_chaos(
         stack.enter_context(cpu_hogs(hogs))
         outcomes: list[Outcome] = []
         for i in range(rounds):
-            outcome = run_round(proc, models, scratch, seed + i)
+            outcome = run_round(proc, models, scratch, seed + i, only, replace_mounts)
             outcomes.append(outcome)
             if echo is not None and (outcome.seconds is None or (i + 1) % 50 == 0):
                 done = sum(o.seconds is not None for o in outcomes)
@@ -562,7 +737,8 @@ def run_chaos(
         corrections = parse_metrics(scrape(proc)).get((SCRUB_METRIC, frozenset()))
     times = [o.seconds for o in outcomes if o.seconds is not None]
     failures = [o for o in outcomes if o.seconds is None]
-    return Summary(rounds, len(times), times, failures, corrections)
+    drawn = collections.Counter(name for o in outcomes for name in o.workloads)
+    return Summary(rounds, len(times), times, failures, corrections, only, dict(drawn))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,16 +748,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrub", choices=("off", "on"), default="off")
     parser.add_argument("--hogs", type=int, default=os.cpu_count() or 2, help="CPU-hog processes")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temp store goes")
+    parser.add_argument("--only", default="", help="comma-separated workloads to draw from (default: all)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    only = frozenset(filter(None, args.only.split(",")))
+    if only - set(WORKLOADS):
+        parser.error(f"--only: no such workload: {', '.join(sorted(only - set(WORKLOADS)))}")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # unwinds: the exporter and the hogs are stopped by PID
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"chaos: {args.rounds} rounds from seed {seed}, scrub {args.scrub}, {args.hogs} CPU hogs", flush=True)
+    mix = f", only {','.join(sorted(only))}" if only else ""
+    print(f"chaos: {args.rounds} rounds from seed {seed}, scrub {args.scrub}, {args.hogs} CPU hogs{mix}", flush=True)
     summary = run_chaos(
         args.rounds,
         seed,
@@ -589,6 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         hogs=args.hogs,
         workdir=args.workdir,
         echo=lambda line: print(line, flush=True),
+        only=only,
     )
     for line in summary.lines():
         print(line)
