@@ -63,8 +63,6 @@ class Ctx:
     rng: random.Random
     serial: int = 0
     mounts: list[Path] = field(default_factory=list)  # made this round, in order, still mounted
-    # Whether a mount may be replaced by another on the same point (see run_chaos).
-    replace_mounts: bool = True
 
     def name(self, prefix: str = "m") -> str:
         self.serial += 1
@@ -202,7 +200,7 @@ def after_mount(ctx: Ctx, point: Path, again: Callable[[], bool]) -> None:
     if choice < 0.4:
         return
     umount(ctx, point, lazy=choice < 0.7)
-    if ctx.rng.random() < 0.5 and ctx.replace_mounts and again():
+    if ctx.rng.random() < 0.5 and again():
         write_into(ctx, point)
     elif ctx.rng.random() < 0.5:
         write_into(ctx, point)  # into the uncovered directory itself
@@ -626,10 +624,8 @@ def reset_store(ctx: Ctx) -> None:
             make_tree(ctx, ctx.models / tier / ctx.name("base"), dirs=3, files=8)
 
 
-def run_round(
-    proc: Proc, models: Path, scratch: Path, seed: int, only: frozenset[str] = frozenset(), replace_mounts: bool = True
-) -> Outcome:
-    ctx = Ctx(models, scratch, random.Random(seed), replace_mounts=replace_mounts)
+def run_round(proc: Proc, models: Path, scratch: Path, seed: int, only: frozenset[str] = frozenset()) -> Outcome:
+    ctx = Ctx(models, scratch, random.Random(seed))
     reset_store(ctx)
     settled, diffs = time_to_exact(proc, models, 30.0)
     if settled is None:
@@ -704,13 +700,9 @@ def run_chaos(
     workdir: Path | None = None,
     echo: Callable[[str], None] | None = None,
     only: frozenset[str] = frozenset(),
-    replace_mounts: bool = True,
 ) -> Summary:
     """Run `rounds` rounds (round i has seed `seed + i`) against one real exporter; `only`, when
-    given, narrows the mix to those workloads (a seed replays the same round with the same `only`).
-    `replace_mounts=False` leaves out one step: a mount replaced by another on the same point (the
-    kernel reuses the mount id, and the exporter's mount watcher does not see the change yet:
-    tests/test_chaos.py has it as a strict xfail; `make stress` keeps the step)."""
+    given, narrows the mix to those workloads (a seed replays the same round with the same `only`)."""
     with contextlib.ExitStack() as stack:
         base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-", dir=workdir)))
         stack.callback(unmount_under, base)  # before the directory is removed: never rm -rf into a mount
@@ -727,7 +719,7 @@ def run_chaos(
         stack.enter_context(cpu_hogs(hogs))
         outcomes: list[Outcome] = []
         for i in range(rounds):
-            outcome = run_round(proc, models, scratch, seed + i, only, replace_mounts)
+            outcome = run_round(proc, models, scratch, seed + i, only)
             outcomes.append(outcome)
             if echo is not None and (outcome.seconds is None or (i + 1) % 50 == 0):
                 done = sum(o.seconds is not None for o in outcomes)

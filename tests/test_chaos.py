@@ -8,8 +8,6 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from tests.chaos import (
     EXACT_WITHIN,
     MOUNT_WORKLOADS,
@@ -34,9 +32,7 @@ ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "50"))
 
 def test_chaos_rounds_under_contention_are_all_exact_within_five_seconds(tmp_path: Path) -> None:
     seed = int(os.environ.get("CHAOS_SEED", random.SystemRandom().randrange(1 << 31)))
-    # Without replacing a mount on the same point: the known miss is the strict xfail below, which
-    # fails once the mount watcher follows it; drop `replace_mounts=False` (here and below) then.
-    summary = run_chaos(ROUNDS, seed, scrub=False, hogs=os.cpu_count() or 2, workdir=tmp_path, replace_mounts=False)
+    summary = run_chaos(ROUNDS, seed, scrub=False, hogs=os.cpu_count() or 2, workdir=tmp_path)
     report = "\n".join(summary.lines())
     assert summary.rounds == ROUNDS and summary.exact == ROUNDS, f"seed {seed}:\n{report}"
     assert len(summary.times) == ROUNDS
@@ -171,7 +167,7 @@ def test_mount_rounds_are_exact_and_leave_nothing_mounted(tmp_path: Path) -> Non
     files or not): exact within five seconds, and every mount undone after each round."""
     assert os.geteuid() == 0, "this test mounts tmpfs and bind mounts: run the suite as root"
     seed = int(os.environ.get("CHAOS_SEED", random.SystemRandom().randrange(1 << 31)))
-    summary = run_chaos(8, seed, hogs=os.cpu_count() or 2, workdir=tmp_path, only=MOUNT_WORKLOADS, replace_mounts=False)
+    summary = run_chaos(8, seed, hogs=os.cpu_count() or 2, workdir=tmp_path, only=MOUNT_WORKLOADS)
     assert summary.exact == 8, f"seed {seed}:\n" + "\n".join(summary.lines())
     assert mountinfo_points(tmp_path) == []
 
@@ -209,12 +205,6 @@ def _mount_id(point: Path) -> str:
     return ids[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the chaos mount workloads (seeds 7027, 7291): the mount watcher tells mounts apart by "
-    "mount id, which the kernel reuses; an umount and a mount on the same point between two reads of "
-    "the table look like no change, and the new filesystem is neither watched nor scanned",
-)
 def test_a_mount_replaced_at_the_same_point_while_the_exporter_is_held_is_followed(tmp_path: Path) -> None:
     """Hand-built: the exporter held with SIGSTOP while a bind mount in a model is replaced by
     another (umount, mount --bind of another populated directory, a write into it): once resumed,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.index.mounts import changed_points, mounts_under
+from exporter.index.mounts import changed_points, mounts_under, points_to_report
 from exporter.index.service import ExporterService
 from tests.chaos import cpu_hogs
 from tests.oracle import assert_exact, walk_truth
@@ -83,10 +83,27 @@ MOUNTINFO = """\
 def test_mounts_under_the_root_only_with_escapes_decoded() -> None:
     table = mounts_under(MOUNTINFO, "/srv/models")
     assert table == {
-        ("/srv/models/raw/m/cache", "40"),
-        ("/srv/models/raw/with space", "42"),
-        ("/srv/models", "43"),
+        ("/srv/models/raw/m/cache", "40 0:35 /"),
+        ("/srv/models/raw/with space", "42 8:1 /data"),
+        ("/srv/models", "43 0:37 /"),
     }
+
+
+def test_a_bind_mount_of_another_directory_under_a_reused_id_is_another_mount() -> None:
+    # The kernel reuses a freed mount id: the same id over another source directory is a replacement.
+    before = mounts_under(MOUNTINFO, "/srv/models")
+    after = mounts_under(MOUNTINFO.replace("42 22 8:1 /data ", "42 22 8:1 /other "), "/srv/models")
+    assert changed_points(before, after) == ["/srv/models/raw/with space"]
+
+
+def test_a_flagged_change_that_left_the_table_as_it_was_reports_every_inner_point() -> None:
+    # M3: umount and mount again of a tmpfs between two reads can give the very same lines back.
+    table = mounts_under(MOUNTINFO, "/srv/models")
+    assert points_to_report(table, table, "/srv/models", flagged_unchanged=False) == []
+    assert points_to_report(table, table, "/srv/models", flagged_unchanged=True) == [
+        "/srv/models/raw/m/cache",
+        "/srv/models/raw/with space",
+    ]
 
 
 def test_changed_points_outermost_first_and_a_replaced_mount_counts() -> None:

@@ -13,6 +13,12 @@ What the watcher guarantees:
   rescan covers it).
 - M2 (report after the change): the table is read after the kernel flagged the change, so what
   the callback does with the path (watch it, scan it) sees the new mount.
+- M3 (a replacement that left no trace): the kernel reuses a freed mount id, and a tmpfs mounted
+  again where one was unmounted has the very same mountinfo line, so an unmount and a mount between
+  two reads can leave the table unchanged. When the kernel flagged a change and the whole table
+  (every line, not only those under the root) reads exactly as before, every mount point strictly
+  below the root is reported (outermost only), since any of them may have been replaced. A change
+  elsewhere in the system changes some line, so it costs nothing here.
 """
 
 from __future__ import annotations
@@ -27,7 +33,10 @@ MOUNTINFO = "/proc/self/mountinfo"
 # Without a poll flag (or if one were missed), the table is read again this often anyway.
 REREAD_SECONDS = 5.0
 
-MountTable = frozenset[tuple[str, str]]  # (mount point, mount id)
+# (mount point, identity): the identity is the mount id, the device and the root of the mount within
+# its filesystem, so a bind mount of another directory of the same filesystem is another mount even
+# where the kernel handed it the freed id.
+MountTable = frozenset[tuple[str, str]]
 
 
 def _unescape(field: str) -> str:
@@ -46,7 +55,7 @@ def _unescape(field: str) -> str:
 
 
 def mounts_under(mountinfo: str, root: str) -> MountTable:
-    """(mount point, mount id) of every mount at `root` or below it."""
+    """(mount point, identity) of every mount at `root` or below it."""
     prefix = root.rstrip("/") + "/"
     found = set()
     for line in mountinfo.splitlines():
@@ -55,7 +64,7 @@ def mounts_under(mountinfo: str, root: str) -> MountTable:
             continue
         point = _unescape(fields[4])
         if point == root or point.startswith(prefix):
-            found.add((point, fields[0]))
+            found.add((point, f"{fields[0]} {fields[2]} {fields[3]}"))
     return frozenset(found)
 
 
@@ -71,11 +80,25 @@ def changed_points(old: MountTable, new: MountTable) -> list[str]:
 
 
 def read_table(root: str) -> MountTable | None:
+    text = read_mountinfo()
+    return None if text is None else mounts_under(text, root)
+
+
+def read_mountinfo() -> str | None:
     try:
         with open(MOUNTINFO) as handle:
-            return mounts_under(handle.read(), root)
+            return handle.read()
     except OSError:
         return None
+
+
+def points_to_report(old: MountTable, new: MountTable, root: str, *, flagged_unchanged: bool) -> list[str]:
+    """What a read reports: the points whose mounts differ (M1), or, when the kernel flagged a change
+    that left the whole table as it was, every point below the root (M3)."""
+    if not flagged_unchanged:
+        return changed_points(old, new)
+    inner = frozenset(entry for entry in new if entry[0] != root)
+    return changed_points(frozenset(), inner)
 
 
 class MountWatcher:
@@ -85,7 +108,8 @@ class MountWatcher:
         self.root = root
         self._on_change = on_change
         self._stop = stop
-        self._table = read_table(root) or frozenset()
+        self._text = read_mountinfo()
+        self._table = mounts_under(self._text, root) if self._text is not None else frozenset()
         self._thread: threading.Thread | None = None
         self._last = time.monotonic()
 
@@ -102,13 +126,16 @@ class MountWatcher:
         """Whether something is mounted strictly below the root (where a bind mount can make a cycle)."""
         return any(point != self.root for point, _ in self._table)
 
-    def check(self) -> list[str]:
-        """Read the table now and report what changed since the last read."""
-        table = read_table(self.root)
-        if table is None:
+    def check(self, *, flagged: bool = False) -> list[str]:
+        """Read the table now and report what changed since the last read (`flagged`: the kernel
+        said the table changed, M3)."""
+        text = read_mountinfo()
+        if text is None:
             return []
-        changed = changed_points(self._table, table)
-        self._table = table
+        table = mounts_under(text, self.root)
+        unchanged = flagged and text == self._text
+        changed = points_to_report(self._table, table, self.root, flagged_unchanged=unchanged)
+        self._table, self._text = table, text
         for point in changed:
             self._on_change(point)
         return changed
@@ -132,7 +159,7 @@ class MountWatcher:
                     with contextlib.suppress(OSError):
                         while handle.read(65536):
                             pass
-                    self.check()
+                    self.check(flagged=True)
                 elif not ready and self._due():
                     self.check()
         finally:
