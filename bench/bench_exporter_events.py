@@ -106,11 +106,14 @@ def run_writer(root: Path, count: int, rate: float, tag: str) -> dict[str, float
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def wait_exact(proc: Proc, model: str, files: int, timeout: float) -> float:
-    """time.time() when /metrics first shows exactly `files` files (and bytes) for raw/<model>."""
+def wait_exact(proc: Proc, model: str, files: int, timeout: float, scrapes: list[int] | None = None) -> float:
+    """time.time() when /metrics first shows exactly `files` files (and bytes) for raw/<model>;
+    `scrapes` (one counter) counts the scrapes it took."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _, body = http_get(proc.url + "/metrics", timeout=30)
+        if scrapes is not None:
+            scrapes[0] += 1
         now = time.time()
         samples = parse_metrics(body.decode())
         key = frozenset({("tier", "raw"), ("model", model)})
@@ -123,18 +126,35 @@ def wait_exact(proc: Proc, model: str, files: int, timeout: float) -> float:
     raise TimeoutError(f"raw/{model} never reached {files} files")
 
 
-def burst(proc: Proc, models: Path, name: str, count: int, rate: float, poll: bool) -> dict[str, Any]:
+def scrape_cpu(proc: Proc, scrapes: int = 30) -> float:
+    """The exporter's CPU seconds per /metrics scrape, at rest: to take the scrapes' share out of a
+    phase's CPU (the exact-wait alone scrapes every 10 ms, and a scrape costs milliseconds)."""
+    before = cpu_seconds(proc.popen.pid)
+    for _ in range(scrapes):
+        http_get(proc.url + "/metrics", timeout=30)
+    return (cpu_seconds(proc.popen.pid) - before) / scrapes
+
+
+def burst(
+    proc: Proc, models: Path, name: str, count: int, rate: float, poll: bool, per_scrape: float
+) -> dict[str, Any]:
     before_events = metric(proc, "model_storage_events_total") or 0.0
     before_overflows = metric(proc, "model_storage_event_overflows_total") or 0.0
     poller = Poller(proc, with_info=True)
+    cpu_before = cpu_seconds(proc.popen.pid)
     if poll:
         poller.__enter__()
     try:
         written = run_writer(models / "raw" / name, count, rate, "f")
-        exact_at = wait_exact(proc, name, count, timeout=120)
+        waits = [0]
+        exact_at = wait_exact(proc, name, count, timeout=120, scrapes=waits)
+        # The exporter's CPU (every thread, scrapes included) from the first write to exact: on a
+        # shared machine this moves far less with the load than the wall-clock figures do.
+        cpu_used = cpu_seconds(proc.popen.pid) - cpu_before
     finally:
         if poll:
             poller.__exit__()
+    scrapes = waits[0] + (len(poller.metrics_ms) if poll else 0)
     writer_seconds = written["ended"] - written["started"]
     events = (metric(proc, "model_storage_events_total") or 0.0) - before_events
     overflows = (metric(proc, "model_storage_event_overflows_total") or 0.0) - before_overflows
@@ -146,6 +166,13 @@ def burst(proc: Proc, models: Path, name: str, count: int, rate: float, poll: bo
         "seconds_from_first_write_to_exact": round(exact_at - written["started"], 3),
         "files_applied_per_second": round(count / (exact_at - written["started"])),
         "events_applied": int(events),
+        "exporter_cpu_seconds": round(cpu_used, 3),
+        "exporter_cpu_microseconds_per_file": round(cpu_used / count * 1e6, 1),
+        # Less the scrapes' share (each at the at-rest cost): what the events cost.
+        "scrapes_during_phase": scrapes,
+        "exporter_cpu_less_scrapes_microseconds_per_file": round(
+            max(0.0, cpu_used - scrapes * per_scrape) / count * 1e6, 1
+        ),
         "overflows": int(overflows),
     }
     if poll:
@@ -256,21 +283,31 @@ def main() -> dict[str, object]:
             idle_cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
             report(f"idle: {idle_cpu * 100:.2f}% of a core over {idle_seconds:g} s")
 
-            full = burst(proc, models, "burst", burst_files, 0.0, poll=True)
+            per_scrape = scrape_cpu(proc)
+            report(f"a /metrics scrape at rest: {per_scrape * 1000:.1f} ms of exporter CPU")
+            full = burst(proc, models, "burst", burst_files, 0.0, poll=True, per_scrape=per_scrape)
             report(
                 f"burst {burst_files:,} files: writer {full['writer_files_per_second']:,}/s, applied "
                 f"{full['files_applied_per_second']:,}/s (ratio applied/writer "
                 f"{full['files_applied_per_second'] / full['writer_files_per_second']:.2f}, writer watched/alone "
                 f"{full['writer_files_per_second'] / alone_rate:.2f}), "
                 f"exact {full['seconds_from_last_write_to_exact']:.2f} s after "
-                f"the last write, overflows {full['overflows']}; /metrics p50 {full['metrics_p50_ms']} ms "
+                f"the last write, overflows {full['overflows']}, exporter CPU "
+                f"{full['exporter_cpu_microseconds_per_file']} us/file "
+                f"({full['exporter_cpu_less_scrapes_microseconds_per_file']} "
+                f"less {full['scrapes_during_phase']} scrapes); /metrics p50 {full['metrics_p50_ms']} ms "
                 f"p99 {full['metrics_p99_ms']} ms, /storage/info p99 {full['info_p99_ms']} ms"
             )
             sustained_count = int(sustained_rate * sustained_seconds)
-            steady = burst(proc, models, "sustained", sustained_count, sustained_rate, poll=False)
+            steady = burst(
+                proc, models, "sustained", sustained_count, sustained_rate, poll=False, per_scrape=per_scrape
+            )
             report(
                 f"sustained {sustained_rate:,.0f}/s target: writer {steady['writer_files_per_second']:,}/s for "
-                f"{steady['writer_seconds']:.1f} s, overflows {steady['overflows']}, exact "
+                f"{steady['writer_seconds']:.1f} s, overflows {steady['overflows']}, exporter CPU "
+                f"{steady['exporter_cpu_microseconds_per_file']} us/file "
+                f"({steady['exporter_cpu_less_scrapes_microseconds_per_file']} "
+                f"less {steady['scrapes_during_phase']} scrapes), exact "
                 f"{steady['seconds_from_last_write_to_exact']:.2f} s after the last write"
             )
         finally:
@@ -284,6 +321,7 @@ def main() -> dict[str, object]:
         "ratio_applied_vs_writer": round(full["files_applied_per_second"] / full["writer_files_per_second"], 3),
         "ratio_watched_writer_vs_alone": round(full["writer_files_per_second"] / alone_rate, 3),
         "idle_cpu_fraction_of_a_core": round(idle_cpu, 5),
+        "scrape_cpu_seconds_at_rest": round(per_scrape, 5),
         "burst": full,
         "sustained": steady,
         "latency_100_per_second": lat,

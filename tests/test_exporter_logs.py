@@ -101,7 +101,7 @@ def test_failures_are_logged_as_failures_with_their_error(store: Path, monkeypat
             def broken(**_kwargs: object) -> list[object]:
                 raise OSError(errno.EIO, "Input/output error")
 
-            reader._fd.read_events = broken  # type: ignore[method-assign,assignment]
+            reader._fd._read_event_buffer = broken  # type: ignore[method-assign,assignment]
             (store / "models" / "raw" / "wake-up").write_bytes(b"1")
             wait_until(lambda: svc.snapshot().polling, timeout=5, what="fell back to polling")
         finally:

@@ -90,7 +90,7 @@ def fail_reads(svc: ExporterService, how: str) -> None:
             raise OSError(errno.EIO, "Input/output error")
         return []  # what watchdog's read gives, at once and forever, once the descriptor is closed
 
-    reader._fd.read_events = broken  # type: ignore[method-assign,assignment]
+    reader._fd._read_event_buffer = broken  # type: ignore[method-assign,assignment]
     # The read in progress returns this create; the next read is the broken one.
     (Path(svc.root) / "raw" / "wake-up").write_bytes(b"1")
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
 import time
 import warnings
@@ -92,6 +93,29 @@ MARKER_MASK = Mask(C.IN_MOVED_TO | C.IN_MOVED_FROM | C.IN_DELETE | C.IN_ONLYDIR 
 _CALLBACK_ID = CallbackId(1)
 # Errors that mean "not now" for one directory, not "events can no longer be trusted" (R1).
 _UNWATCHABLE = (errno.EACCES, errno.EPERM)
+
+
+RawTuple = tuple[int, int, int, bytes]  # (wd, mask, cookie, name) of one kernel event
+_HEADER = struct.Struct("iIII")  # struct inotify_event without its name
+
+
+def parse_events(buffer: bytes) -> list[RawTuple]:
+    """The events of one read(2) of an inotify descriptor, as plain tuples; as watchdog's
+    read_events, events without a watch (wd -1) are dropped, bar IN_Q_OVERFLOW. A quarter of the
+    cost of read_events per event (no InotifyEvent object, no generator): during a burst with
+    opens tracked the kernel reports four events per file written."""
+    out: list[RawTuple] = []
+    add = out.append
+    unpack = _HEADER.unpack_from
+    end = len(buffer)
+    at = 0
+    while at + 16 <= end:
+        wd, mask, cookie, length = unpack(buffer, at)
+        start = at + 16
+        at = start + length
+        if wd != -1 or mask & _IN_Q_OVERFLOW:
+            add((wd, mask, cookie, buffer[start:at].rstrip(b"\0")))
+    return out
 
 
 def _subdirs(path: str) -> list[str]:
@@ -375,7 +399,8 @@ class InotifyReader:
     def _read(self) -> None:
         while not self._stop.is_set():
             try:
-                events = self._fd.read_events(event_buffer_size=READ_BUFFER)
+                # Parsed here, not by read_events (see parse_events).
+                events = parse_events(self._fd._read_event_buffer(event_buffer_size=READ_BUFFER))
             except OSError as err:
                 self._fail(self.root, err, "inotify read failed")
                 return
@@ -385,7 +410,7 @@ class InotifyReader:
                 self._fail(self.root, OSError(errno.EBADF, "inotify descriptor closed"), "inotify read failed")
                 return
             with self._map_lock:
-                hints = self.translate((e.wd, e.mask, e.cookie, e.name) for e in events)
+                hints = self.translate(events)
             opens = self.take_opens()
             if opens and self._on_opens is not None:
                 self._on_opens(opens)

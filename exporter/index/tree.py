@@ -178,6 +178,21 @@ class FileTable:
             self.widen()
             self.blocks[at] = blocks
 
+    def replace(self, name: str, size: int, blocks: int) -> tuple[int, int] | None:
+        """Set an existing name's size and blocks in one lookup; its old (size, blocks), or None
+        (and no change) when the name is not in the table."""
+        at = self._find(name)
+        if at < 0:
+            return None
+        old = self.sizes[at], self.blocks[at]
+        self.sizes[at] = size
+        try:
+            self.blocks[at] = blocks
+        except OverflowError:
+            self.widen()
+            self.blocks[at] = blocks
+        return old
+
     def widen(self) -> None:
         """A file of 2 TiB or more allocated: this table's block counts take 8 bytes each from now on."""
         if self.blocks.typecode != "q":
@@ -436,18 +451,20 @@ class Tree:
         name = parts[-1]
         if name in parent.dirs:
             self._drop(parent, parts, name)
-        if name in parent.files:
-            old_inode = parent.hard.get(name) if parent.hard else None
-            if old_inode is None and info.inode is None:
+        old_inode = parent.hard.get(name) if parent.hard else None
+        if old_inode is None and info.inode is None:
+            # The common case, a plain file written again (or new): one name lookup, not four.
+            old = parent.files.replace(name, info.size, info.blocks)
+            if old is not None:
                 bucket = self._file_bucket(parent, parts)
-                delta = info.size - parent.files[name]
-                delta_allocated = (info.blocks - parent.files.blocks_of(name)) * BLOCK_BYTES
-                parent.files.put(name, info.size, info.blocks)
+                delta = info.size - old[0]
+                delta_allocated = (info.blocks - old[1]) * BLOCK_BYTES
                 parent.own_bytes += delta
                 parent.own_allocated += delta_allocated
                 bucket.add(delta, 0, delta_allocated)
                 bucket.touch(info.changed)
                 return
+        elif name in parent.files:
             if old_inode is not None and old_inode == info.inode:
                 # The same inode, changed through this link: size and times are every link's.
                 entry = self._inodes[old_inode]
