@@ -25,10 +25,12 @@ from collections.abc import Callable
 from watchdog.observers.inotify_c import InotifyConstants as C
 
 from bench.common import env_int, report, write_result
-from exporter.index.reader import Handoff, InotifyReader, parse_events
+from exporter.index.events import RawEvent
+from exporter.index.reader import Handoff, InotifyReader
 from exporter.index.scan import scan_local
+from exporter.index.translate import parse_events
 from exporter.index.tree import Tree
-from exporter.index.updater import IndexUpdater, RawEvent
+from exporter.index.updater import IndexUpdater
 from shared.layout import Layout
 
 PER_DIR = 1000

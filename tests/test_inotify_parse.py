@@ -7,7 +7,7 @@ import struct
 from watchdog.observers.inotify_c import InotifyConstants as C
 from watchdog.observers.inotify_c import InotifyFD
 
-from exporter.index.reader import parse_events
+from exporter.index.translate import parse_events
 
 
 def _event(wd: int, mask: int, cookie: int, name: bytes, pad_to: int = 16) -> bytes:

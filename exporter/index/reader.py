@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 import threading
 import time
 import warnings
@@ -64,6 +63,7 @@ from exporter.index.translate import (
     Overflow,
     WatchTable,
     WatchTree,
+    parse_events,
     run,
     translate,
 )
@@ -93,29 +93,6 @@ MARKER_MASK = Mask(C.IN_MOVED_TO | C.IN_MOVED_FROM | C.IN_DELETE | C.IN_ONLYDIR 
 _CALLBACK_ID = CallbackId(1)
 # Errors that mean "not now" for one directory, not "events can no longer be trusted" (R1).
 _UNWATCHABLE = (errno.EACCES, errno.EPERM)
-
-
-RawTuple = tuple[int, int, int, bytes]  # (wd, mask, cookie, name) of one kernel event
-_HEADER = struct.Struct("iIII")  # struct inotify_event without its name
-
-
-def parse_events(buffer: bytes) -> list[RawTuple]:
-    """The events of one read(2) of an inotify descriptor, as plain tuples; as watchdog's
-    read_events, events without a watch (wd -1) are dropped, bar IN_Q_OVERFLOW. A quarter of the
-    cost of read_events per event (no InotifyEvent object, no generator): during a burst with
-    opens tracked the kernel reports four events per file written."""
-    out: list[RawTuple] = []
-    add = out.append
-    unpack = _HEADER.unpack_from
-    end = len(buffer)
-    at = 0
-    while at + 16 <= end:
-        wd, mask, cookie, length = unpack(buffer, at)
-        start = at + 16
-        at = start + length
-        if wd != -1 or mask & _IN_Q_OVERFLOW:
-            add((wd, mask, cookie, buffer[start:at].rstrip(b"\0")))
-    return out
 
 
 def _subdirs(path: str) -> list[str]:

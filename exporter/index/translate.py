@@ -26,6 +26,7 @@ Which reader invariant each part keeps (see exporter.index.reader for the whole 
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 
@@ -49,6 +50,28 @@ UNWATCHED_LIMIT = 10_000
 
 # One raw kernel event: (wd, mask, cookie, name).
 RawInotify = tuple[int, int, int, bytes]
+
+
+_HEADER = struct.Struct("iIII")  # struct inotify_event without its name
+
+
+def parse_events(buffer: bytes) -> list[RawInotify]:
+    """The events of one read(2) of an inotify descriptor, as plain tuples; as watchdog's
+    read_events, events without a watch (wd -1) are dropped, bar IN_Q_OVERFLOW. A quarter of the
+    cost of read_events per event (no InotifyEvent object, no generator): during a burst with
+    opens tracked the kernel reports four events per file written."""
+    out: list[RawInotify] = []
+    add = out.append
+    unpack = _HEADER.unpack_from
+    end = len(buffer)
+    at = 0
+    while at + 16 <= end:
+        wd, mask, cookie, length = unpack(buffer, at)
+        start = at + 16
+        at = start + length
+        if wd != -1 or mask & IN_Q_OVERFLOW:
+            add((wd, mask, cookie, buffer[start:at].rstrip(b"\0")))
+    return out
 
 
 @dataclass(slots=True)
