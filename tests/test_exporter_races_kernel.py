@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -258,3 +259,43 @@ def test_unprivileged_a_directory_made_readable_later_is_scanned(public_tmp: Pat
             (models / "quantized" / f"private{r}" / "a" / "b" / "later").write_bytes(b"z" * 7)
             assert_metrics_exact(proc, models)
         assert "watch.polling" not in proc.log()
+
+
+# A stale watch mapping within one read (found by tests/test_index_translate.py's property test): a
+# directory moved out, another made under its name and moved on, all before the reader reads. The
+# sequence is test_a_stale_mapping_never_forgets_a_live_directory's, run by another process so it
+# lands in the reader's queue within microseconds; where the kernel splits it into reads varies.
+STALE_SEQUENCE = """
+import os, sys
+p, r, out = sys.argv[1:4]
+os.mkdir(f"{p}/c/a")
+os.rename(f"{p}/c", f"{r}/c")
+os.rename(f"{r}/c", f"{out}/b")
+os.mkdir(f"{r}/c")
+os.mkdir(f"{r}/c/a")
+os.rename(f"{r}/c/a", f"{out}/c")
+os.rmdir(f"{r}/c")
+os.mkdir(f"{r}/c")
+os.rename(f"{out}/b", f"{r}/b")
+os.rename(f"{r}/b/a", f"{r}/c/c")
+os.mkdir(f"{r}/c/a")
+os.rename(f"{r}/b", f"{r}/a")
+"""
+
+
+def test_a_name_reused_while_its_directory_moves_out_leaves_every_directory_watched(
+    service: ExporterService, store: Path, tmp_path: Path
+) -> None:
+    models = store / "models"
+    for r in range(ROUNDS * 5):
+        p, q, out = models / "quantized" / f"s{r}", models / "raw" / f"s{r}", tmp_path / f"out{r}"
+        for d in (p, q, out):
+            d.mkdir()
+        (p / "c").mkdir()
+        assert_exact(service)
+        subprocess.run([sys.executable, "-c", STALE_SEQUENCE, str(p), str(q), str(out)], check=True)
+        assert_exact(service)
+        # Writes in every directory now in the tree must be seen: none may have lost its watch.
+        for i, sub in enumerate(("c", "c/a", "c/c", "a")):
+            (q / sub / f"w{i}").write_bytes(b"w" * (r + i + 1))
+        assert_exact(service)

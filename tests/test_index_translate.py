@@ -96,7 +96,7 @@ class Disk:
         if isinstance(action, MoveTree):
             self.table.move_tree(action.src, action.dst, action.moved)
         elif isinstance(action, Forget):
-            self.remove(self.table.forget(action.gone, action.since))
+            self.remove(self.table.forget(action.gone))
         elif isinstance(action, Ignored):
             self.table.ignored(action.wd)
         elif isinstance(action, Overflow):
@@ -181,8 +181,10 @@ def test_r2_a_move_whose_destination_is_another_directory_watches_and_announces_
     disk.mkdir(q + "/d")
     raw = [(tier, C.IN_MOVED_FROM | DIR, 7, b"p"), (tier, C.IN_MOVED_TO | DIR, 7, b"q")]
     assert hints(disk, raw) == [RawEvent("moved", p, q), RawEvent("created", q)]
-    assert disk.actions == [MoveTree(p, q, [(p, p_wd)]), AddWatch(q, 2), WatchTree(q, 2)]
+    assert disk.actions == [MoveTree(p, q, [(p, p_wd)]), AddWatch(q, 2), WatchTree(q, 2), Forget([(q, p_wd)])]
     assert disk.table.wds[q] == disk.wd_of(q) != p_wd and disk.table.wds[q + "/d"] == disk.wd_of(q + "/d")
+    # p went on to a path this read does not name: its watch names no path any more (it would name q).
+    assert p_wd not in disk.table.paths and disk.removed == [p_wd]
 
 
 def test_r2_a_move_of_the_watched_directory_rekeys_its_watches_without_announcing() -> None:
@@ -446,13 +448,11 @@ def random_operations(kernel: Kernel, rnd: random.Random, steps: int, *, lag: bo
         kernel.read(len(kernel.queue))
 
 
-def assert_table_matches_the_disk(kernel: Kernel, *, all_watched: bool = True) -> None:
+def assert_table_matches_the_disk(kernel: Kernel) -> None:
     expected = {path: kernel.watches.get(ino) for path, ino in kernel.dirs.items()}
-    if all_watched:
-        assert None not in expected.values(), "every directory of the tree is watched"
+    assert None not in expected.values(), "every directory of the tree is watched"
     for path, wd in expected.items():
-        if wd is not None or all_watched:
-            assert kernel.table.wds.get(path) == wd, f"{path} is mapped to its own watch"
+        assert kernel.table.wds.get(path) == wd, f"{path} is mapped to its own watch"
     # What else is mapped names a watch left on a directory that moved out of the tree while the
     # table had it under another path (see test_a_watch_moved_out_behind_a_reused_name_stays_mapped):
     # never a directory of the tree, whose own mapping is the right one (above).
@@ -475,22 +475,21 @@ def test_directory_operations_read_as_they_happen_leave_every_directory_watched_
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(min_value=0, max_value=2**32), st.integers(min_value=1, max_value=80))
-def test_directory_operations_read_late_never_map_a_directory_to_another_ones_watch(seed: int, steps: int) -> None:
-    """With the disk ahead of the events (the races of issue 12), what the table maps is right; that
-    every directory ends watched does not always hold (test_a_stale_mapping_can_forget_a_live_directory)."""
+def test_directory_operations_read_late_leave_every_directory_watched_under_its_path(seed: int, steps: int) -> None:
+    """With the disk ahead of the events (the races of issue 12): once the queue is drained, every
+    directory on disk is watched under its path, and nothing maps a directory to another one's watch."""
     kernel = Kernel()
     random_operations(kernel, random.Random(seed), steps, lag=True)
-    assert_table_matches_the_disk(kernel, all_watched=False)
+    assert_table_matches_the_disk(kernel)
 
 
-# ----- known since before the split (found by the tests above); kept as strict xfails -----
+# ----- found by the tests above (issue 12): a stale mapping in one read -----
 
 
-@pytest.mark.xfail(strict=True, reason="known since before the split: the watch stays mapped (issue 12 follow-up)")
-def test_a_watch_moved_out_behind_a_reused_name_stays_mapped() -> None:
+def test_a_watch_moved_out_behind_a_reused_name_is_not_left_mapped() -> None:
     """m moved out; a new m made and moved to raw/a, all in one read. The move-to answers another wd
-    (R2: watched and announced, right), but the first m's watch, now outside, keeps naming raw/a:
-    its later events become hints for paths inside (stat-based, so harmless) and its watch leaks."""
+    (R2: watched and announced). The first m's watch, now outside, must not be taken along by the
+    second move-from (R3: a wd leaves with one move only), else it keeps naming raw/a and leaks."""
     kernel = Kernel()
     kernel.make(f"{ROOT}/repository/c")
     kernel.read(10)
@@ -502,11 +501,10 @@ def test_a_watch_moved_out_behind_a_reused_name_stays_mapped() -> None:
     assert leaked == []
 
 
-@pytest.mark.xfail(strict=True, reason="known since before the split: a directory ends unwatched (issue 12 follow-up)")
-def test_a_stale_mapping_can_forget_a_live_directory() -> None:
-    """The watch left mapped under a reused name (above) later names the wrong path: the move-from
-    of a child of the directory it really watches is read as the move-out of raw/c/a, a directory
-    of the tree watched in the same read, whose watch is then forgotten (R2 broken until a scan)."""
+def test_a_stale_mapping_never_forgets_a_live_directory() -> None:
+    """Before the fix, a watch left mapped under a reused name (above) later named the wrong path: the
+    move-from of a child of the directory it really watches was read as the move-out of raw/c/a, a
+    directory watched in the same read, whose watch was then forgotten (R2 broken until a scan)."""
     kernel = Kernel()
     q, raw = f"{ROOT}/quantized", f"{ROOT}/raw"
     kernel.make(q + "/c")

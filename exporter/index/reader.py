@@ -18,8 +18,12 @@ What the reader guarantees (the updater's guarantees build on these, see exporte
   directory's existing wd, so a move whose destination answers with a different wd than the one we
   moved (we had watched another directory at the source) re-watches and announces the destination.
 - R3 (moves out forget only what left): a directory moved out of the tree (a move-from with no
-  move-to in the same read) is forgotten by the wds it had when it left, except those re-added since
-  (moved back in at once: `mv m out/x; mv out/x m` leaves m watched).
+  move-to in the same read) is forgotten by the wds it had when it left, except those re-added
+  during the read (moved back in at once: `mv m out/x; mv out/x m` leaves m watched). A watch added
+  while a read is translated was added after every event of that read, so no event of it moves or
+  forgets that watch; a wd leaves with one move only (a directory made under the name it left is
+  another one); a directory whose move's destination holds another one is not mapped until an
+  event finds it (announced then): no wd is left naming a path that is another directory's.
 - R5 (mounts): a directory covered or uncovered by a mount is another directory at the same path:
   `remount` (called by exporter.index.mounts' watcher, which sees the change) drops the old watches
   under the path and watches the new tree before the service announces it.
@@ -422,7 +426,7 @@ class InotifyReader:
         if isinstance(action, MoveTree):
             self._table.move_tree(action.src, action.dst, action.moved)
         elif isinstance(action, Forget):
-            dropped = self._table.forget(action.gone, action.since)
+            dropped = self._table.forget(action.gone)
             self._fd.remove_callbacks([(WatchDescriptor(wd), _CALLBACK_ID) for wd in dropped])
         elif isinstance(action, Ignored):
             self._table.ignored(action.wd)

@@ -14,8 +14,12 @@ Which reader invariant each part keeps (see exporter.index.reader for the whole 
   announced again at its next IN_ATTRIB (`WatchTable.attrib_announces`).
 - R2: a move's destination is re-added by path (`AddWatch`); an answer other than the moved wd (or -1)
   means another directory was watched at the source: its tree is watched and announced.
-- R3: an unpaired move-from of a directory ends in `Forget(subtree, since)`: the wds it had when it
-  left, bar those (re-)added after event number `since`.
+- R3: an unpaired move-from of a directory ends in `Forget(subtree)`: the wds it had when it left,
+  bar those (re-)added during the chunk. A watch added while a chunk is translated says where its
+  directory is after every event of the chunk, so no event of the chunk moves or forgets it; a wd
+  leaves with one pending move-from only (a later move-from of the same path is another directory);
+  a move whose destination answers another wd forgets the moved wds (they went on to a path not
+  known yet; whatever event finds them re-adds them and announces them, R2).
 - R4: one hint per path between moves, in kernel order; a paired move is one `moved` hint; an unpaired
   move-to is `created`, an unpaired move-from `deleted`.
 - R7: an IN_OPEN of a file is an `open` item, never a hint; a directory's own IN_OPEN is dropped; the
@@ -82,7 +86,9 @@ class WatchTable:
     wds: dict[str, int] = field(default_factory=dict)  # directory path -> wd
     # Directories that could not be watched (EACCES): watched at their next IN_ATTRIB (R1).
     unwatched: dict[str, None] = field(default_factory=dict)
-    # Within one translated chunk: the event number at which each wd was last (re-)added (R3).
+    # Within one translated chunk: the event number at which each wd was last (re-)added (R3). Such
+    # a watch was added after the chunk was read, so it says where its directory is after every event
+    # of the chunk: no move or move-out in the chunk re-keys or forgets it.
     added: dict[int, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -118,13 +124,13 @@ class WatchTable:
             if self.paths.get(wd) == sub:
                 del self.paths[wd]
 
-    def forget(self, gone: list[tuple[str, int]], since: int) -> list[int]:
-        """Unmap a subtree that left the models path, bar the wds added again after event number
-        `since` (R3); returns the wds whose watches are to be removed."""
+    def forget(self, gone: list[tuple[str, int]]) -> list[int]:
+        """Unmap a subtree that left the models path, bar the wds (re-)added during this chunk (R3);
+        returns the wds whose watches are to be removed."""
         dropped = []
         for path, wd in gone:
-            if self.added.get(wd, -1) > since:
-                continue  # back in the tree under a path re-added since: keep it
+            if wd in self.added:
+                continue  # in the tree after every event of the chunk (back in, or never the one that left)
             if self.wds.get(path) == wd:
                 del self.wds[path]
             if self.paths.get(wd) == path:
@@ -134,6 +140,7 @@ class WatchTable:
 
     def move_tree(self, src: str, dst: str, moved: list[tuple[str, int]]) -> None:
         """A watched directory moved inside the tree: its watches (and their wds) go with it."""
+        moved = [(path, wd) for path, wd in moved if wd not in self.added]  # where they are now (R3)
         for path, wd in moved:
             if self.wds.get(path) == wd:
                 del self.wds[path]
@@ -186,10 +193,9 @@ class MoveTree:
 
 @dataclass(frozen=True, slots=True)
 class Forget:
-    """Stop watching what left the tree: `WatchTable.forget(gone, since)`, then remove those watches."""
+    """Stop watching what left the tree: `WatchTable.forget(gone)`, then remove those watches."""
 
     gone: list[tuple[str, int]]
-    since: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +233,9 @@ def translate(
     touched: dict[str, str] = {}  # path -> created | deleted (the parent changes too) | modified
     # cookie -> (path, is_dir, its watched subtree then, event number)
     moved_from: dict[int, tuple[str, bool, list[tuple[str, int]], int]] = {}
+    # The wds taken along by a move-from still unpaired (R3): those directories are no longer at the
+    # path the table still gives them, so a later move-from of that path cannot take them too.
+    leaving: set[int] = set()
     paths = table.paths
     decode = fsdecode or _decode
     seq = 0
@@ -265,7 +274,14 @@ def translate(
         path = parent + "/" + decode(name) if name else parent
         if mask & IN_MOVED_FROM:
             is_dir = bool(mask & IN_ISDIR)
-            moved_from[cookie] = (path, is_dir, table.subtree(path) if is_dir else [], seq)
+            subtree = []
+            if is_dir:
+                # What moved is what the table has at the path, bar the wds another move-from took
+                # and those added during this chunk (they name where their directory is now).
+                added = table.added
+                subtree = [(p, w) for p, w in table.subtree(path) if w not in leaving and w not in added]
+                leaving.update(w for _, w in subtree)
+            moved_from[cookie] = (path, is_dir, subtree, seq)
             continue
         if mask & IN_MOVED_TO:
             source = moved_from.pop(cookie, None)
@@ -279,13 +295,18 @@ def translate(
             out.append(RawEvent("moved", source[0], path))
             if source[1]:
                 moved = source[2]
+                leaving.difference_update(w for _, w in moved)
                 yield MoveTree(source[0], path, moved)
                 expected = next((w for p, w in moved if p == source[0]), -1)
                 if (yield AddWatch(path, seq)) not in (expected, -1):
                     # What we watched at the source was another directory (R2): watch this
-                    # one's tree and have it scanned.
+                    # one's tree and have it scanned. The moved one went on to a path we do not
+                    # know: it no longer names one (its later events would name wrong paths); a
+                    # later event that finds it re-adds it, announced (R2, R3).
                     yield WatchTree(path, seq)
                     out.append(RawEvent("created", path))
+                    if moved:
+                        yield Forget([(path + p[len(source[0]) :], w) for p, w in moved])
             continue
         if mask & IN_DELETE:
             touched[path] = "deleted"
@@ -301,9 +322,9 @@ def translate(
             touched[path] = "modified"
     flush()
     # A move whose other half never came in this chunk left the tree: a delete.
-    for path, is_dir, subtree, since in moved_from.values():
+    for path, is_dir, subtree, _ in moved_from.values():
         if is_dir:
-            yield Forget(subtree, since)
+            yield Forget(subtree)
         out.append(RawEvent("deleted", path))
     return out, opens
 
