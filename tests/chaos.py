@@ -43,7 +43,7 @@ from pathlib import Path
 
 from shared.layout import Layout
 from tests.oracle import Truth, walk_truth
-from tests.support import Proc, http_get, parse_metrics, start_exporter
+from tests.support import Proc, http_get, parse_metrics, start_exporter, wait_until
 
 TIERS = ("raw", "quantized", "repository")
 EXACT_WITHIN = 5.0
@@ -143,13 +143,16 @@ def mount(ctx: Ctx, point: Path, *argv: str) -> bool:
 def umount(ctx: Ctx, point: Path, *, lazy: bool) -> None:
     """Unmount `point`. A plain umount fails (EBUSY) while the exporter scans inside the mount
     (it holds directory descriptors there for the moment): tried again for up to 2 s, then lazily."""
-    deadline = time.monotonic() + 2.0
-    while not lazy:
-        if subprocess.run(["umount", str(point)], capture_output=True).returncode == 0:
-            break
-        lazy = time.monotonic() > deadline
-        time.sleep(0.02)
-    else:
+    if not lazy:
+        try:
+            wait_until(
+                lambda: subprocess.run(["umount", str(point)], capture_output=True).returncode == 0,
+                timeout=2.0,
+                what=f"umount {point}",
+            )
+        except AssertionError:
+            lazy = True
+    if lazy:
         run("umount", "-l", str(point))
     ctx.mounts.reverse()
     ctx.mounts.remove(point)  # the last one made there
@@ -580,17 +583,20 @@ def time_to_exact(proc: Proc, models: Path, within: float) -> tuple[float | None
     """Seconds from now until /metrics equals the walk (None: not within `within`), and the last differences."""
     started = time.monotonic()
     last: list[str] = []
-    while True:
+
+    def exact() -> bool:
+        nonlocal last
         try:
             last = metrics_differences(scrape(proc), models)
         except (OSError, ValueError) as err:
             last = [f"scrape failed: {err}"]
-        elapsed = time.monotonic() - started
-        if not last:
-            return elapsed, []
-        if elapsed > within:
-            return None, last
-        time.sleep(0.05)
+        return not last
+
+    try:
+        wait_until(exact, timeout=within, interval=0.05, what="the gauges equal the walk")
+    except AssertionError:
+        return None, last
+    return time.monotonic() - started, []
 
 
 # ----- rounds -----

@@ -6,8 +6,9 @@ VENV/bin/model-storage-exporter on a free loopback port, fetches /metrics, /open
 runs the same capture against this checkout's exporter and compares with tests/data/golden/.
 
 Invariants:
-- Standard library only, so it runs against any checkout's venv (the golden files were made from
-  commit 8830761, the code before the API split) without importing that checkout's code.
+- It imports none of the project's packages (tests.support loads none), so it runs against any
+  checkout's venv (the golden files were made from commit 8830761, the code before the API split)
+  without importing that checkout's code.
 - The tree is fixed: names, sizes, hard links and every mtime are set here; every regular file's
   size is 0 or a multiple of 4096 and written in full, so allocated bytes are the apparent bytes on
   the usual filesystems (ext4, xfs, tmpfs).
@@ -23,16 +24,12 @@ import argparse
 import contextlib
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+
+from tests.support import free_port, http_get, start_process
 
 ADMIN_TOKEN = "golden-admin-token-0123456789"
 READ_TOKEN = "golden-read-token-0123456789"
@@ -147,35 +144,10 @@ def normalise(what: str, text: str) -> str:
     return text
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as err:
-        return int(err.code), err.read()
-    except OSError:
-        return 0, b""
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout:g} s: {what}")
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def running_exporter(venv: Path, work: Path) -> Iterator[str]:
     """The real exporter over `work`/models with stable settings; yields its base URL, stops it by PID."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STORAGE_")}
     env.update(
         STORAGE_BASE_PATH=str(work / "base"),
@@ -195,32 +167,17 @@ def running_exporter(venv: Path, work: Path) -> Iterator[str]:
     (work / "base").mkdir(exist_ok=True)
     (work / "state").mkdir(exist_ok=True)
     url = f"http://127.0.0.1:{port}"
-    with open(work / "exporter.log", "wb") as log:
-        proc = subprocess.Popen(
-            [str(venv / "bin" / "model-storage-exporter")], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
+    argv = [str(venv / "bin" / "model-storage-exporter")]
+    proc = start_process(argv, work / "exporter.log", url, "/readyz", env=env, timeout=START_TIMEOUT_SECONDS)
     try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                tail = (work / "exporter.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the exporter exited with {proc.returncode}:\n{tail}")
-            return _get(url + "/readyz")[0] == 200
-
-        _wait(ready, START_TIMEOUT_SECONDS, f"the exporter ready at {url}/readyz")
         yield url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(15)
+        proc.stop(15)
 
 
 def _fetch(url: str, token: str | None = None) -> str:
-    status, body = _get(url, token)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status, body = http_get(url, timeout=10, headers=headers)
     if status != 200:
         raise RuntimeError(f"GET {url}: {status} {body[:300]!r}")
     return body.decode("utf-8")
