@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.api.page import PAGE_CSP, PAGE_STYLE, _csp_hash, human_bytes, render_page
+from exporter.api.csp import csp_hash
+from exporter.api.page import PAGE_CSP, PAGE_STYLE, human_bytes, render_page
 from exporter.api.page_data import LastRun, ScrubView, page_data
 from exporter.index.fsinfo import FsUsage
 from exporter.index.tree import ModelStat
@@ -168,7 +169,7 @@ def test_the_scrub_section_says_what_the_scrub_found_or_that_it_is_off() -> None
 
 
 def test_the_csp_allows_exactly_the_one_style_and_nothing_else() -> None:
-    assert f"style-src {_csp_hash(PAGE_STYLE)};" in PAGE_CSP
+    assert f"style-src {csp_hash(PAGE_STYLE)};" in PAGE_CSP
     assert "default-src 'none'" in PAGE_CSP and "script-src" not in PAGE_CSP
     assert sample().count("<style>") == 1 and f"<style>{PAGE_STYLE}</style>" in sample()
 

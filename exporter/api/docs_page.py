@@ -9,13 +9,12 @@ Invariants:
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import html
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from exporter.api.csp import csp_hash
 from exporter.api.openapi import ADMIN_SECURITY, READ_SECURITY
 
 # The docs page's only script: each operation's form sends its request with the token typed at the
@@ -54,12 +53,8 @@ DOCS_STYLE = (
 )
 
 
-def _csp_hash(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
-
-
 DOCS_CSP = (
-    f"default-src 'none'; script-src {_csp_hash(DOCS_SCRIPT)}; style-src {_csp_hash(DOCS_STYLE)}; "
+    f"default-src 'none'; script-src {csp_hash(DOCS_SCRIPT)}; style-src {csp_hash(DOCS_STYLE)}; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 

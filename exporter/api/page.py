@@ -21,12 +21,11 @@ Invariants:
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import html
 import time
 from collections.abc import Iterable
 
+from exporter.api.csp import csp_hash
 from exporter.api.page_data import PageData, TierRow
 from shared.names import name_text
 from shared.plan_summary import POLICIES
@@ -410,13 +409,8 @@ PAGE_STYLE = (
 )
 
 
-def _csp_hash(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
-
-
 PAGE_CSP = (
-    f"default-src 'none'; style-src {_csp_hash(PAGE_STYLE)}; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'"
+    f"default-src 'none'; style-src {csp_hash(PAGE_STYLE)}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
 

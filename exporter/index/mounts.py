@@ -79,11 +79,6 @@ def changed_points(old: MountTable, new: MountTable) -> list[str]:
     return out
 
 
-def read_table(root: str) -> MountTable | None:
-    text = read_mountinfo()
-    return None if text is None else mounts_under(text, root)
-
-
 def read_mountinfo() -> str | None:
     try:
         with open(MOUNTINFO) as handle:
