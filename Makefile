@@ -4,8 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
-SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metrics chromium rsync openssl
-SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium rsync openssl
+SYSTEM_BINS := prometheus promtool prometheus-alertmanager amtool victoria-metrics chromium rsync openssl gcc
+SYSTEM_PKGS := prometheus prometheus-alertmanager victoria-metrics chromium rsync openssl gcc libc6-dev
+# The scan's C loop (exporter/index/_listing.c) is built against these headers; Debian's python3 has
+# them in python3-dev (a Python built from source, as pyenv's, has them already).
+PY_HEADERS := $(shell python3 -c 'import os, sysconfig; print(os.path.join(sysconfig.get_paths()["include"], "Python.h"))')
 PYTEST_ARGS ?=
 
 .PHONY: all install lock system-deps run test test-fast test-compose test-kubernetes kubernetes docs check lint fmt typecheck imports bench stress stress-exporter stress-cleaner clean
@@ -13,7 +16,8 @@ PYTEST_ARGS ?=
 all: test
 
 # Every package at the version in $(CONSTRAINTS): the tools that judge a change do not move under it.
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+# The editable install compiles exporter/index/_listing.c in place (system-deps brings the compiler).
+$(STAMP): pyproject.toml setup.py exporter/index/_listing.c $(CONSTRAINTS) | system-deps
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -U pip
 	$(VENV)/bin/pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
@@ -31,13 +35,15 @@ lock:
 	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	rm -rf .venv-lock
 
-# Debian's Prometheus, Alertmanager, VictoriaMetrics and Chromium: the suite runs the real binaries.
+# Debian's Prometheus, Alertmanager, VictoriaMetrics and Chromium (the suite runs the real binaries),
+# and gcc with the Python headers for the scan's C loop.
 system-deps:
 	@missing=""; for b in $(SYSTEM_BINS); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	pkgs="$(SYSTEM_PKGS)"; [ -f "$(PY_HEADERS)" ] || { missing="$$missing Python.h"; pkgs="$$pkgs python3-dev"; }; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages for:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_PKGS) >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null; \
 	fi
 
 run: $(STAMP)
@@ -110,4 +116,4 @@ stress: $(STAMP)
 	$(MAKE) stress-cleaner
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build exporter/index/_listing*.so

@@ -22,7 +22,7 @@ from exporter.index.mounts import MountWatcher
 from exporter.index.opens_store import OpensRecorder
 from exporter.index.reader import Handoff, InotifyReader
 from exporter.index.retries import SettleQueue, retry_delay
-from exporter.index.scan import ScanFailedError, Scanner
+from exporter.index.scan import SCAN_LOOP, ScanFailedError, Scanner
 from exporter.index.scrub import Finding, Scrubber, apply_finding
 from exporter.index.status import ReconcileResult, ScrubFigures, Snapshot
 from exporter.index.tree import Parts, Tree
@@ -409,7 +409,7 @@ class ExporterService:
 
     def _full_scan(self, reason: str) -> ReconcileResult:
         """Scan everything while events keep being applied; replay them on the scan, then swap."""
-        log.info("scan.started", reason=reason, path=self.root)
+        log.info("scan.started", reason=reason, path=self.root, loop=SCAN_LOOP)
         started = time.monotonic()
 
         def progress(files: int) -> None:
