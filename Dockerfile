@@ -3,8 +3,16 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# A C compiler for the scan's C loop (exporter/index/_listing.c), in this stage only; Debian's
+# python3 keeps its headers in python3-dev, the python image has them already.
+RUN apt-get update -qq \
+    && pkgs="gcc libc6-dev" \
+    && { [ -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+         || pkgs="$pkgs python3-dev"; } \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY shared ./shared
 COPY exporter ./exporter
 COPY cleaner ./cleaner
@@ -19,6 +27,7 @@ RUN --mount=type=secret,id=build_ca \
          && export PIP_CERT=/tmp/pip-ca.pem; \
        fi \
     && /opt/model-storage/.venv/bin/pip install . \
+    && (cd / && /opt/model-storage/.venv/bin/python -c "import exporter.index._listing") \
     && rm -rf /opt/model-storage/.venv/lib/python*/site-packages/pip /tmp/pip-ca.pem
 
 FROM ${PYTHON_IMAGE}
