@@ -241,8 +241,12 @@ class ScanFailedError(Exception):
     """A scan that did not complete: its result must never be used (an empty or partial tree)."""
 
 
-def _scan_in_worker(path: str, above: Chain) -> ScanResult:
-    return scan_local(path, above=above)
+def _scan_in_worker(subtrees: list[tuple[str, Chain]]) -> list[ScanResult]:
+    return [scan_local(path, above=above) for path, above in subtrees]
+
+
+# Batches of subtrees per worker process in a pooled scan (see Scanner._gather).
+BATCHES_PER_WORKER = 8
 
 
 def _start_workers(pool: ProcessPoolExecutor, workers: int) -> None:
@@ -339,22 +343,29 @@ class Scanner:
     def _gather(self, jobs: Pending, result: ScanResult, progress: Progress | None, watch: WatchAhead | None) -> None:
         assert self._pool is not None
         next_report = 200_000
-        futures: list[tuple[DirNode, Future[ScanResult]]] = []
-        for job_path, placeholder, chain in jobs:
+        # Subtrees go out in batches, a few per worker: each job costs the daemon a round trip
+        # through the pool (about 0.2 ms), and a store of small models has thousands of subtrees.
+        # Dealt round-robin, so that a run of large neighbours is spread over the batches.
+        count = max(1, min(len(jobs), BATCHES_PER_WORKER * self.workers))
+        batches = [jobs[first::count] for first in range(count)]
+        futures: list[tuple[Pending, Future[list[ScanResult]]]] = []
+        for batch in batches:
             if watch is not None:
-                # The workers scan the subtrees handed out so far while the next one is watched.
-                watch(job_path, True)
-            futures.append((placeholder, self._pool.submit(_scan_in_worker, job_path, chain[2] if chain else None)))
-        for placeholder, future in futures:
-            sub = future.result()
-            result.errors.extend(sub.errors)
-            result.files += sub.files
-            result.dirs += sub.dirs
-            if sub.node is not None:
-                placeholder.dirs = sub.node.dirs
-                placeholder.files = sub.node.files
-                placeholder.hard = sub.node.hard
-                placeholder.changed = sub.node.changed
+                # The workers scan the batches handed out so far while the next one is watched.
+                for job_path, _placeholder, _chain in batch:
+                    watch(job_path, True)
+            args = [(job_path, chain[2] if chain else None) for job_path, _placeholder, chain in batch]
+            futures.append((batch, self._pool.submit(_scan_in_worker, args)))
+        for batch, future in futures:
+            for (_path, placeholder, _chain), sub in zip(batch, future.result(), strict=True):
+                result.errors.extend(sub.errors)
+                result.files += sub.files
+                result.dirs += sub.dirs
+                if sub.node is not None:
+                    placeholder.dirs = sub.node.dirs
+                    placeholder.files = sub.node.files
+                    placeholder.hard = sub.node.hard
+                    placeholder.changed = sub.node.changed
             if progress is not None and result.files >= next_report:
                 progress(result.files)
                 next_report = result.files + 200_000
