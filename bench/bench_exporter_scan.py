@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import os
 import statistics
 import subprocess
@@ -9,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import env_int, generated_tree, report, warm, write_result
+from bench.common import ROOT, env_int, generated_tree, report, warm, write_result
 from exporter.index.scan import Scanner, scan_local
 from exporter.index.tree import Tree
 from shared.layout import Layout
@@ -45,7 +46,15 @@ def _daemon_to_ready(models: Path) -> float:
         return ready
 
 
+def _compile_bytecode() -> None:
+    """The daemon's own modules compiled, as pip leaves an installed package: run from a checkout
+    with PYTHONDONTWRITEBYTECODE set, each start would compile them again (about half a CPU second)."""
+    for package in ("exporter", "shared"):
+        compileall.compile_dir(ROOT / package, quiet=1)
+
+
 def main() -> dict[str, object]:
+    _compile_bytecode()
     files = env_int("BENCH_FILES", 1_000_000)
     runs = env_int("BENCH_SCAN_RUNS", 3)
     workers = env_int("BENCH_SCAN_WORKERS", os.cpu_count() or 1)
