@@ -39,7 +39,7 @@ def dump(node: DirNode | None) -> Dump:
         out.append(
             (
                 key,
-                list(files.names),
+                files.name_list(),
                 list(files.sizes),
                 list(files.blocks),
                 files.blocks.typecode,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.index.tree import DirNode, FileInfo, Tree
+from exporter.index.tree import DirNode, FileInfo, FileTable, Tree
 from exporter.metrics.model_lines import ModelLinesCache, escape_label_value, format_value
 from shared import metric_names as m
 from shared.layout import Layout
@@ -367,3 +368,47 @@ def test_every_cache_stays_right_when_two_take_turns_on_one_tree() -> None:
         tree.remove(("raw", f"m{299 - round_}"))
         for cache in (first, second):
             assert set(_body_lines(cache.render(tree))) == fresh_lines(tree)
+
+
+# ----- FileTable: names joined as a scan worker sent them, or a list -----
+
+TABLE_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "pop", "replace", "send", "read"]),
+        st.sampled_from([f"n{i}" for i in range(40)] + ["ünï", "a b"]),
+        st.integers(0, 2**40),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=TABLE_OPS)
+def test_a_file_table_answers_alike_however_its_names_are_held(ops: list[tuple[str, str, int]]) -> None:
+    # "send" is a trip through pickle, as from a scan worker: the names come back joined.
+    table = FileTable()
+    model: dict[str, tuple[int, int]] = {}
+    for op, name, size in ops:
+        blocks = size % 2**33
+        if op == "put":
+            table.put(name, size, blocks)
+            model[name] = (size, blocks)
+        elif op == "pop" and name in model:
+            assert table.pop(name) == model.pop(name)
+        elif op == "replace":
+            assert table.replace(name, size, blocks) == model.get(name)
+            if name in model:
+                model[name] = (size, blocks)
+        elif op == "send":
+            table = pickle.loads(pickle.dumps(table))
+        elif op == "read":
+            joined = table._joined is not None
+            assert sorted(table) == sorted(model)
+            assert len(table) == len(model)
+            assert table.total() == sum(v[0] for v in model.values())
+            # Reading every name keeps a joined table joined: its memory stays one string.
+            assert (table._joined is not None) == joined
+        assert {n: (s, b) for n, s, b in table.entries()} == model
+        assert (table._names is None) != (table._joined is None)
+    for name, (size, blocks) in model.items():
+        assert name in table and table[name] == size and table.blocks_of(name) == blocks

@@ -47,7 +47,7 @@ class DirView:
         # Never `node.files.get(name)` per name: it builds the table's name index, which costs
         # ~100 bytes a file for as long as the directory lives.
         table = node.files
-        files = dict(zip(table.names, zip(table.sizes, table.blocks, strict=True), strict=True))
+        files = dict(zip(table.name_list(), zip(table.sizes, table.blocks, strict=True), strict=True))
         return cls(files, frozenset(node.hard or ()), tuple(node.dirs))
 
 

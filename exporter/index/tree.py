@@ -112,22 +112,46 @@ class FileTable:
     """One directory's regular files, name -> (size, blocks), in about 20 bytes plus the name each.
 
     A dict costs ~100 bytes a file on top of the name; at a million files that is the index's
-    whole memory budget. Names sit in a list, sizes in an `array('q')` and allocated 512-byte
-    blocks in an `array('I')` (4 bytes: up to 2 TiB a file; a table holding a larger one widens
-    its blocks to 'q'); a name -> position dict is built only for a directory that is looked up by
-    name while holding more than a few dozen files (events arriving in a large directory), so
-    scanned, quiet directories stay compact.
+    whole memory budget. Sizes sit in an `array('q')` and allocated 512-byte blocks in an
+    `array('I')` (4 bytes: up to 2 TiB a file; a table holding a larger one widens its blocks to
+    'q'). Names sit in a list, or, for a table a scan worker sent and nothing has changed since, in
+    one NUL-joined string (names never hold a NUL): a str object per name is about 50 bytes on top
+    of its characters, and splitting a million of them is a tenth of a CPU second on the daemon's
+    start. Reading (`name_list`, iteration, `items`) splits a copy and keeps none; a lookup by name
+    (an event, a change) splits for good. A name -> position dict is built only for a directory
+    that is looked up by name while holding more than a few dozen files (events arriving in a large
+    directory), so scanned, quiet directories stay compact.
+
+    Invariant: exactly one of `_names` and `_joined` is None, and the names, however held, are
+    in the same order as `sizes` and `blocks`, of the same length.
     """
 
-    __slots__ = ("_index", "blocks", "names", "sizes")
+    __slots__ = ("_index", "_joined", "_names", "blocks", "sizes")
 
     INDEX_FROM = 32
 
     def __init__(self) -> None:
-        self.names: list[str] = []
+        self._names: list[str] | None = []
+        self._joined: str | None = None
         self.sizes = array("q")
         self.blocks = array("I")
         self._index: dict[str, int] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The names as a list, kept from now on (for changes and lookups by name)."""
+        names = self._names
+        if names is None:
+            names = self._names = self._joined.split("\0") if self._joined else []
+            self._joined = None
+        return names
+
+    def name_list(self) -> list[str]:
+        """The names, in table order, without keeping a split copy of a joined table."""
+        names = self._names
+        if names is not None:
+            return names
+        return self._joined.split("\0") if self._joined else []
 
     def _find(self, name: str) -> int:
         index = self._index
@@ -142,10 +166,10 @@ class FileTable:
         return index.get(name, -1)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.sizes)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
+        return iter(self.name_list())
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._find(name) >= 0
@@ -232,11 +256,11 @@ class FileTable:
         return size, blocks
 
     def items(self) -> Iterator[tuple[str, int]]:
-        return zip(self.names, self.sizes, strict=True)
+        return zip(self.name_list(), self.sizes, strict=True)
 
     def entries(self) -> Iterator[tuple[str, int, int]]:
         """(name, size, blocks) of every file."""
-        return zip(self.names, self.sizes, self.blocks, strict=True)
+        return zip(self.name_list(), self.sizes, self.blocks, strict=True)
 
     def total(self) -> int:
         return sum(self.sizes)
@@ -247,13 +271,15 @@ class FileTable:
     def __reduce__(self) -> tuple[object, tuple[str, array[int], array[int]]]:
         # Scan workers send tables to the daemon: one joined string pickles and unpickles several
         # times faster than a list of short ones (names never contain NUL).
-        return (_unpack_table, ("\0".join(self.names), self.sizes, self.blocks))
+        joined = "\0".join(self._names) if self._names is not None else self._joined or ""
+        return (_unpack_table, (joined, self.sizes, self.blocks))
 
 
 def _unpack_table(joined: str, sizes: array[int], blocks: array[int]) -> FileTable:
     table = FileTable()
     if joined:
-        table.names = joined.split("\0")
+        table._names = None
+        table._joined = joined
     table.sizes = sizes
     table.blocks = blocks
     return table
