@@ -95,6 +95,10 @@ OPENS_MASK = Mask(MASK | C.IN_OPEN)
 # The own-reads marker directory (shared.own_reads): arrivals and ends of sessions only.
 MARKER_MASK = Mask(C.IN_MOVED_TO | C.IN_MOVED_FROM | C.IN_DELETE | C.IN_ONLYDIR | C.IN_DONT_FOLLOW)
 _CALLBACK_ID = CallbackId(1)
+# Adding a watch again is how a directory is re-checked; watchdog warns each time the callback is
+# already there. Ignored by one filter set once (see InotifyReader.__init__): a catch_warnings
+# around every add cost a tenth of the initial scan's watching, and is not thread-safe.
+_REWATCH_WARNING = r"Callback with id .* already exists for watch"
 # Errors that mean "not now" for one directory, not "events can no longer be trusted" (R1).
 _UNWATCHABLE = (errno.EACCES, errno.EPERM)
 
@@ -184,6 +188,7 @@ class InotifyReader:
         marker_dir: str | None = None,
     ) -> None:
         self.root = root
+        warnings.filterwarnings("ignore", message=_REWATCH_WARNING, category=RuntimeWarning)
         # Opens of files (exporter.index.opens), in kernel order with the own-reads markers; None: not tracked.
         self._on_opens = on_opens
         self._mask = OPENS_MASK if on_opens is not None else MASK
@@ -301,23 +306,20 @@ class InotifyReader:
         return wd
 
     def _add_callback(self, path: str) -> WatchDescriptor:
-        with warnings.catch_warnings():
-            # Adding an existing watch is how we re-check it; watchdog warns about that.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            try:
-                return self._fd.add_callback(os.fsencode(path), self._mask, self._callback, _CALLBACK_ID)
-            except OSError as err:
-                if not too_long(err):
-                    raise
-            # Past PATH_MAX (R6): watch the directory through an O_PATH descriptor's /proc entry.
-            # That entry is a symlink to the directory, so it must be followed: no IN_DONT_FOLLOW (the
-            # descriptor was opened O_NOFOLLOW, so the directory itself is no symlink).
-            fd = open_path(path, PATH_FLAGS)
-            try:
-                proc = f"/proc/self/fd/{fd}".encode()
-                return self._fd.add_callback(proc, self._long_mask, self._callback, _CALLBACK_ID)
-            finally:
-                os.close(fd)
+        try:
+            return self._fd.add_callback(os.fsencode(path), self._mask, self._callback, _CALLBACK_ID)
+        except OSError as err:
+            if not too_long(err):
+                raise
+        # Past PATH_MAX (R6): watch the directory through an O_PATH descriptor's /proc entry.
+        # That entry is a symlink to the directory, so it must be followed: no IN_DONT_FOLLOW (the
+        # descriptor was opened O_NOFOLLOW, so the directory itself is no symlink).
+        fd = open_path(path, PATH_FLAGS)
+        try:
+            proc = f"/proc/self/fd/{fd}".encode()
+            return self._fd.add_callback(proc, self._long_mask, self._callback, _CALLBACK_ID)
+        finally:
+            os.close(fd)
 
     def _watch_tree(self, top: str, *, strict: bool = False, subtree: bool = True) -> int:
         """Watch `top` and (with `subtree`) every directory below it; a watch comes before its
