@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from structlog.testing import capture_logs
 from watchdog.observers.inotify_c import CallbackId, WatchDescriptor
 
 from exporter.index import scrub
-from exporter.index.drift import DirView, Listing, LogBudget, Pacer, compare, held, recent
+from exporter.index.drift import BacklogYield, DirView, Listing, LogBudget, Pacer, compare, held, recent
 from exporter.index.events import RawEvent
 from exporter.index.scan import scan_local
 from exporter.index.scrub import Finding, apply_finding, list_dir
@@ -109,6 +110,53 @@ def test_pacer_spends_the_budget_evenly_and_never_bursts_after_a_pause() -> None
     # 50 s idle buys only one second of credit: 1000 stats free, the next 1000 cost a second.
     assert pacer.charge(1000, now=50.0) == pytest.approx(0.0)
     assert pacer.charge(1000, now=50.0) == pytest.approx(1.0)
+
+
+def test_backlog_yield_waits_while_events_are_queued_up_to_its_share_of_a_cycle() -> None:
+    waits = BacklogYield(step=0.05, share=1.0)
+    waits.start_cycle(0.2)
+    assert waits.wait(backlog=False) == 0.0
+    spent = [waits.wait(backlog=True) for _ in range(6)]
+    # 0.2 s of allowance in 0.05 s steps, then the scrub goes on however busy the events are.
+    assert spent == pytest.approx([0.05, 0.05, 0.05, 0.05, 0.0, 0.0])
+    waits.start_cycle(0.12)
+    assert [waits.wait(backlog=True) for _ in range(4)] == pytest.approx([0.05, 0.05, 0.02, 0.0])
+
+
+def test_a_scrub_cycle_lets_queued_events_go_first_but_is_never_held_past_its_allowance(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    (models / "raw" / "m").mkdir(parents=True)
+    (models / "raw" / "m" / "w").write_bytes(b"abc")
+    tree = _tree_of(models)
+    ready, stop = threading.Event(), threading.Event()
+    ready.set()
+    visited: list[float] = []
+    scrubber = scrub.Scrubber(str(models), 1000.0, lambda fn: fn(tree), lambda _f: None, lambda _p: None, ready, stop)
+    queued = {"events": 5}
+    scrubber.backlog = lambda: queued["events"]
+    real_list_dir = scrub.list_dir
+
+    def listing(path: str) -> Listing | None:
+        visited.append(time.monotonic())
+        return real_list_dir(path)
+
+    scrub.list_dir = listing  # type: ignore[assignment]
+    try:
+        started = time.monotonic()
+        release = threading.Timer(0.3, lambda: queued.update(events=0))
+        release.start()
+        assert scrubber.cycle()
+        release.join()
+        # Nothing listed while events were queued: the first directory waited for the backlog.
+        assert visited and visited[0] - started >= 0.29
+        queued["events"] = 5  # and a backlog that never clears holds a cycle back one allowance at most
+        started = time.monotonic()
+        assert scrubber.cycle()
+        expected = scrubber.figures().expected_cycle_seconds
+        assert time.monotonic() - started <= 2 * expected + 1.0
+    finally:
+        scrub.list_dir = real_list_dir
+        stop.set()
 
 
 def test_log_budget_allows_so_many_lines_a_minute_and_counts_the_rest() -> None:

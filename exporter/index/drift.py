@@ -147,6 +147,33 @@ class Pacer:
         return max(0.0, due - now)
 
 
+class BacklogYield:
+    """How long the scrub waits for a backlog of events before its next directory: steps of `step`
+    seconds while events are queued, at most `share` of a cycle's expected time in all per cycle.
+
+    A directory being written differs from the index only until its events are applied; listing it
+    meanwhile finds differences that the events settle anyway, and competes with the updater for
+    the interpreter during the burst. The allowance keeps a steady stream of events from holding a
+    cycle back without end: a cycle takes at most (1 + share) times its expected time, under the
+    staleness alert's 3x."""
+
+    def __init__(self, step: float = 0.05, share: float = 1.0) -> None:
+        self.step = step
+        self.share = share
+        self._left = 0.0
+
+    def start_cycle(self, expected_seconds: float) -> None:
+        self._left = expected_seconds * self.share
+
+    def wait(self, backlog: bool) -> float:
+        """Seconds to wait now (0: go on)."""
+        if not backlog or self._left <= 0:
+            return 0.0
+        step = min(self.step, self._left)
+        self._left -= step
+        return step
+
+
 class LogBudget:
     """At most `per_minute` lines a minute; the rest are counted and reported with the next line."""
 

@@ -151,6 +151,11 @@ class Handoff:
             self._cond.notify()
             return True
 
+    def pending(self) -> int:
+        """Events queued and not yet taken."""
+        with self._cond:
+            return self._size
+
     def get(self, first_timeout: float, window: float, limit: int) -> list[RawEvent]:
         """Block up to `first_timeout` for events, then gather for `window`; at most `limit`."""
         with self._cond:

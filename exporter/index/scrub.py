@@ -43,7 +43,17 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from exporter.index.drift import Difference, DirView, Listing, LogBudget, Pacer, compare, held, recent
+from exporter.index.drift import (
+    BacklogYield,
+    Difference,
+    DirView,
+    Listing,
+    LogBudget,
+    Pacer,
+    compare,
+    held,
+    recent,
+)
 from exporter.index.events import RawEvent
 from exporter.index.longpath import lstat, open_path
 from exporter.index.status import ScrubFigures
@@ -163,7 +173,8 @@ def apply_finding(
 
 class Scrubber:
     """The scrub thread and its figures. `with_tree` runs a function on the live tree under the
-    index lock; `submit` hands a finding to the updater thread; `rewatch` re-adds a subtree's watches."""
+    index lock; `submit` hands a finding to the updater thread; `rewatch` re-adds a subtree's watches;
+    `backlog` (set by the owner) counts the events waiting to be applied: they go first (BacklogYield)."""
 
     def __init__(
         self,
@@ -183,6 +194,8 @@ class Scrubber:
         self._ready = ready
         self._stop = stop
         self._pacer = Pacer(per_second)
+        self.backlog: Callable[[], int] = lambda: 0
+        self._yield = BacklogYield()
         self._log_budget = LogBudget(LOG_LINES_PER_MINUTE)
         self._lock = threading.Lock()
         self._figures = ScrubFigures()
@@ -279,7 +292,9 @@ class Scrubber:
         """Verify every indexed directory once; False when stopped before the end."""
         started = time.monotonic()
         entries = self._with_tree(lambda tree: sum(v[1] for v in tree.tier_totals().values()) + tree.dirs)
-        self._update(expected_cycle_seconds=max(entries / self.per_second, MIN_CYCLE_SECONDS))
+        expected = max(entries / self.per_second, MIN_CYCLE_SECONDS)
+        self._update(expected_cycle_seconds=expected)
+        self._yield.start_cycle(expected)
         stack: list[Parts] = [()]
         while stack or self._rechecks:
             if self._stop.is_set():
@@ -306,6 +321,9 @@ class Scrubber:
     def visit(self, parts: Parts, deferrals: int) -> list[Parts]:
         """Verify one directory; returns its indexed subdirectories, to be visited next."""
         path = os.path.join(self.root, *parts) if parts else self.root
+        while (pause := self._yield.wait(self.backlog() > 0)) > 0:
+            if self._stop.wait(pause):
+                return []
         try:
             listed = list_dir(path)
             stats = 1 + (len(listed.files) + len(listed.dirs) + len(listed.others) if listed is not None else 0)

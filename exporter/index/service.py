@@ -105,6 +105,8 @@ class ExporterService:
             if budget > 0
             else None
         )
+        if self.scrubber is not None:
+            self.scrubber.backlog = self.events.pending
 
     # ----- lifecycle -----
 
