@@ -123,7 +123,7 @@ FIELDS: tuple[Field, ...] = (
         "STORAGE_SCRUB_STATS_PER_SECOND",
         2000.0,
         number(0),
-        "Scrub budget: lstats per second re-verifying the index against the disk, 0 = off",
+        "Scrub budget: lstats per second (a directory's visit counts as 8) re-verifying the index, 0 = off",
     ),
     Field("exporter.tls_cert_file", "STORAGE_TLS_CERT_FILE", None, optional_path, "TLS certificate"),
     Field("exporter.tls_key_file", "STORAGE_TLS_KEY_FILE", None, optional_path, "TLS private key"),

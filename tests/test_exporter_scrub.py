@@ -159,6 +159,26 @@ def test_a_scrub_cycle_lets_queued_events_go_first_but_is_never_held_past_its_al
         stop.set()
 
 
+def test_a_directory_visit_costs_the_budget_eight_lstats(tmp_path: Path) -> None:
+    # Its CPU cost: charged as one lstat, a store of small directories cost several % of a core.
+    models = tmp_path / "models"
+    (models / "raw" / "m").mkdir(parents=True)
+    (models / "raw" / "m" / "w").write_bytes(b"abc")
+    tree = _tree_of(models)
+    ready, stop = threading.Event(), threading.Event()
+    ready.set()
+    scrubber = scrub.Scrubber(str(models), 10.0, lambda fn: fn(tree), lambda _f: None, lambda _p: None, ready, stop)
+    started = time.monotonic()
+    assert scrubber.cycle()
+    took = time.monotonic() - started
+    stop.set()
+    assert scrub.DIR_VISIT_STATS == 8
+    assert scrubber.figures().expected_cycle_seconds == pytest.approx((1 + tree.dirs * 9) / 10.0)
+    # One second of credit up front, then the visits' cost paced at 10 a second.
+    charged = tree.dirs * scrub.DIR_VISIT_STATS + (tree.dirs - 1) + 1
+    assert took >= (charged - 10) / 10.0 - 0.1
+
+
 def test_log_budget_allows_so_many_lines_a_minute_and_counts_the_rest() -> None:
     budget = LogBudget(2)
     assert [budget.allow(t) for t in (0.0, 1.0, 2.0, 3.0)] == [True, True, False, False]

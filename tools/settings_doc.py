@@ -63,7 +63,7 @@ NOTES: dict[str, str] = {
     "exporter.poll_interval_seconds": "rescan interval where inotify cannot work",
     "exporter.force_polling": "poll even where inotify works",
     "exporter.scan_workers": "scan processes, 0 = one per core, 1 = in-process",
-    "exporter.scrub_stats_per_second": "the scrub's budget: `lstat`s per second re-verifying the index against the disk, 0 = off (see [The exporter](metrics.md#the-exporter))",
+    "exporter.scrub_stats_per_second": "the scrub's budget: `lstat`s per second re-verifying the index against the disk (a directory's own visit counts as 8), 0 = off (see [The exporter](metrics.md#the-exporter))",
     "exporter.tls_cert_file": "TLS certificate (with the key)",
     "exporter.tls_key_file": "TLS private key",
     "exporter.cleaner_command": "the command the API runs for cleanups",

@@ -207,7 +207,7 @@ class StorageCollector(Collector):
         )
         yield GaugeMetricFamily(
             m.SCRUB_EXPECTED_CYCLE,
-            "Expected scrub cycle at its budget: indexed files and directories over stats per second.",
+            "Expected scrub cycle at its budget: indexed files plus 9 per directory, over stats per second.",
             scrub.expected_cycle_seconds,
         )
         info = InfoMetricFamily(m.BUILD_INFO, "Exporter build.", labels=["version"])
