@@ -98,14 +98,10 @@ class ExporterService:
                 sweep_window=settings.exporter.opens_sweep_window_seconds,
                 save_interval=settings.exporter.opens_save_interval_seconds,
             )
-        self.scrubber = (
-            Scrubber(
-                self.root, budget, self._with_tree, self._scrub_findings.put, self._rewatch, self.ready, self._stop
-            )
-            if budget > 0
-            else None
-        )
-        if self.scrubber is not None:
+        self.scrubber: Scrubber | None = None
+        if budget > 0:
+            found = self._scrub_findings.put
+            self.scrubber = Scrubber(self.root, budget, self._with_tree, found, self._rewatch, self.ready, self._stop)
             self.scrubber.backlog = self.events.pending
 
     # ----- lifecycle -----
@@ -431,6 +427,10 @@ class ExporterService:
             self.settings.exporter.queue_size,
         )
         if isinstance(outcome, BaseException):
+            if self._stop.is_set():
+                # Stopping shuts the scan's pool down under it: nothing failed, nothing to retry.
+                log.info("scan.stopped", reason=reason, outcome=SUCCESS)
+                return ReconcileResult(time.monotonic() - started, 0, 0, 0, reason, error="stopped")
             with self.lock:
                 self._record_error("scan", self.root, str(outcome))
                 self.counters.scan_failures += 1
