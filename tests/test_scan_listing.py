@@ -241,7 +241,8 @@ def test_blocks_too_large_for_four_bytes_widen_the_table() -> None:
     result = scan.ScanResult(node)
     huge = 2**33
     wide: tuple[Any, ...] = (
-        ["big"],
+        "big",
+        1,
         (5).to_bytes(8, sys.byteorder),
         huge.to_bytes(8, sys.byteorder),
         True,

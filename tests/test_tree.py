@@ -374,7 +374,7 @@ def test_every_cache_stays_right_when_two_take_turns_on_one_tree() -> None:
 
 TABLE_OPS = st.lists(
     st.tuples(
-        st.sampled_from(["put", "pop", "replace", "send", "read"]),
+        st.sampled_from(["put", "pop", "replace", "send", "read", "join"]),
         st.sampled_from([f"n{i}" for i in range(40)] + ["ünï", "a b"]),
         st.integers(0, 2**40),
     ),
@@ -401,6 +401,14 @@ def test_a_file_table_answers_alike_however_its_names_are_held(ops: list[tuple[s
                 model[name] = (size, blocks)
         elif op == "send":
             table = pickle.loads(pickle.dumps(table))
+        elif op == "join":
+            # As the scan's C loop adds a directory's files: new names joined, then their sizes.
+            new = [n for n in (name, name + "-2") if n not in model]
+            table.extend_joined("\0".join(new))
+            for n in new:
+                table.sizes.append(size)
+                table.blocks.fromlist([0])
+                model[n] = (size, 0)
         elif op == "read":
             joined = table._joined is not None
             assert sorted(table) == sorted(model)

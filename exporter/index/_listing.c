@@ -4,8 +4,10 @@
    module is not built and as the oracle the tests hold it to (tests/test_scan_listing.py): the
    two must give identical results on any directory, error cases included.
 
-   list_dir(fd, changed) -> (names, sizes, blocks, wide, hard, changed, dirs, error)
-     names   the regular files, in listing order, decoded as os.listdir decodes them
+   list_dir(fd, changed) -> (names, count, sizes, blocks, wide, hard, changed, dirs, error)
+     names   the regular files' names, in listing order, joined by NUL into one str (names never
+             hold a NUL), decoded as os.listdir decodes each; "" when there are none
+     count   how many regular files
      sizes   their st_size, as the native int64 bytes array('q').frombytes takes
      blocks  their st_blocks: native uint32 bytes (array 'I'), or int64 when `wide` (one does not fit)
      hard    [(position in names, st_dev, st_ino)] for files with more than one link
@@ -167,33 +169,39 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     }
 
-    size_t nfiles = 0;
+    size_t nfiles = 0, joined_len = 0;
     int wide = 0;
     for (size_t i = 0; i < kept; i++) {
         if (!l.entries[i].is_dir) {
+            joined_len += l.entries[i].name_len + (nfiles ? 1 : 0);
             nfiles++;
             if (l.entries[i].blocks < 0 || l.entries[i].blocks > (int64_t)UINT32_MAX)
                 wide = 1;
         }
     }
-    PyObject *names = PyList_New((Py_ssize_t)nfiles);
+    char *joined_bytes = malloc(joined_len + 1);
+    if (joined_bytes == NULL) {
+        listing_free(&l);
+        return PyErr_NoMemory();
+    }
+    PyObject *names = NULL;
     PyObject *sizes = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(nfiles * sizeof(int64_t)));
     PyObject *blocks =
         PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(nfiles * (wide ? sizeof(int64_t) : sizeof(uint32_t))));
     PyObject *hard = PyList_New(0);
     PyObject *dirs = PyList_New(0);
     PyObject *result = NULL;
-    if (names == NULL || sizes == NULL || blocks == NULL || hard == NULL || dirs == NULL)
+    if (sizes == NULL || blocks == NULL || hard == NULL || dirs == NULL)
         goto done;
     int64_t *size_out = (int64_t *)PyBytes_AS_STRING(sizes);
     char *block_out = PyBytes_AS_STRING(blocks);
-    size_t f = 0;
+    size_t f = 0, at = 0;
     for (size_t i = 0; i < kept; i++) {
         entry_t *e = &l.entries[i];
-        PyObject *name = PyUnicode_DecodeFSDefaultAndSize(l.names + e->name_at, (Py_ssize_t)e->name_len);
-        if (name == NULL)
-            goto done;
         if (e->is_dir) {
+            PyObject *name = PyUnicode_DecodeFSDefaultAndSize(l.names + e->name_at, (Py_ssize_t)e->name_len);
+            if (name == NULL)
+                goto done;
             PyObject *item = Py_BuildValue("(NdKK)", name, e->changed, (unsigned long long)e->dev,
                                            (unsigned long long)e->ino);
             if (item == NULL || PyList_Append(dirs, item) < 0) {
@@ -203,7 +211,10 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
             Py_DECREF(item);
             continue;
         }
-        PyList_SET_ITEM(names, (Py_ssize_t)f, name); /* steals the reference */
+        if (f)
+            joined_bytes[at++] = '\0';
+        memcpy(joined_bytes + at, l.names + e->name_at, e->name_len);
+        at += e->name_len;
         size_out[f] = e->size;
         if (wide) {
             int64_t b = e->blocks;
@@ -225,8 +236,15 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
             changed = e->changed;
         f++;
     }
-    result = Py_BuildValue("(OOOOOdOi)", names, sizes, blocks, wide ? Py_True : Py_False, hard, changed, dirs, error);
+    /* One decode for all: a NUL ends any incomplete UTF-8 sequence before it, so each name decodes
+       as it would alone (surrogateescape for bytes that are not UTF-8). */
+    names = PyUnicode_DecodeFSDefaultAndSize(joined_bytes, (Py_ssize_t)at);
+    if (names == NULL)
+        goto done;
+    result = Py_BuildValue("(OnOOOOdOi)", names, (Py_ssize_t)nfiles, sizes, blocks, wide ? Py_True : Py_False, hard,
+                           changed, dirs, error);
 done:
+    free(joined_bytes);
     Py_XDECREF(names);
     Py_XDECREF(sizes);
     Py_XDECREF(blocks);

@@ -1,7 +1,8 @@
 # The C loop's interface (exporter/index/_listing.c, where each field is described).
 
 Listing = tuple[
-    list[str],  # regular files' names, in listing order
+    str,  # regular files' names, in listing order, joined by NUL ("" for none)
+    int,  # how many regular files
     bytes,  # their st_size: native int64, for array("q").frombytes
     bytes,  # their st_blocks: native uint32 (array "I"), or int64 when the next field is True
     bool,  # wide: a block count did not fit in 4 bytes

@@ -157,11 +157,11 @@ def _scan_one_fast(path: str, node: DirNode, result: ScanResult, pending: Pendin
         result.errors.append((path, err.strerror or type(err).__name__))
         return
     try:
-        names, sizes, blocks, wide, hard, changed, subdirs, error = _listing.list_dir(fd, node.changed)
+        joined, count, sizes, blocks, wide, hard, changed, subdirs, error = _listing.list_dir(fd, node.changed)
     finally:
         os.close(fd)
     files = node.files
-    files.names.extend(names)
+    files.extend_joined(joined)
     files.sizes.frombytes(sizes)
     if wide:
         files.widen()
@@ -172,10 +172,11 @@ def _scan_one_fast(path: str, node: DirNode, result: ScanResult, pending: Pendin
     if hard:
         if node.hard is None:
             node.hard = {}
+        names = joined.split("\0")
         for at, dev, ino in hard:
             node.hard[names[at]] = (dev, ino)
     node.changed = changed
-    result.files += len(names)
+    result.files += count
     for name, child_changed, dev, ino in subdirs:
         child = DirNode(child_changed)
         node.dirs[name] = child

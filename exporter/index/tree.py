@@ -234,6 +234,20 @@ class FileTable:
             self.widen()
             self.blocks.append(blocks)
 
+    def extend_joined(self, joined: str) -> None:
+        """Add names known to be new, given as one NUL-joined string (the scan's C loop), before
+        their sizes and blocks: a table without names keeps the string as it is."""
+        if not joined:
+            return
+        if self._names is not None and not self._names and self._index is None:
+            self._names = None
+            self._joined = joined
+            return
+        names = self.names
+        if self._index is not None:
+            self._index.update((name, at) for at, name in enumerate(joined.split("\0"), len(names)))
+        names.extend(joined.split("\0"))
+
     def pop(self, name: str) -> tuple[int, int]:
         """Remove `name`; its (size, blocks)."""
         at = self._find(name)
