@@ -114,11 +114,12 @@ class FileTable:
     A dict costs ~100 bytes a file on top of the name; at a million files that is the index's
     whole memory budget. Sizes sit in an `array('q')` and allocated 512-byte blocks in an
     `array('I')` (4 bytes: up to 2 TiB a file; a table holding a larger one widens its blocks to
-    'q'). Names sit in a list, or, for a table a scan worker sent and nothing has changed since, in
-    one NUL-joined string (names never hold a NUL): a str object per name is about 50 bytes on top
-    of its characters, and splitting a million of them is a tenth of a CPU second on the daemon's
-    start. Reading (`name_list`, iteration, `items`) splits a copy and keeps none; a lookup by name
-    (an event, a change) splits for good. A name -> position dict is built only for a directory
+    'q'). Names sit in a list, or, for a table the scan filled (its C loop hands a directory's names
+    over joined) and nothing has looked up since, in one NUL-joined string (names never hold a
+    NUL): a str object per name is about 50 bytes on top of its characters, and splitting a million
+    of them is a tenth of a CPU second on the daemon's start. Reading (`name_list`, iteration,
+    `items`) splits a copy and keeps none; a lookup by name (an event, a change) splits for good.
+    A name -> position dict is built only for a directory
     that is looked up by name while holding more than a few dozen files (events arriving in a large
     directory), so scanned, quiet directories stay compact.
 
