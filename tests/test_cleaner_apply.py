@@ -84,7 +84,7 @@ def holder() -> Iterator[list[subprocess.Popen[str]]]:
     yield procs
     for proc in procs:
         proc.kill()
-        proc.wait(10)
+        proc.communicate(timeout=10)  # also closes the pipes: an unclosed one warns when collected
 
 
 def hold(procs: list[subprocess.Popen[str]], code: str) -> subprocess.Popen[str]:
