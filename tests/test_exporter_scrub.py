@@ -123,15 +123,23 @@ def test_backlog_yield_waits_while_events_are_queued_up_to_its_share_of_a_cycle(
     assert [waits.wait(backlog=True) for _ in range(4)] == pytest.approx([0.05, 0.05, 0.02, 0.0])
 
 
-def test_a_scrub_cycle_lets_queued_events_go_first_but_is_never_held_past_its_allowance(tmp_path: Path) -> None:
+def _one_model_scrubber(tmp_path: Path, per_second: float) -> tuple[scrub.Scrubber, Tree, threading.Event]:
+    """A scrubber over a real one-file model, its index, and the event that stops it."""
     models = tmp_path / "models"
     (models / "raw" / "m").mkdir(parents=True)
     (models / "raw" / "m" / "w").write_bytes(b"abc")
     tree = _tree_of(models)
     ready, stop = threading.Event(), threading.Event()
     ready.set()
+    scrubber = scrub.Scrubber(
+        str(models), per_second, lambda fn: fn(tree), lambda _f: None, lambda _p: None, ready, stop
+    )
+    return scrubber, tree, stop
+
+
+def test_a_scrub_cycle_lets_queued_events_go_first_but_is_never_held_past_its_allowance(tmp_path: Path) -> None:
+    scrubber, _tree, stop = _one_model_scrubber(tmp_path, 1000.0)
     visited: list[float] = []
-    scrubber = scrub.Scrubber(str(models), 1000.0, lambda fn: fn(tree), lambda _f: None, lambda _p: None, ready, stop)
     queued = {"events": 5}
     scrubber.backlog = lambda: queued["events"]
     real_list_dir = scrub.list_dir
@@ -161,13 +169,7 @@ def test_a_scrub_cycle_lets_queued_events_go_first_but_is_never_held_past_its_al
 
 def test_a_directory_visit_costs_the_budget_eight_lstats(tmp_path: Path) -> None:
     # Its CPU cost: charged as one lstat, a store of small directories cost several % of a core.
-    models = tmp_path / "models"
-    (models / "raw" / "m").mkdir(parents=True)
-    (models / "raw" / "m" / "w").write_bytes(b"abc")
-    tree = _tree_of(models)
-    ready, stop = threading.Event(), threading.Event()
-    ready.set()
-    scrubber = scrub.Scrubber(str(models), 10.0, lambda fn: fn(tree), lambda _f: None, lambda _p: None, ready, stop)
+    scrubber, tree, stop = _one_model_scrubber(tmp_path, 10.0)
     started = time.monotonic()
     assert scrubber.cycle()
     took = time.monotonic() - started
