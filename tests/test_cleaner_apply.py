@@ -1174,7 +1174,19 @@ def read_only_bind(path: Path) -> Iterator[Path]:
         assert os.statvfs(path).f_flag & os.ST_RDONLY
         yield path
     finally:
-        subprocess.run(["umount", str(path)], check=True)
+        # EBUSY while an exporter beside the test lists a directory in there (its scan or its
+        # scrub holds the descriptor for milliseconds): tried again. Still busy after that is a
+        # descriptor someone kept: the test fails, and the mount goes lazily so nothing is left.
+        try:
+            wait_until(
+                lambda: subprocess.run(["umount", str(path)], capture_output=True).returncode == 0,
+                timeout=10,
+                interval=0.05,
+                what=f"umount {path} (busy: a process keeps a descriptor open in there)",
+            )
+        except AssertionError:
+            subprocess.run(["umount", "-l", str(path)], check=True)
+            raise
 
 
 def three_models_manifest(models: Path) -> dict[str, Any]:
