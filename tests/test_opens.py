@@ -318,7 +318,12 @@ def test_a_real_cleaner_run_and_restore_do_not_move_last_opened(tmp_path: Path) 
         wait_until(svc.ready.is_set, timeout=60)
         assert svc.opens is not None
         load_models(model)
-        first = wait_until(lambda: dict(((t, m), v) for t, m, v in svc.snapshot().last_opened), timeout=30)
+        # The load's eight opens may be handled in two batches with two clocks: `first` is read once all
+        # eight are counted, or a later batch of the load itself would look like a move.
+        tracker = svc.opens.tracker
+        wait_until(lambda: tracker.figures.counted == 8, timeout=30)
+        first = {(t, m): v for t, m, v in svc.snapshot().last_opened}
+        assert set(first) == {("raw", "victim")}, first
         env = exporter_env(models, tmp_path, STORAGE_BACKUP_MODE="archive", STORAGE_CLEANUP_GRACE_HOURS="0")
         plan_id = save_age_plan(env, ["raw/victim", "raw/single.gguf"])
         # The archive mode copies every file (reads) before removing the model; restore writes them back.
@@ -331,7 +336,7 @@ def test_a_real_cleaner_run_and_restore_do_not_move_last_opened(tmp_path: Path) 
         # the run and the restore has been handled too.
         load_models(busy)
         wait_until(lambda: ("raw", "busy") in {(t, m) for t, m, _ in svc.snapshot().last_opened}, timeout=30)
-        figures = svc.opens.tracker.figures
+        figures = tracker.figures
         # Counted: the load (8 files) and `busy`; the cleaner's checks and copies are its own.
         assert (figures.counted, figures.own) == (9, figures.seen - 9) and figures.own >= 8, figures
         after = {(t, m): v for t, m, v in svc.snapshot().last_opened}
