@@ -245,9 +245,10 @@ class FileTable:
             self._joined = joined
             return
         names = self.names
+        added = joined.split("\0")
         if self._index is not None:
-            self._index.update((name, at) for at, name in enumerate(joined.split("\0"), len(names)))
-        names.extend(joined.split("\0"))
+            self._index.update((name, at) for at, name in enumerate(added, len(names)))
+        names.extend(added)
 
     def pop(self, name: str) -> tuple[int, int]:
         """Remove `name`; its (size, blocks)."""
@@ -292,9 +293,7 @@ class FileTable:
 
 def _unpack_table(joined: str, sizes: array[int], blocks: array[int]) -> FileTable:
     table = FileTable()
-    if joined:
-        table._names = None
-        table._joined = joined
+    table.extend_joined(joined)
     table.sizes = sizes
     table.blocks = blocks
     return table
