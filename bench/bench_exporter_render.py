@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.common import env_int, report, write_result
 from exporter.index.service import ExporterService
 from exporter.index.tree import FileInfo
-from exporter.metrics.endpoint import build_registry, build_renderer
+from exporter.metrics.endpoint import MetricsRenderer, build_registry
 from shared.config import load_settings
 
 TARGET_MS = 50.0
@@ -50,7 +50,7 @@ def main() -> dict[str, object]:
         for i in range(n_models):
             tree.set_file((tiers[i % 3], f"model-{i:05d}", "weights.bin"), FileInfo(1000 + i, 1.7e9 + i))
         registry = build_registry(service, settings)
-        render = build_renderer(service, settings)
+        render = MetricsRenderer(service, settings).render
 
         baseline = _timed(lambda: generate_latest(registry), runs)
         cold_started = time.perf_counter()

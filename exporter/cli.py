@@ -81,11 +81,11 @@ def exporter_routes(service: ExporterService, settings: Settings, api: StorageAp
     from exporter.api.page_route import page_routes
     from exporter.api.routes import docs_routes
     from exporter.api.server import metrics_routes
-    from exporter.metrics.endpoint import build_renderer
+    from exporter.metrics.endpoint import MetricsRenderer
     from shared.units import GB
 
     routes = metrics_routes(
-        build_renderer(service, settings),
+        MetricsRenderer(service, settings),
         readiness=service.readiness,
         is_alive=service.is_alive,
     )

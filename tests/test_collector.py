@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.index.service import ExporterService
 from exporter.index.tree import FileInfo, Tree
-from exporter.metrics.endpoint import build_registry, build_renderer
+from exporter.metrics.endpoint import INLINE_MODELS, MetricsRenderer, build_registry
 from exporter.metrics.model_lines import ModelLinesCache, escape_label_value, format_value
 from shared.config import load_settings
 from shared.layout import Layout
@@ -36,13 +36,13 @@ def service(store: Path) -> ExporterService:
 
 
 def test_cached_renderer_says_what_prometheus_client_says(service: ExporterService) -> None:
-    render = build_renderer(service, service.settings)
+    render = MetricsRenderer(service, service.settings).render
     plain = generate_latest(build_registry(service, service.settings))
     assert _samples(render()) == _samples(plain)
 
 
 def test_each_family_has_help_and_type_once(service: ExporterService) -> None:
-    body = build_renderer(service, service.settings)().decode()
+    body = MetricsRenderer(service, service.settings).render().decode()
     types = [line.split()[2] for line in body.splitlines() if line.startswith("# TYPE ")]
     assert len(types) == len(set(types))
     assert "model_storage_model_bytes" in types
@@ -52,7 +52,7 @@ def test_each_family_has_help_and_type_once(service: ExporterService) -> None:
 
 @pytest.mark.skipif(not have("promtool"), reason="promtool not installed")
 def test_promtool_accepts_the_cached_output(service: ExporterService) -> None:
-    body = build_renderer(service, service.settings)()
+    body = MetricsRenderer(service, service.settings).render()
     check = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == b"" and check.stderr.strip() == b"", check.stdout + check.stderr
@@ -66,7 +66,7 @@ def test_names_that_differ_only_in_invalid_utf8_are_distinct_series(service: Exp
     """os.fsdecode keeps each undecodable byte as a surrogate; replacing them all with U+FFFD made
     `bad-\xff-utf8` and `bad-\xfe-utf8` one label: duplicate series in one scrape."""
     for body in (
-        build_renderer(service, service.settings)(),
+        MetricsRenderer(service, service.settings).render(),
         generate_latest(build_registry(service, service.settings)),
     ):
         labels = [
@@ -128,3 +128,27 @@ def test_label_escaping_and_values() -> None:
     assert format_value(2.0) == "2"
     assert format_value(float("inf")) == "+Inf"
     assert format_value(float("nan")) == "NaN"
+
+
+def test_render_now_never_waits_and_declines_large_work(service: ExporterService) -> None:
+    """The event loop's render: None while a lock is held, the cache is cold, or more than
+    INLINE_MODELS models changed; otherwise exactly what the waiting render says."""
+    renderer = MetricsRenderer(service, service.settings)
+    assert renderer.render_now() is None  # cold: every model would be formatted
+    first = renderer.render()
+    service.tree.set_file(("raw", "plain", "w"), FileInfo(12345, 1.8e9))
+    now = renderer.render_now()
+    assert now is not None and b'model_storage_model_bytes{tier="raw",model="plain"} 12345\n' in now
+    assert _samples(now) != _samples(first) and _samples(now) == _samples(renderer.render())
+    with service.lock:  # the updater applying a slice
+        assert renderer.render_now() is None
+    for i in range(INLINE_MODELS + 1):
+        service.tree.set_file(("raw", f"many-{i}", "w"), FileInfo(i, 1.0))
+    assert renderer.render_now() is None
+    assert _samples(renderer.render()) == _samples(generate_latest(build_registry(service, service.settings)))
+    assert renderer.render_now() is not None  # the waiting render took those changes
+    # Removing most models, though fewer than INLINE_MODELS, lays the cache out afresh: not on the loop.
+    for i in range(INLINE_MODELS * 6 // 10):
+        service.tree.remove(("raw", f"many-{i}"))
+    assert renderer.render_now() is None
+    assert _samples(renderer.render()) == _samples(generate_latest(build_registry(service, service.settings)))

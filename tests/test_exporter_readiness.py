@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -186,5 +187,68 @@ def test_readyz_and_healthz_are_503_once_the_updater_has_died(store: Path, monke
         assert client.get("/healthz").status_code == 503
         assert ready_gauge(client) == 0
         assert svc.snapshot().errors_total["updater"] == 1
+    finally:
+        svc.stop()
+
+
+def test_a_scrape_waiting_for_the_index_lock_leaves_the_event_loop_free(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/metrics renders on the event loop only when it need not wait: with the index lock held (the
+    updater applying a slice), the scrape waits in the thread pool and /healthz still answers."""
+    svc = make_service(store)
+    svc.start()
+    try:
+        wait_until(svc.is_ready, timeout=10, what="initial scan")
+        client = client_for(svc)
+        assert client.get("/metrics").status_code == 200  # a warm cache: the next scrape may go inline
+        waiting = threading.Event()
+        real_read_index = svc.read_index
+
+        def spy(fn: Any, *, wait: bool = True) -> Any:
+            if wait:
+                waiting.set()
+            return real_read_index(fn, wait=wait)
+
+        monkeypatch.setattr(svc, "read_index", spy)
+        guard = threading.Lock()
+        released = threading.Event()
+
+        def release() -> None:
+            with guard:
+                if not released.is_set():
+                    released.set()
+                    svc.lock.release()
+
+        async def scenario() -> tuple[httpx.Response, bool, httpx.Response]:
+            transport = httpx.ASGITransport(app=client.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://exporter") as http:
+                scraped: list[httpx.Response] = []
+
+                async def scrape() -> None:
+                    scraped.append(await http.get("/metrics"))
+
+                async with anyio.create_task_group() as tasks:
+                    tasks.start_soon(scrape)
+                    with anyio.fail_after(10):
+                        while not waiting.is_set():
+                            await anyio.sleep(0.01)
+                    health = await http.get("/healthz")
+                    answered_while_held = not released.is_set()
+                    release()
+                return health, answered_while_held, scraped[0]
+
+        svc.lock.acquire()
+        # A loop blocked on the lock could never release it: this timer does, and the test fails.
+        timer = threading.Timer(10, release)
+        timer.start()
+        try:
+            health, answered_while_held, scrape = anyio.run(scenario)
+        finally:
+            timer.cancel()
+            release()
+        assert health.status_code == 200 and answered_while_held
+        assert scrape.status_code == 200
+        assert parse_metrics(scrape.text)[("model_storage_ready", frozenset())] == 1
     finally:
         svc.stop()

@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from exporter.metrics.endpoint import build_renderer
+from exporter.metrics.endpoint import MetricsRenderer
 from tests.oracle import assert_exact, differences
 from tests.support import make_service, parse_metrics, wait_until
 
@@ -36,7 +36,7 @@ def test_a_reconcile_finds_reports_and_corrects_drift(store: Path, tmp_path: Pat
 
         assert (result.drift_bytes, result.drift_models, result.files) == (500, 1, 2)
         assert svc.snapshot().drift_bytes == 500
-        metrics = parse_metrics(build_renderer(svc, svc.settings)().decode())
+        metrics = parse_metrics(MetricsRenderer(svc, svc.settings).render().decode())
         assert metrics[("model_storage_reconcile_drift_bytes", frozenset())] == 500
         assert metrics[("model_storage_model_bytes", frozenset({("tier", "raw"), ("model", "m")}))] == 1510
         assert svc.snapshot().tiers["raw"] == (1510, 2, 1)
@@ -74,7 +74,7 @@ def test_a_reconcile_corrects_allocation_changed_without_an_event(store: Path, t
         # The reconcile's drift figure is of apparent bytes: none moved.
         assert (result.drift_bytes, result.files) == (0, 1)
         assert svc.snapshot().allocated["raw"] == after
-        metrics = parse_metrics(build_renderer(svc, svc.settings)().decode())
+        metrics = parse_metrics(MetricsRenderer(svc, svc.settings).render().decode())
         assert metrics[("model_storage_model_allocated_bytes", frozenset({("tier", "raw"), ("model", "m")}))] == after
         assert_exact(svc)
     finally:

@@ -25,7 +25,7 @@ from exporter.index.scrub import Finding, apply_finding, list_dir
 from exporter.index.service import ExporterService
 from exporter.index.tree import DirNode, Tree
 from exporter.index.updater import IndexUpdater
-from exporter.metrics.endpoint import build_renderer
+from exporter.metrics.endpoint import MetricsRenderer
 from shared.layout import Layout
 from tests.oracle import assert_exact, differences
 from tests.support import http_get, make_service, parse_metrics, start_exporter, wait_until
@@ -357,7 +357,7 @@ def test_scrub_corrects_a_write_through_an_outside_hard_link_within_one_cycle(
     figures = svc.snapshot().scrub
     assert (figures.corrections_total, figures.drift_bytes_total) == (1, 500)
     assert figures.cycle_seconds >= scrub.MIN_CYCLE_SECONDS
-    metrics = parse_metrics(build_renderer(svc, svc.settings)().decode())
+    metrics = parse_metrics(MetricsRenderer(svc, svc.settings).render().decode())
     assert metrics[("model_storage_scrub_corrections_total", frozenset())] == 1
     assert metrics[("model_storage_scrub_drift_bytes_total", frozenset())] == 500
     assert metrics[("model_storage_scrub_cycle_seconds", frozenset())] >= 1
@@ -393,7 +393,7 @@ def test_scrub_corrects_changes_made_while_a_directory_had_no_watch_and_watches_
 def test_a_disabled_scrub_exports_zeros_and_runs_no_thread(store: Path) -> None:
     svc = make_service(store, STORAGE_SCRUB_STATS_PER_SECOND="0")
     assert svc.scrubber is None
-    metrics = parse_metrics(build_renderer(svc, svc.settings)().decode())
+    metrics = parse_metrics(MetricsRenderer(svc, svc.settings).render().decode())
     assert metrics[("model_storage_scrub_expected_cycle_seconds", frozenset())] == 0
     assert metrics[("model_storage_scrub_last_cycle_timestamp_seconds", frozenset())] == 0
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.metrics.endpoint import build_renderer
+from exporter.metrics.endpoint import MetricsRenderer
 from shared import metric_names as m
 from shared.audit import AuditLog, verify_audit
 from shared.names import name_text
@@ -152,7 +152,7 @@ def test_metrics_are_byte_for_byte_the_exposition_of_each_name_on_a_real_tree(st
     svc.start()
     try:
         wait_until(svc.is_ready, timeout=30, what="initial scan")
-        body = build_renderer(svc, svc.settings)()
+        body = MetricsRenderer(svc, svc.settings).render()
     finally:
         svc.stop()
     lines = {line for line in body.decode("utf-8").splitlines() if line.startswith(m.MODEL_BYTES + "{")}

@@ -21,7 +21,7 @@ from cleaner.plan_store import load_plan, new_plan_id, save_plan
 from cleaner.plan_values import ModelFacts, Plan
 from cleaner.policies import Coverage, PolicyView
 from exporter.index.service import ExporterService
-from exporter.metrics.endpoint import build_renderer
+from exporter.metrics.endpoint import MetricsRenderer
 from shared.cleanup_state import read_cleanup_state
 from shared.config import load_settings
 from shared.metric_names import CLEANUP_SKIPPED_MODELS
@@ -72,7 +72,7 @@ def test_an_unwalkable_model_is_unreadable_in_the_plan_state_file_and_metrics_ne
     assert done.returncode == 0, done.stderr
     state = read_cleanup_state(settings.cleanup_state_file)
     assert state is not None and state.skipped == {"unreadable": 1}
-    body = build_renderer(ExporterService(settings), settings)().decode()
+    body = MetricsRenderer(ExporterService(settings), settings).render().decode()
     skipped = {
         dict(labels)["reason"]: value
         for (name, labels), value in parse_metrics(body).items()

@@ -12,9 +12,11 @@ import os
 import resource
 import socket
 from collections.abc import Callable
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -28,14 +30,22 @@ from shared.typed_settings import ExporterSettings
 log = get_logger("exporter.http")
 
 
-def metrics_routes(
-    render_metrics: Callable[[], bytes],
-    readiness: Callable[[], str],
-    is_alive: Callable[[], bool],
-) -> list[BaseRoute]:
-    # Sync endpoints run in Starlette's thread pool, so a slow scrape never blocks the event loop.
-    def metrics(_request: Request) -> Response:
-        return Response(render_metrics(), media_type=CONTENT_TYPE_LATEST)
+class Renderer(Protocol):
+    def render(self) -> bytes:
+        """The exposition text; may wait for locks."""
+
+    def render_now(self) -> bytes | None:
+        """The exposition text if it can be had without waiting or much work, else None."""
+
+
+def metrics_routes(renderer: Renderer, readiness: Callable[[], str], is_alive: Callable[[], bool]) -> list[BaseRoute]:
+    # The event loop never waits for a lock: a scrape that would wait, or format many models, runs
+    # in Starlette's thread pool (as the sync endpoints below do), so it never holds up /healthz.
+    async def metrics(_request: Request) -> Response:
+        body = renderer.render_now()
+        if body is None:
+            body = await run_in_threadpool(renderer.render)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def readyz(_request: Request) -> Response:
         status = readiness()

@@ -185,11 +185,15 @@ class ExporterService:
         with self.lock:
             return self._snapshot_locked(models)
 
-    def read_index(self, fn: Callable[[Tree], T]) -> tuple[Snapshot, T]:
-        """A snapshot without the model list, and `fn` run on the live tree under the same lock."""
-        with self.lock:
-            snap = self._snapshot_locked(False)
-            return snap, fn(self.tree)
+    def read_index(self, fn: Callable[[Tree], T], *, wait: bool = True) -> tuple[Snapshot, T] | None:
+        """A snapshot without the model list, and `fn` run on the live tree under the same lock;
+        with `wait` False, None instead of waiting for the lock."""
+        if not self.lock.acquire(blocking=wait):
+            return None
+        try:
+            return self._snapshot_locked(False), fn(self.tree)
+        finally:
+            self.lock.release()
 
     def _snapshot_locked(self, models: bool) -> Snapshot:
         c = self.counters

@@ -418,6 +418,10 @@ class Tree:
             return None
         return changed
 
+    def pending_changes(self, reader: object) -> int | None:
+        """How many models `take_changes(reader)` would return now; None when it would ask for all."""
+        return len(self.changes) if self._changes_reader is reader else None
+
     def model_stats(self) -> list[ModelStat]:
         return [
             ModelStat(tier, model, b.bytes, b.files, b.changed, b.allocated) for (tier, model), b in self.models.items()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
@@ -11,6 +11,8 @@ from prometheus_client.registry import Collector
 
 from exporter.index.fsinfo import filesystem_usage, watch_limit
 from exporter.index.service import ExporterService
+from exporter.index.status import Snapshot
+from exporter.index.tree import Tree
 from exporter.metrics.families import StorageCollector
 from exporter.metrics.model_lines import ModelLinesCache
 from exporter.metrics.plan_families import PlanCollector
@@ -47,21 +49,54 @@ class _Families(Collector):
         return iter(self._families)
 
 
-def build_renderer(service: ExporterService, settings: Settings) -> Callable[[], bytes]:
+# A scrape on the event loop formats at most this many changed models (about 3 µs each), so a
+# scrape there holds the loop for a few milliseconds at most; more waits in the thread pool.
+INLINE_MODELS = 1_000
+
+
+class MetricsRenderer:
     """O(models) joins per scrape: the few dozen fixed series through prometheus_client, the
-    per-model families from `ModelLinesCache`, both read under one lock so they agree."""
-    collector = build_collector(service, settings)
-    plan = PlanCollector.for_state_path(settings.state_path)
-    cache = ModelLinesCache()
-    # Scrapes may run concurrently in the server's thread pool; the cache is touched under the
-    # index lock already, this lock only keeps two scrapes from formatting the same models twice.
-    render_lock = threading.Lock()
+    per-model families from `ModelLinesCache`, both read under one lock so they agree.
 
-    def render() -> bytes:
-        with render_lock:
-            snap, chunks = service.read_index(cache.chunks)
+    `render` may wait for the index lock (the updater holds it for a slice of events), so it runs
+    in the server's thread pool. `render_now` never waits for a lock: it renders only when both
+    locks are free and few models changed, else answers None. The event loop calls it first: a
+    thread-pool hop costs two waits for the GIL, which the reader and updater hold through a burst
+    of events (the median scrape during a burst, 10,000 models: about a tenth faster). What it does
+    besides is what `render` does: a `statvfs` of the models path and reads of two small state
+    files. A filesystem that hangs those calls stops the event loop, as it stops the updater.
+    """
+
+    def __init__(self, service: ExporterService, settings: Settings) -> None:
+        self._service = service
+        self._collector = build_collector(service, settings)
+        self._plan = PlanCollector.for_state_path(settings.state_path)
+        self._cache = ModelLinesCache()
+        # Scrapes may run concurrently in the server's thread pool; the cache is touched under the
+        # index lock already, this lock only keeps two scrapes from formatting the same models twice.
+        self._render_lock = threading.Lock()
+
+    def render(self) -> bytes:
+        with self._render_lock:
+            got = self._service.read_index(self._cache.chunks)
+        assert got is not None  # read_index waits for the lock
+        return self._join(*got)
+
+    def render_now(self) -> bytes | None:
+        if not self._render_lock.acquire(blocking=False):
+            return None
+        try:
+            got = self._service.read_index(self._chunks_if_cheap, wait=False)
+        finally:
+            self._render_lock.release()
+        if got is None or got[1] is None:
+            return None
+        return self._join(got[0], got[1])
+
+    def _chunks_if_cheap(self, tree: Tree) -> list[bytes] | None:
+        return self._cache.chunks(tree) if self._cache.cheap(tree, INLINE_MODELS) else None
+
+    def _join(self, snap: Snapshot, chunks: list[bytes]) -> bytes:
         # One join, outside the index lock: the pieces are immutable bytes.
-        families = [*collector.families(snap, models=False), *plan.collect()]
+        families = [*self._collector.families(snap, models=False), *self._plan.collect()]
         return b"".join((generate_latest(_Families(families)), *chunks))
-
-    return render

@@ -103,6 +103,12 @@ class ModelLinesCache:
         self._slots[key] = slot
         return slot
 
+    def cheap(self, tree: Tree, limit: int) -> bool:
+        """Whether `chunks(tree)` would format at most `limit` models: the cache is this tree's,
+        few models changed, and not so many slots would be empty that it lays out afresh."""
+        pending = tree.pending_changes(self)
+        return pending is not None and pending <= limit and len(self._free) + 2 * pending <= len(self._slots)
+
     def chunks(self, tree: Tree) -> list[bytes]:
         """The model families' text, in pieces to be joined by the caller (outside the index lock)."""
         models = tree.models
