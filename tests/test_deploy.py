@@ -392,6 +392,21 @@ def test_systemd_security_scores_the_services_as_well_hardened(name: str, tmp_pa
     assert exposure(name, verifiable_units(tmp_path)) <= 2.0
 
 
+def test_units_documentation_is_what_the_install_steps_copy() -> None:
+    """`systemctl help` opens Documentation=: each file:// there is a file of this repository that
+    the systemd install steps in docs/deployment.md copy under /opt/model-storage."""
+    steps = (ROOT / "docs" / "deployment.md").read_text().split("### systemd", 1)[1].split("```", 2)[1]
+    copies = [line for line in steps.splitlines() if "/opt/model-storage/" in line and line.startswith("sudo cp")]
+    assert copies == ["sudo cp -r README.md docs /opt/model-storage/   # what the units' Documentation= points at"]
+    copied = copies[0].split("#")[0].split()[2:-1]
+    for name in UNITS:
+        for url in (u for line in unit(name)["Documentation"] for u in line.split()):
+            assert url.startswith("file:///opt/model-storage/"), (name, url)
+            relative = url.removeprefix("file:///opt/model-storage/")
+            assert (ROOT / relative).is_file(), (name, url)
+            assert relative.split("/")[0] in copied, (name, url, copied)
+
+
 def test_units_run_the_installed_scripts_as_a_dedicated_user() -> None:
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     for name, script in (
