@@ -90,8 +90,12 @@ static double stamp(time_t sec, long nsec) {
     return (double)sec + (double)nsec * 1e-9;
 }
 
-/* Without the GIL: read every name, then lstat each. Returns 0 or an errno; *kept is how many
-   entries are valid (all of them, or those before a failed lstat). ENOMEM when out of memory. */
+/* Our own allocation failed: MemoryError, as Python's own would be. An ENOMEM from the kernel or
+   libc (fdopendir, getdents, fstatat) is an errno like any other, an OSError as os.scandir has it. */
+#define OWN_NOMEM (-1)
+
+/* Without the GIL: read every name, then lstat each. Returns 0, an errno or OWN_NOMEM; *kept is how
+   many entries are valid (all of them, or those before a failed lstat). */
 static int read_directory(int fd, listing_t *l, size_t *kept) {
     *kept = 0;
     int dup_fd = dup(fd);
@@ -119,7 +123,7 @@ static int read_directory(int fd, listing_t *l, size_t *kept) {
             continue;
         if (add_name(l, n, strlen(n)) < 0) {
             closedir(dir);
-            return ENOMEM;
+            return OWN_NOMEM;
         }
     }
     size_t out = 0;
@@ -164,7 +168,7 @@ static PyObject *list_dir(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     error = read_directory(fd, &l, &kept);
     Py_END_ALLOW_THREADS
-    if (error == ENOMEM) {
+    if (error == OWN_NOMEM) {
         listing_free(&l);
         return PyErr_NoMemory();
     }
