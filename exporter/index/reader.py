@@ -18,7 +18,8 @@ What the reader guarantees (the updater's guarantees build on these, see exporte
   directory's existing wd, so a move whose destination answers with a different wd than the one we
   moved (we had watched another directory at the source) re-watches and announces the destination.
 - R3 (moves out forget only what left): a directory moved out of the tree (a move-from with no
-  move-to in the same read) is forgotten by the wds it had when it left, except those re-added
+  move-to in the same read) is forgotten by the wds it had when it left (and those a later watch at
+  the same path displaced, whose directory had left that path before), except those re-added
   during the read (moved back in at once: `mv m out/x; mv out/x m` leaves m watched). A watch added
   while a read is translated was added after every event of that read, so no event of it moves or
   forgets that watch; a wd leaves with one move only (a directory made under the name it left is

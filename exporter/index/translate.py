@@ -15,7 +15,8 @@ Which reader invariant each part keeps (see exporter.index.reader for the whole 
 - R2: a move's destination is re-added by path (`AddWatch`); an answer other than the moved wd (or -1)
   means another directory was watched at the source: its tree is watched and announced.
 - R3: an unpaired move-from of a directory ends in `Forget(subtree)`: the wds it had when it left,
-  bar those (re-)added during the chunk. A watch added while a chunk is translated says where its
+  bar those (re-)added during the chunk, and the displaced wds under its path
+  (`WatchTable.displaced`). A watch added while a chunk is translated says where its
   directory is after every event of the chunk, so no event of the chunk moves or forgets it; a wd
   leaves with one pending move-from only (a later move-from of the same path is another directory);
   a move whose destination answers another wd forgets the moved wds (they went on to a path not
@@ -115,6 +116,13 @@ class WatchTable:
     def subtree(self, top: str) -> list[tuple[str, int]]:
         prefix = top + "/"
         return [(p, wd) for p, wd in self.wds.items() if p == top or p.startswith(prefix)]
+
+    def displaced(self, top: str) -> list[tuple[str, int]]:
+        """The wds under `top` that no path maps back to: another watch was recorded at their path
+        since (`record`), so their directory had left it by then, and no move has re-keyed them."""
+        prefix = top + "/"
+        wds = self.wds
+        return [(p, wd) for wd, p in self.paths.items() if (p == top or p.startswith(prefix)) and wds.get(p) != wd]
 
     def drop(self, gone: list[tuple[str, int]]) -> None:
         """Unmap a subtree that is no longer there (another directory took its path)."""
@@ -231,8 +239,8 @@ def translate(
     out: list[RawEvent] = []
     opens: list[OpenItem] = []
     touched: dict[str, str] = {}  # path -> created | deleted (the parent changes too) | modified
-    # cookie -> (path, is_dir, its watched subtree then, event number)
-    moved_from: dict[int, tuple[str, bool, list[tuple[str, int]], int]] = {}
+    # cookie -> (path, is_dir, its watched subtree then, the displaced wds under it then)
+    moved_from: dict[int, tuple[str, bool, list[tuple[str, int]], list[tuple[str, int]]]] = {}
     # The wds taken along by a move-from still unpaired (R3): those directories are no longer at the
     # path the table still gives them, so a later move-from of that path cannot take them too.
     leaving: set[int] = set()
@@ -275,13 +283,18 @@ def translate(
         if mask & IN_MOVED_FROM:
             is_dir = bool(mask & IN_ISDIR)
             subtree = []
+            displaced = []
             if is_dir:
                 # What moved is what the table has at the path, bar the wds another move-from took
                 # and those added during this chunk (they name where their directory is now).
                 added = table.added
                 subtree = [(p, w) for p, w in table.subtree(path) if w not in leaving and w not in added]
                 leaving.update(w for _, w in subtree)
-            moved_from[cookie] = (path, is_dir, subtree, seq)
+                # Displaced wds under the path: if this move leaves the tree they go with it; a
+                # displaced directory still in the tree has its last move or announcement still to
+                # read, which re-adds its watch (R2).
+                displaced = [(p, w) for p, w in table.displaced(path) if w not in leaving and w not in added]
+            moved_from[cookie] = (path, is_dir, subtree, displaced)
             continue
         if mask & IN_MOVED_TO:
             source = moved_from.pop(cookie, None)
@@ -322,9 +335,9 @@ def translate(
             touched[path] = "modified"
     flush()
     # A move whose other half never came in this chunk left the tree: a delete.
-    for path, is_dir, subtree, _ in moved_from.values():
+    for path, is_dir, subtree, displaced in moved_from.values():
         if is_dir:
-            yield Forget(subtree)
+            yield Forget(subtree + displaced)
         out.append(RawEvent("deleted", path))
     return out, opens
 
