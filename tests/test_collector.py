@@ -142,6 +142,10 @@ def test_render_now_never_waits_and_declines_large_work(service: ExporterService
     assert _samples(now) != _samples(first) and _samples(now) == _samples(renderer.render())
     with service.lock:  # the updater applying a slice
         assert renderer.render_now() is None
+    service.polling = True  # as on a network filesystem: its statvfs may hang, so never on the loop
+    assert renderer.render_now() is None
+    service.polling = False
+    assert renderer.render_now() is not None
     for i in range(INLINE_MODELS + 1):
         service.tree.set_file(("raw", f"many-{i}", "w"), FileInfo(i, 1.0))
     assert renderer.render_now() is None

@@ -191,15 +191,19 @@ def test_readyz_and_healthz_are_503_once_the_updater_has_died(store: Path, monke
         svc.stop()
 
 
-def test_a_scrape_waiting_for_the_index_lock_leaves_the_event_loop_free(
-    store: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("held", ["index", "opens"])
+def test_a_scrape_waiting_for_a_lock_leaves_the_event_loop_free(
+    store: Path, monkeypatch: pytest.MonkeyPatch, held: str
 ) -> None:
     """/metrics renders on the event loop only when it need not wait: with the index lock held (the
-    updater applying a slice), the scrape waits in the thread pool and /healthz still answers."""
-    svc = make_service(store)
+    updater applying a slice) or the opens store's (the reader reading marker files), the scrape
+    waits in the thread pool and /healthz still answers."""
+    svc = make_service(store, STORAGE_OPENS_TRACKING="true")
     svc.start()
     try:
         wait_until(svc.is_ready, timeout=10, what="initial scan")
+        assert svc.opens is not None
+        lock = svc.lock if held == "index" else svc.opens._lock
         client = client_for(svc)
         assert client.get("/metrics").status_code == 200  # a warm cache: the next scrape may go inline
         waiting = threading.Event()
@@ -218,7 +222,7 @@ def test_a_scrape_waiting_for_the_index_lock_leaves_the_event_loop_free(
             with guard:
                 if not released.is_set():
                     released.set()
-                    svc.lock.release()
+                    lock.release()
 
         async def scenario() -> tuple[httpx.Response, bool, httpx.Response]:
             transport = httpx.ASGITransport(app=client.app)
@@ -238,7 +242,7 @@ def test_a_scrape_waiting_for_the_index_lock_leaves_the_event_loop_free(
                     release()
                 return health, answered_while_held, scraped[0]
 
-        svc.lock.acquire()
+        lock.acquire()
         # A loop blocked on the lock could never release it: this timer does, and the test fails.
         timer = threading.Timer(10, release)
         timer.start()

@@ -144,8 +144,20 @@ class OpensRecorder:
     def view(self) -> tuple[float, dict[ModelKey, float]]:
         """(tracking since, last opened per model) for a scrape."""
         with self._lock:
-            self.tracker.tick(self._clock())
-            return self.tracker.since, dict(self.tracker.opened)
+            return self._view()
+
+    def view_now(self) -> tuple[float, dict[ModelKey, float]] | None:
+        """`view`, or None rather than wait for the reader's `handle` (it reads marker files under the lock)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._view()
+        finally:
+            self._lock.release()
+
+    def _view(self) -> tuple[float, dict[ModelKey, float]]:
+        self.tracker.tick(self._clock())
+        return self.tracker.since, dict(self.tracker.opened)
 
     def due(self) -> bool:
         return self._clock() - self._last_save >= self.save_interval

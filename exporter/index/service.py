@@ -19,6 +19,7 @@ from exporter.index.events import RawEvent
 from exporter.index.fsinfo import network_filesystem, watch_limit
 from exporter.index.full_scan import drift, replayed, scan_while_applying
 from exporter.index.mounts import MountWatcher
+from exporter.index.opens import ModelKey
 from exporter.index.opens_store import OpensRecorder
 from exporter.index.reader import Handoff, InotifyReader
 from exporter.index.retries import SettleQueue, retry_delay
@@ -45,6 +46,8 @@ LINK_PASS_INTERVAL = 0.5
 # not read for that reason is scanned again, with its watches, once descriptors may be back.
 _OUT_OF_DESCRIPTORS = frozenset({os.strerror(errno.EMFILE), os.strerror(errno.ENFILE)})
 T = TypeVar("T")
+# The opens store's (tracking since, last opened per model); (None, {}) when opens are not tracked.
+_OpensView = tuple[float | None, dict[ModelKey, float]]
 
 
 @dataclass
@@ -182,25 +185,35 @@ class ExporterService:
 
     def snapshot(self, *, models: bool = True) -> Snapshot:
         """A consistent copy; `models=False` skips the per-model list (O(models) allocations)."""
+        opens = self._opens_view(wait=True)
+        assert opens is not None  # waited for
         with self.lock:
-            return self._snapshot_locked(models)
+            return self._snapshot_locked(models, opens)
 
     def read_index(self, fn: Callable[[Tree], T], *, wait: bool = True) -> tuple[Snapshot, T] | None:
         """A snapshot without the model list, and `fn` run on the live tree under the same lock;
-        with `wait` False, None instead of waiting for the lock."""
-        if not self.lock.acquire(blocking=wait):
+        with `wait` False, None instead of waiting for a lock."""
+        opens = self._opens_view(wait=wait)
+        if opens is None or not self.lock.acquire(blocking=wait):
             return None
         try:
-            return self._snapshot_locked(False), fn(self.tree)
+            return self._snapshot_locked(False, opens), fn(self.tree)
         finally:
             self.lock.release()
 
-    def _snapshot_locked(self, models: bool) -> Snapshot:
+    def _opens_view(self, *, wait: bool) -> _OpensView | None:
+        # Taken before the index lock, never under it: the reader holds the opens lock while it
+        # reads marker files, and the index lock is what the updater and the scrapes contend for.
+        opens = self.opens
+        if opens is None or self.polling:
+            return None, {}
+        return opens.view() if wait else opens.view_now()
+
+    def _snapshot_locked(self, models: bool, opens: _OpensView) -> Snapshot:
         c = self.counters
-        opens_since: float | None = None
+        opens_since, opened = opens
         last_opened: tuple[tuple[str, str, float], ...] = ()
-        if self.opens is not None and not self.polling:
-            opens_since, opened = self.opens.view()
+        if opened:
             present = self.tree.models
             last_opened = tuple((t, m, ts) for (t, m), ts in opened.items() if (t, m) in present)
         return Snapshot(

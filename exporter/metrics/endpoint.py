@@ -59,12 +59,12 @@ class MetricsRenderer:
     per-model families from `ModelLinesCache`, both read under one lock so they agree.
 
     `render` may wait for the index lock (the updater holds it for a slice of events), so it runs
-    in the server's thread pool. `render_now` never waits for a lock: it renders only when both
-    locks are free and few models changed, else answers None. The event loop calls it first: a
-    thread-pool hop costs two waits for the GIL, which the reader and updater hold through a burst
-    of events (the median scrape during a burst, 10,000 models: about a tenth faster). What it does
-    besides is what `render` does: a `statvfs` of the models path and reads of two small state
-    files. A filesystem that hangs those calls stops the event loop, as it stops the updater.
+    in the server's thread pool. `render_now` never waits for a lock: it renders only when its
+    locks (this one, the opens store's, the index's) are free and few models changed, else answers
+    None. The event loop calls it first: a thread-pool hop costs two waits for the GIL, which the
+    reader and updater hold through a burst of events. Besides, it does what `render` does: a
+    `statvfs` of the models path and reads of two small state files; so not while the exporter
+    polls, which it does on a network filesystem, where those calls can hang.
     """
 
     def __init__(self, service: ExporterService, settings: Settings) -> None:
@@ -83,6 +83,8 @@ class MetricsRenderer:
         return self._join(*got)
 
     def render_now(self) -> bytes | None:
+        if self._service.polling:
+            return None  # a network filesystem (or no inotify): its statvfs may hang, keep it off the loop
         if not self._render_lock.acquire(blocking=False):
             return None
         try:
