@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry
 
 from exporter.index.fsinfo import filesystem_usage, watch_limit
 from exporter.index.service import ExporterService
 from exporter.index.status import Snapshot
 from exporter.index.tree import Tree
 from exporter.metrics.families import StorageCollector
+from exporter.metrics.family_text import families_text
 from exporter.metrics.model_lines import ModelLinesCache
 from exporter.metrics.plan_families import PlanCollector
 from shared.cleanup_state import read_cleanup_state
@@ -41,22 +39,14 @@ def build_registry(service: ExporterService, settings: Settings) -> CollectorReg
     return registry
 
 
-class _Families(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._families)
-
-
 # A scrape on the event loop formats at most this many changed models (about 3 µs each), so a
 # scrape there holds the loop for a few milliseconds at most; more waits in the thread pool.
 INLINE_MODELS = 1_000
 
 
 class MetricsRenderer:
-    """O(models) joins per scrape: the few dozen fixed series through prometheus_client, the
-    per-model families from `ModelLinesCache`, both read under one lock so they agree.
+    """O(models) joins per scrape: the few dozen fixed series formatted afresh (`families_text`),
+    the per-model families from `ModelLinesCache`, both read under one lock so they agree.
 
     `render` may wait for the index lock (the updater holds it for a slice of events), so it runs
     in the server's thread pool. `render_now` never waits for a lock: it renders only when its
@@ -101,4 +91,4 @@ class MetricsRenderer:
     def _join(self, snap: Snapshot, chunks: list[bytes]) -> bytes:
         # One join, outside the index lock: the pieces are immutable bytes.
         families = [*self._collector.families(snap, models=False), *self._plan.collect()]
-        return b"".join((generate_latest(_Families(families)), *chunks))
+        return b"".join((families_text(families), *chunks))
