@@ -2,14 +2,15 @@
 
 A scrape sends the few dozen fixed series (per tier, health, scrub, cleanup) through here; the
 per-model series come from `ModelLinesCache`. `generate_latest` checks every name against a regex
-and builds each label set through several calls, about 5 µs a sample; this writes the same bytes
-in about a fifth of that, checking each distinct name once.
+and builds each label set through several calls, about 4 µs a sample; this writes the same bytes
+in less than half of that (0.07 against 0.18 ms for the exporter's 41 fixed samples), checking
+each distinct name once.
 
 Invariant: `families_text(fs) == generate_latest(collector of fs)` for every list of families.
 What the fast path does not cover (a type other than gauge, counter and info, a sample with a
 timestamp or an exemplar, an OpenMetrics `_created`/`_gsum`/`_gcount` sample, a name outside the
 legacy character set) is handed to `generate_latest` for that family, so the invariant holds for
-all input; tests/test_collector.py checks it against `generate_latest` itself as the oracle.
+all input; tests/test_family_text.py checks it against `generate_latest` itself as the oracle.
 """
 
 from __future__ import annotations
