@@ -118,7 +118,7 @@ def test_the_exporters_own_fixed_families_are_written_as_generate_latest_writes_
     families = [*renderer._collector.families(got[0], models=False), *renderer._plan.collect()]
     assert {f.type for f in families} == {"gauge", "counter", "info"}
     assert all(_fast_lines(f) is not None for f in families)  # none takes the slow path
-    assert families_text(families) == _oracle(families)
     text = families_text(families)
+    assert text == _oracle(families)
     assert b'model_storage_cleanup_evicted_bytes_total{policy="custom"} 2.0' in text
     assert b'model_storage_cleanup_planned_bytes{policy="size"} 1.099511627776e+12' in text

@@ -25,6 +25,8 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from exporter.metrics.model_lines import escape_help, escape_text
+
 # The legacy character sets: names that `generate_latest` writes as they are.
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -45,10 +47,6 @@ def _plain_label_name(name: str) -> bool:
     return _LABEL_NAME.fullmatch(name) is not None
 
 
-def _escape_value(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
 class _One(Collector):
     def __init__(self, metric: Metric) -> None:
         self._metric = metric
@@ -66,7 +64,7 @@ def _fast_lines(metric: Metric) -> list[str] | None:
     name = metric.name + suffix
     if not _plain_metric_name(name):
         return None
-    doc = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+    doc = escape_help(metric.documentation)
     lines = [f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"]
     special = tuple(metric.name + s for s in _OPENMETRICS_SUFFIXES)
     for sample in metric.samples:
@@ -78,7 +76,7 @@ def _fast_lines(metric: Metric) -> list[str] | None:
             pairs = sorted(sample.labels.items())
             if not all(_plain_label_name(key) for key, _ in pairs):
                 return None
-            labels = ",".join(f'{key}="{_escape_value(value)}"' for key, value in pairs)
+            labels = ",".join(f'{key}="{escape_text(value)}"' for key, value in pairs)
             lines.append(f"{sample.name}{{{labels}}} {_go_float(sample.value)}\n")
         else:
             lines.append(f"{sample.name} {_go_float(sample.value)}\n")

@@ -25,8 +25,13 @@ MODEL_FAMILIES = (
 )
 
 
+def escape_text(value: str) -> str:
+    """A label value's escapes in the text format: backslash, newline, double quote."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
 def escape_label_value(value: str) -> str:
-    return name_text(value).replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return escape_text(name_text(value))
 
 
 def escape_help(text: str) -> str:
